@@ -1,0 +1,58 @@
+"""`finelap` console script: one subcommand per job.
+
+Each subcommand lives in `finelap.commands.<name>` and exposes `add_arguments(parser)` and
+`run(args) -> int`. Command modules keep heavy imports inside `run`, so `--help` is fast.
+User errors (FinelapError and friends) print one line and exit 2; no traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help). Order is the order shown in --help.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "synth": ("finelap.commands.synth", "mix labelled single-event clips into strong-label soundscapes"),
+    "corpus": ("finelap.commands.corpus", "build the built-in default sound pool (fluidsynth + espeak-ng)"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="finelap", description="Fine-grained language-audio pretraining.")
+    parser.add_argument("--version", action="version", version=f"finelap {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_) in COMMANDS.items():
+        mod = importlib.import_module(module)
+        p = sub.add_parser(name, help=help_, description=(mod.__doc__ or help_).strip().split("\n\n")[0],
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        mod.add_arguments(p)
+        p.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .errors import FinelapError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    mod = importlib.import_module(args._module)
+    try:
+        return int(mod.run(args) or 0)
+    except FinelapError as e:
+        print(f"finelap {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
+        print(f"finelap {args.command}: error: {e.strerror}: {e.filename}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"finelap {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

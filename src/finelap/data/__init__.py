@@ -1,0 +1,1 @@
+"""Data: standard formats (manifests), phrase banks, batching and soundscape curation."""
