@@ -1,0 +1,31 @@
+"""Shared test fixtures. Tests run on CPU with tiny models; real-audio tests use ../shared/data
+(relative to the repository) and skip with a reason when it is absent."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("FINELAP_NO_PROGRESS", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+REPO = Path(__file__).resolve().parents[1]
+ESC50 = REPO.parent / "shared" / "data" / "esc50-dev"
+
+
+@pytest.fixture(scope="session")
+def esc50_dir() -> Path:
+    """The real ESC-50 subset shipped to developers; users and CI elsewhere may not have it."""
+    if not (ESC50 / "meta" / "esc50.csv").exists():
+        pytest.skip(f"real ESC-50 data not found at {ESC50} (only present on the developers' machines)")
+    return ESC50
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(0)
