@@ -1,0 +1,286 @@
+"""Training batches: heterogeneous supervision, duration bucketing, collation with frame targets.
+
+Design for exact resume: the content of the batch at step s is a pure function of
+(seed, s). The sampler keeps no hidden state, so resuming at step s reproduces the remaining
+batches exactly, whatever the number of data-loader workers.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from ..audio import Timeline, load_audio
+from ..errors import AudioError
+from .phrases import PhraseClusters, _normalise
+from .types import Clip, Event
+
+
+@dataclass
+class Batch:
+    """A collated batch. Shapes: B clips, N samples, T encoder frames, K phrases per clip.
+
+    wave (B, N) float32 zero-padded; lengths (B,) valid samples.
+    captions: one caption per clip ("" when the clip has none); has_caption (B,) bool.
+    phrases: per-clip phrase lists, each padded with "" to K; phrase_mask (B, K) bool.
+    frame_targets (B, T, K) float in {0,1}, or None when no clip in the batch has events.
+    has_frames (B,) bool: the clip has strong labels (frame loss applies).
+    caption_group (B,) int: clips sharing a caption text share an id (for masking false negatives).
+    """
+
+    wave: torch.Tensor
+    lengths: torch.Tensor
+    captions: list[str]
+    has_caption: torch.Tensor
+    phrases: list[list[str]]
+    phrase_mask: torch.Tensor
+    frame_targets: torch.Tensor | None
+    has_frames: torch.Tensor
+    caption_group: torch.Tensor
+    keys: list[str]
+    events: list[list[Event]]
+    labels: list[list[str]]
+    skipped: list[str] = field(default_factory=list)
+
+    @property
+    def size(self) -> int:
+        return int(self.wave.shape[0])
+
+    def to(self, device: torch.device | str) -> "Batch":
+        self.wave = self.wave.to(device)
+        self.lengths = self.lengths.to(device)
+        self.has_caption = self.has_caption.to(device)
+        self.phrase_mask = self.phrase_mask.to(device)
+        self.has_frames = self.has_frames.to(device)
+        self.caption_group = self.caption_group.to(device)
+        if self.frame_targets is not None:
+            self.frame_targets = self.frame_targets.to(device)
+        return self
+
+
+def _item_rng(seed: int, step: int, slot: int, index: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([seed, step, slot, index]))
+
+
+def caption_for(clip: Clip, rng: np.random.Generator, clusters: PhraseClusters | None, template: str) -> str:
+    """One caption for this step: a random human caption, else a phrase from the clip's labels."""
+    if clip.captions:
+        return clip.captions[int(rng.integers(len(clip.captions)))]
+    labels = clip.labels or sorted({e.label for e in clip.events})
+    if not labels:
+        return ""
+    phrases = []
+    for lab in labels:
+        c = clusters.cluster_of(lab) if clusters is not None else None
+        if c is not None:
+            mem = clusters.members(c)
+            phrases.append(mem[int(rng.integers(len(mem)))])
+        else:
+            phrases.append(lab.replace("_", " "))
+    return template.format(" and ".join(phrases))
+
+
+class ClipDataset(torch.utils.data.Dataset):
+    """Loads clips for training or evaluation.
+
+    Items are addressed by a key (step, slot, index) so randomness (crop offset, caption choice,
+    phrase sampling) is reproducible per step. A bad audio file yields None (the collate function
+    drops it and reports it) instead of killing a long run.
+    """
+
+    def __init__(
+        self,
+        clips: Sequence[Clip],
+        sample_rate: int = 16000,
+        clip_seconds: float | None = 10.0,
+        random_crop: bool = True,
+        clusters: PhraseClusters | None = None,
+        phrases_per_clip: int = 20,
+        seed: int = 0,
+        caption_template: str = "{}",
+    ) -> None:
+        self.clips = list(clips)
+        self.sample_rate = sample_rate
+        self.clip_seconds = clip_seconds
+        self.random_crop = random_crop
+        self.clusters = clusters
+        self.k = phrases_per_clip
+        self.seed = seed
+        self.caption_template = caption_template
+
+    def __len__(self) -> int:
+        return len(self.clips)
+
+    def __getitem__(self, key: int | tuple[int, int, int]) -> dict | None:
+        step, slot, index = key if isinstance(key, tuple) else (0, 0, int(key))
+        clip = self.clips[index]
+        rng = _item_rng(self.seed, step, slot, index)
+        try:
+            wave = load_audio(clip.audio, self.sample_rate)
+        except AudioError as e:
+            return {"error": str(e), "key": clip.key}
+        start_s = 0.0
+        if self.clip_seconds is not None:
+            n = int(round(self.clip_seconds * self.sample_rate))
+            if len(wave) > n:
+                start = int(rng.integers(len(wave) - n + 1)) if self.random_crop else 0
+                wave = wave[start : start + n]
+                start_s = start / self.sample_rate
+        dur = len(wave) / self.sample_rate
+        events = [
+            Event(e.label, max(0.0, e.onset - start_s), min(dur, e.offset - start_s))
+            for e in clip.events
+            if e.offset - start_s > 0 and e.onset - start_s < dur
+        ]
+        phrases: list[str] = []
+        positives: dict[str, list[int]] = {}
+        if clip.events:
+            labels = sorted({e.label for e in clip.events})
+            if self.clusters is not None:
+                phrases, cids = self.clusters.sample_phrase_set(labels, self.k, rng)
+                # map each event label to the slot(s) of its cluster
+                for lab in labels:
+                    c = self.clusters.cluster_of(lab)
+                    positives[lab] = [j for j, cj in enumerate(cids) if c is not None and cj == c]
+                    if c is None:
+                        positives[lab] = [j for j, p in enumerate(phrases) if p == _normalise(lab)]
+            else:
+                phrases = [lab.replace("_", " ") for lab in labels][: self.k]
+                positives = {lab: [j] for j, lab in enumerate(labels[: self.k])}
+        return {
+            "wave": wave,
+            "key": clip.key,
+            "caption": caption_for(clip, rng, self.clusters, self.caption_template),
+            "phrases": phrases,
+            "positives": positives,
+            "events": events,
+            "labels": list(clip.labels) or sorted({e.label for e in clip.events}),
+            "has_events": bool(clip.events),
+        }
+
+
+class Collate:
+    """Pads waves, rasterises events into (B, T, K) targets on the model's Timeline."""
+
+    def __init__(self, timeline: Timeline, phrases_per_clip: int = 20) -> None:
+        self.timeline = timeline
+        self.k = phrases_per_clip
+
+    def __call__(self, items: Sequence[dict | None]) -> Batch:
+        skipped = [it["error"] for it in items if it is not None and "error" in it]
+        items = [it for it in items if it is not None and "error" not in it]
+        if not items:
+            raise AudioError("<batch>", "every clip in this batch failed to load: " + "; ".join(skipped))
+        b = len(items)
+        lengths = torch.tensor([len(it["wave"]) for it in items], dtype=torch.long)
+        wave = torch.zeros(b, int(lengths.max()))
+        for i, it in enumerate(items):
+            wave[i, : len(it["wave"])] = torch.from_numpy(it["wave"])
+        t = self.timeline.num_frames_for_samples(int(lengths.max()))
+        has_frames = torch.tensor([it["has_events"] for it in items], dtype=torch.bool)
+        phrases = [list(it["phrases"]) + [""] * (self.k - len(it["phrases"])) for it in items]
+        phrase_mask = torch.tensor([[bool(p) for p in ps] for ps in phrases], dtype=torch.bool)
+        targets = None
+        if bool(has_frames.any()):
+            targets = torch.zeros(b, t, self.k)
+            for i, it in enumerate(items):
+                for e in it["events"]:
+                    for j in it["positives"].get(e.label, []):
+                        col = self.timeline.rasterize([(0, e.onset, e.offset)], [0], t)[:, 0]
+                        targets[i, :, j] = torch.maximum(targets[i, :, j], torch.from_numpy(col))
+        captions = [it["caption"] for it in items]
+        groups: dict[str, int] = {}
+        caption_group = torch.tensor([groups.setdefault(c, len(groups)) for c in captions], dtype=torch.long)
+        return Batch(
+            wave=wave,
+            lengths=lengths,
+            captions=captions,
+            has_caption=torch.tensor([bool(c) for c in captions], dtype=torch.bool),
+            phrases=phrases,
+            phrase_mask=phrase_mask,
+            frame_targets=targets,
+            has_frames=has_frames,
+            caption_group=caption_group,
+            keys=[it["key"] for it in items],
+            events=[it["events"] for it in items],
+            labels=[it["labels"] for it in items],
+            skipped=skipped,
+        )
+
+
+class MixedBatchSampler(torch.utils.data.Sampler):
+    """Yields lists of (step, slot, index) keys: one list per training step, forever (or until
+    `max_steps`), starting at `start_step`.
+
+    groups: name -> clip indices (e.g. "captions": caption-only clips, "events": strongly
+        labelled clips). ratios: name -> share of each batch; slots are allotted by largest
+        remainder so a batch of 8 with {captions: .5, events: .5} has exactly 4 + 4.
+    durations: optional per-clip seconds; with `buckets` > 1 each group is split into duration
+        quantile buckets and one bucket is drawn per batch and group, so padding stays small.
+    """
+
+    def __init__(
+        self,
+        groups: Mapping[str, Sequence[int]],
+        ratios: Mapping[str, float],
+        batch_size: int,
+        seed: int = 0,
+        start_step: int = 0,
+        max_steps: int | None = None,
+        durations: Sequence[float] | None = None,
+        buckets: int = 1,
+    ) -> None:
+        names = [n for n in groups if len(groups[n]) > 0 and ratios.get(n, 0) > 0]
+        if not names:
+            raise ValueError(f"no data for any group with a positive ratio (groups: {dict((k, len(v)) for k, v in groups.items())}, ratios: {dict(ratios)})")
+        total = sum(ratios[n] for n in names)
+        shares = [batch_size * ratios[n] / total for n in names]
+        counts = [int(s) for s in shares]
+        for i in np.argsort([-(s - int(s)) for s in shares], kind="stable")[: batch_size - sum(counts)]:
+            counts[i] += 1
+        self.plan = [(n, c) for n, c in zip(names, counts) if c > 0]
+        self.batch_size = batch_size
+        self.seed = seed
+        self.start_step = start_step
+        self.max_steps = max_steps
+        self.bucketed: dict[str, list[np.ndarray]] = {}
+        for n, _ in self.plan:
+            idx = np.asarray(groups[n], dtype=np.int64)
+            if durations is not None and buckets > 1 and len(idx) >= buckets:
+                d = np.asarray(durations, dtype=np.float64)[idx]
+                order = idx[np.argsort(d, kind="stable")]
+                self.bucketed[n] = [b for b in np.array_split(order, buckets) if len(b)]
+            else:
+                self.bucketed[n] = [idx]
+
+    def batch_keys(self, step: int) -> list[tuple[int, int, int]]:
+        rng = np.random.default_rng(np.random.SeedSequence([self.seed, step, 0xBA7C]))
+        keys: list[tuple[int, int, int]] = []
+        for n, count in self.plan:
+            bks = self.bucketed[n]
+            sizes = np.array([len(b) for b in bks], dtype=np.float64)
+            bucket = bks[int(rng.choice(len(bks), p=sizes / sizes.sum()))]
+            pick = rng.choice(bucket, size=count, replace=len(bucket) < count)
+            keys.extend((step, len(keys), int(i)) for i in pick)
+        return keys
+
+    def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
+        step = self.start_step
+        while self.max_steps is None or step < self.max_steps:
+            yield self.batch_keys(step)
+            step += 1
+
+    def __len__(self) -> int:
+        if self.max_steps is None:
+            raise TypeError("infinite sampler")
+        return max(0, self.max_steps - self.start_step)
+
+
+def split_by_supervision(clips: Sequence[Clip]) -> dict[str, list[int]]:
+    """Group clip indices: 'events' (strong labels) and 'captions' (captions or weak labels only)."""
+    groups: dict[str, list[int]] = {"events": [], "captions": []}
+    for i, c in enumerate(clips):
+        (groups["events"] if c.events else groups["captions"]).append(i)
+    return groups
