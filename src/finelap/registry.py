@@ -1,0 +1,97 @@
+"""Name -> builder registries (audio encoders, losses, datasets) and preset lookup.
+
+Behaviour comes from config, never from name strings (DESIGN principle 3): a config says
+`audio_encoder: cnn`, the registry maps that name to a builder, and the builder reads its typed config.
+A registry lists modules that populate it, imported on first lookup, so `get` works without the caller
+having imported `finelap.models` first — and importing `finelap.registry` itself stays free.
+"""
+from __future__ import annotations
+
+import difflib
+import importlib
+from pathlib import Path
+from typing import Callable, Generic, Iterable, TypeVar
+
+from .errors import ConfigError
+
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    """`@REG.register("name")` adds an object; `REG.get("name")` returns it; `REG.names()` lists them."""
+
+    def __init__(self, name: str, modules: Iterable[str] = ()) -> None:
+        self.name = name
+        self._items: dict[str, T] = {}
+        self._modules = tuple(modules)  # imported lazily; their decorators fill the registry
+        self._loaded = False
+
+    def register(self, name: str | None = None, *, override: bool = False) -> Callable[[T], T]:
+        def deco(obj: T) -> T:
+            key = name or getattr(obj, "__name__", None)
+            if not key:
+                raise ValueError(f"{self.name} registry: give a name for {obj!r}")
+            if key in self._items and not override and self._items[key] is not obj:
+                raise ValueError(f"{self.name} {key!r} is already registered ({self._items[key]!r})")
+            self._items[key] = obj
+            return obj
+
+        return deco
+
+    def _load(self) -> None:
+        if self._loaded:
+            return
+        self._loaded = True
+        for module in self._modules:
+            try:
+                importlib.import_module(module)
+            except ModuleNotFoundError as e:  # module not written yet: fine; a broken one is not
+                if not (e.name and (module == e.name or module.startswith(e.name + "."))):
+                    raise
+
+    def get(self, name: str) -> T:
+        self._load()
+        if name not in self._items:
+            close = difflib.get_close_matches(name, self._items, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"unknown {self.name} {name!r}{hint}; available: {', '.join(self.names()) or '(none)'}")
+        return self._items[name]
+
+    def names(self) -> list[str]:
+        self._load()
+        return sorted(self._items)
+
+    def __contains__(self, name: object) -> bool:
+        self._load()
+        return name in self._items
+
+
+AUDIO_ENCODERS: Registry = Registry("audio encoder", ["finelap.models.audio_encoders"])
+LOSSES: Registry = Registry("loss", ["finelap.losses.clip", "finelap.losses.frame", "finelap.losses.aux"])
+DATASETS: Registry = Registry("dataset", ["finelap.data.manifests"])
+# preset name -> YAML path, for presets that live outside the searched config folders
+PRESETS: Registry[Path] = Registry("preset")
+
+
+def preset_dirs() -> list[Path]:
+    """Folders searched for `<preset>.yaml`: the source checkout's configs/ (editable installs), then
+    the copy shipped as package data (finelap/configs)."""
+    here = Path(__file__).resolve().parent
+    return [d for d in (here.parents[1] / "configs", here / "configs") if d.is_dir()]
+
+
+def preset_names() -> list[str]:
+    found = {p.stem for d in preset_dirs() for p in d.glob("*.yaml")}
+    return sorted(found | set(PRESETS.names()))
+
+
+def preset_path(name: str) -> Path:
+    """Path of the YAML file for preset `name` (e.g. "finelap" -> configs/finelap.yaml)."""
+    if name in PRESETS:
+        return Path(PRESETS.get(name))
+    for d in preset_dirs():
+        if (d / f"{name}.yaml").is_file():
+            return d / f"{name}.yaml"
+    close = difflib.get_close_matches(name, preset_names(), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise ConfigError(f"unknown preset {name!r}{hint}; available: {', '.join(preset_names()) or '(none)'}")

@@ -1,0 +1,326 @@
+"""Checkpoints: bitwise resume, atomic saves, tied weights, clear errors, no pickle."""
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import finelap
+from finelap.config import RunConfig, resolve_run_config
+from finelap.errors import CheckpointError
+from finelap.train import checkpoint as ck
+from finelap.train.checkpoint import (
+    FORMAT_VERSION,
+    capture_rng,
+    checkpoint_name,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    restore_optimizer,
+    restore_rng,
+    restore_training_state,
+    rotate_checkpoints,
+    save_checkpoint,
+)
+
+
+class TinyMLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(6, 16), nn.GELU(), nn.Dropout(0.3), nn.Linear(16, 3))
+
+
+def make_run(seed: int) -> tuple[nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    torch.manual_seed(seed)
+    model = TinyMLP()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 3) * 0.5 * (1 + math.cos(math.pi * s / 20)))
+    return model, opt, sched
+
+
+def train_steps(model: nn.Module, opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LambdaLR, n: int) -> None:
+    """Every global RNG feeds the update: torch (data + dropout), numpy (noise scale), python (target shift)."""
+    model.train()
+    for _ in range(n):
+        x = torch.randn(8, 6) * float(np.random.uniform(0.5, 1.5))
+        y = torch.randint(0, 3, (8,))
+        y = (y + random.randint(0, 2)) % 3
+        loss = nn.functional.cross_entropy(model.net(x), y)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def test_resume_is_bitwise_identical(tmp_path: Path) -> None:
+    n = 5
+    seed_all(123)
+    ref_model, ref_opt, ref_sched = make_run(0)
+    seed_all(123)
+    train_steps(ref_model, ref_opt, ref_sched, 2 * n)
+
+    seed_all(123)
+    model, opt, sched = make_run(0)
+    seed_all(123)
+    train_steps(model, opt, sched, n)
+    cfg = RunConfig()
+    save_checkpoint(tmp_path / "run" / checkpoint_name(n), model.state_dict(), cfg, step=n, optimizer=opt, scheduler=sched)
+    del model, opt, sched
+
+    # a "new process": different init, different RNG states, fresh optimizer/scheduler
+    seed_all(999)
+    model2, opt2, sched2 = make_run(7)
+    ckpt = load_checkpoint(tmp_path / "run")  # run dir -> LATEST
+    model2.load_state_dict(ckpt.state_dict)
+    assert restore_training_state(ckpt, opt2, sched2) == n
+    train_steps(model2, opt2, sched2, n)
+
+    for (name, a), b in zip(ref_model.state_dict().items(), model2.state_dict().values()):
+        assert torch.equal(a, b), name
+    ref_state, state = ref_opt.state_dict()["state"], opt2.state_dict()["state"]
+    for k in ref_state:
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(ref_state[k][key], state[k][key]), (k, key)
+    assert ref_sched.state_dict()["_last_lr"] == sched2.state_dict()["_last_lr"]
+
+
+def test_resume_without_rng_restore_diverges(tmp_path: Path) -> None:
+    """Control for the test above: the RNG state is what makes the continuation identical."""
+    seed_all(1)
+    model, opt, sched = make_run(0)
+    train_steps(model, opt, sched, 3)
+    save_checkpoint(tmp_path / "c", model, {}, step=3, optimizer=opt, scheduler=sched)
+    expected_next = torch.randn(4)
+    ckpt = load_checkpoint(tmp_path / "c")
+    restore_rng(ckpt.rng_state)
+    assert torch.equal(torch.randn(4), expected_next)
+    seed_all(2)
+    assert not torch.equal(torch.randn(4), expected_next)
+
+
+def test_rng_state_round_trip_all_generators(tmp_path: Path) -> None:
+    seed_all(5)
+    random.random(), np.random.normal(), torch.randn(1)  # mid-stream, with numpy's cached gaussian
+    state = capture_rng()
+    save_checkpoint(tmp_path / "c", {"w": torch.zeros(1)}, {}, step=0)
+    want = (random.random(), np.random.normal(), torch.randn(3))
+    seed_all(77)
+    restore_rng(load_checkpoint(tmp_path / "c").rng_state)
+    got = (random.random(), np.random.normal(), torch.randn(3))
+    assert want[:2] == got[:2] and torch.equal(want[2], got[2])
+    assert state["numpy"][1].dtype == np.uint32
+
+
+def test_config_json_is_self_describing(tmp_path: Path) -> None:
+    cfg = resolve_run_config({"preset": "finelap", "name": "demo", "eval": {"prompt_template": "a {} sound"},
+                              "audio": {"n_mels": 80}})
+    out = save_checkpoint(tmp_path / "run" / "final", {"w": torch.arange(4.0)}, cfg, step=42,
+                          preprocessing={"frame_rate_hz": 25.0}, rng=False,
+                          extra_json={"phrase_bank": {"phrases": ["dog bark"], "clusters": [0]}})
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "phrase_bank.json"]
+    meta = json.loads((out / "config.json").read_text())
+    assert meta["format_version"] == FORMAT_VERSION and meta["finelap_version"] == finelap.__version__
+    assert (meta["step"], meta["preset"], meta["name"]) == (42, "finelap", "demo")
+    pre = meta["preprocessing"]
+    assert pre["n_mels"] == 80 and pre["sample_rate"] == 16000 and pre["hop_length"] == 160
+    assert pre["frame_rate_hz"] == 25.0 and pre["prompt_template"] == "a {} sound"
+    ckpt = load_checkpoint(out)
+    assert resolve_run_config(ckpt.config) == cfg  # evaluation needs nothing but the directory
+    assert ckpt.extra == {"phrase_bank": {"phrases": ["dog bark"], "clusters": [0]}}
+    assert ckpt.optimizer_state is None and ckpt.rng_state is None and ckpt.step == 42
+    assert (tmp_path / "run" / "LATEST").read_text().strip() == "final"
+
+
+def test_tied_and_view_tensors(tmp_path: Path) -> None:
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(10, 4)
+            self.out = nn.Linear(4, 10, bias=False)
+            self.out.weight = self.emb.weight  # tied
+            self.register_buffer("head", self.emb.weight.detach()[:5])  # a view sharing storage
+            self.register_buffer("t", torch.randn(3, 4).t())  # non-contiguous
+
+    torch.manual_seed(0)
+    m = Tied()
+    save_checkpoint(tmp_path / "c", m, {}, step=0, ema_state=m.state_dict(), rng=False)
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "c" / "model.safetensors"), "pt") as f:
+        stored = set(f.keys())
+    assert len(stored) == 3 and "head" in stored and "t" in stored  # the tied weight is stored once
+    ckpt = load_checkpoint(tmp_path / "c")
+    assert list(ckpt.state_dict) == list(m.state_dict())
+    assert ckpt.state_dict["emb.weight"] is ckpt.state_dict["out.weight"]
+    m2 = Tied()
+    m2.load_state_dict(ckpt.state_dict)
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, m2.state_dict()[k]), k
+    assert m2.out.weight is m2.emb.weight
+    assert all(torch.equal(ckpt.ema_state[k], v) for k, v in m.state_dict().items())
+
+
+def test_bf16_and_int_tensors_round_trip(tmp_path: Path) -> None:
+    sd = {"a": torch.randn(3, 2).to(torch.bfloat16), "b": torch.arange(5), "c": torch.tensor(True), "s": torch.tensor(2.5)}
+    save_checkpoint(tmp_path / "c", sd, {}, step=1, rng=False, trainer_state={"ema_updates": 7, "best": {"top1": 0.5},
+                                                                             "gen": np.random.default_rng(3).bit_generator.state})
+    ckpt = load_checkpoint(tmp_path / "c")
+    for k, v in sd.items():
+        assert ckpt.state_dict[k].dtype == v.dtype and torch.equal(ckpt.state_dict[k], v)
+    assert ckpt.trainer_state["ema_updates"] == 7 and ckpt.trainer_state["best"] == {"top1": 0.5}
+    g = np.random.default_rng(0)
+    g.bit_generator.state = ckpt.trainer_state["gen"]  # 128-bit PCG64 ints survive JSON exactly
+    assert g.integers(1 << 30) == np.random.default_rng(3).integers(1 << 30)
+
+
+def test_crash_mid_save_keeps_old_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "run" / "step-00000001"
+    save_checkpoint(path, {"w": torch.ones(3)}, {"name": "old"}, step=1, rng=False)
+    real_write = ck._write_json
+
+    def crashing_write(p: Path, obj: object) -> None:
+        if p.name == "config.json":
+            p.write_text('{"format_version": 1, "trunc')  # half-written file, then the crash
+            raise OSError("disk full")
+        real_write(p, obj)
+
+    monkeypatch.setattr(ck, "_write_json", crashing_write)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(path, {"w": torch.zeros(3)}, {"name": "new"}, step=2, extra_json={"x": 1})
+    monkeypatch.undo()
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["LATEST", "step-00000001"]  # no temp dirs
+    old = load_checkpoint(path)
+    assert torch.equal(old.state_dict["w"], torch.ones(3)) and old.config == {"name": "old"} and old.step == 1
+
+    # a KeyboardInterrupt (Ctrl-C) mid-write behaves the same
+    monkeypatch.setattr(ck, "_save_tensors", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(path, {"w": torch.zeros(3)}, {}, step=2)
+    monkeypatch.undo()
+    assert load_checkpoint(path).step == 1 and len(list((tmp_path / "run").iterdir())) == 2
+
+    # overwriting succeeds and replaces the content
+    save_checkpoint(path, {"w": torch.zeros(3)}, {"name": "new"}, step=2, rng=False)
+    assert load_checkpoint(path).step == 2 and len(list((tmp_path / "run").iterdir())) == 2
+
+
+def test_recovery_after_hard_kill(tmp_path: Path) -> None:
+    """A SIGKILL can strike between renames: only the backup of the old checkpoint exists, next to a
+    stale temp dir. Loading still finds the old checkpoint; the next save restores and cleans up."""
+    path = tmp_path / "step-00000003"
+    save_checkpoint(path, {"w": torch.ones(2)}, {}, step=3, rng=False)
+    backup = tmp_path / ".step-00000003.old-abc"
+    path.rename(backup)
+    (tmp_path / ".step-00000003.tmp-xyz").mkdir()
+    (tmp_path / ".step-00000003.tmp-xyz" / "model.safetensors").write_bytes(b"partial")
+    assert load_checkpoint(path).step == 3
+    save_checkpoint(tmp_path / "step-00000004", {"w": torch.ones(2)}, {}, step=4, rng=False)
+    save_checkpoint(path, {"w": torch.zeros(2)}, {}, step=3, rng=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["LATEST", "step-00000003", "step-00000004"]
+    # a half-deleted backup (config.json goes first) is never mistaken for a checkpoint
+    gone = tmp_path / "step-00000005"
+    (tmp_path / ".step-00000005.old-q").mkdir()
+    (tmp_path / ".step-00000005.old-q" / "model.safetensors").write_bytes(b"x")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(gone)
+    save_checkpoint(gone, {"w": torch.ones(2)}, {}, step=5, rng=False)
+    assert not list(tmp_path.glob(".*")) and load_checkpoint(gone).step == 5
+
+
+def test_latest_and_rotation(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    assert latest_checkpoint(run) is None and list_checkpoints(run) == []
+    for s in (10, 20, 30, 40):
+        save_checkpoint(run / checkpoint_name(s), {"w": torch.full((1,), float(s))}, {}, step=s, rng=False)
+    save_checkpoint(run / "final", {"w": torch.zeros(1)}, {}, step=40, rng=False, update_latest=False)
+    assert latest_checkpoint(run) == run / "step-00000040"
+    assert [p.name for p in rotate_checkpoints(run, keep_last=2)] == ["step-00000010", "step-00000020"]
+    assert sorted(p.name for p in run.iterdir()) == ["LATEST", "final", "step-00000030", "step-00000040"]
+    (run / "LATEST").write_text("step-00000030\n")
+    assert rotate_checkpoints(run, keep_last=1) == []  # LATEST's target is protected
+    (run / "LATEST").write_text("gone\n")  # dangling pointer: fall back to the highest step
+    assert latest_checkpoint(run) == run / "step-00000040"
+    assert load_checkpoint(run).state_dict["w"].item() == 40.0
+    (run / ".step-00000030.rm-x").mkdir()  # interrupted rotation leftover: swept, never listed
+    assert [p.name for p in list_checkpoints(run)] == ["step-00000030", "step-00000040"]
+    rotate_checkpoints(run, keep_last=5)
+    assert not list(run.glob(".*"))
+
+
+def test_errors_are_one_line_and_clear(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match=r"nope: checkpoint directory does not exist$"):
+        load_checkpoint(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match=r"empty: not a finelap checkpoint: missing config\.json$"):
+        load_checkpoint(tmp_path / "empty")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(CheckpointError, match="expected a directory"):
+        load_checkpoint(tmp_path / "file")
+
+    good = save_checkpoint(tmp_path / "c", {"w": torch.ones(1)}, {}, step=1)
+    (good / "model.safetensors").rename(good / "m.bak")
+    with pytest.raises(CheckpointError, match=r"not a finelap checkpoint: missing model\.safetensors$"):
+        load_checkpoint(good)
+    (good / "m.bak").rename(good / "model.safetensors")
+
+    meta = json.loads((good / "config.json").read_text())
+    (good / "config.json").write_text(json.dumps({**meta, "format_version": 3}))
+    with pytest.raises(CheckpointError, match=re.escape("checkpoint format 3 is newer than this finelap (supports <=1); upgrade finelap")):
+        load_checkpoint(good)
+    (good / "config.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "format_version"}))
+    with pytest.raises(CheckpointError, match="no integer format_version"):
+        load_checkpoint(good)
+    (good / "config.json").write_text('{"format_version": 1,\n "step": ')
+    with pytest.raises(CheckpointError, match=r"config\.json: corrupt JSON \(line 2"):
+        load_checkpoint(good)
+    (good / "config.json").write_text(json.dumps(meta))
+
+    (good / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: corrupt safetensors file"):
+        load_checkpoint(good)
+    save_checkpoint(good, {"w": torch.ones(1)}, {}, step=1)  # replaces the damaged directory
+    (good / "optimizer.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=r"incomplete checkpoint: optimizer\.safetensors is missing"):
+        load_checkpoint(good)
+    assert load_checkpoint(good, training_state=False).step == 1  # inference does not need it
+
+
+def test_restore_mismatched_or_missing_optimizer(tmp_path: Path) -> None:
+    model, opt, _ = make_run(0)
+    save_checkpoint(tmp_path / "c", model, {}, step=0, optimizer=opt, rng=False)
+    ckpt = load_checkpoint(tmp_path / "c")
+    other = torch.optim.AdamW([{"params": [model.net[0].weight]}, {"params": [model.net[0].bias]}])
+    with pytest.raises(CheckpointError, match="does not match this optimizer"):
+        restore_optimizer(other, ckpt.optimizer_state)
+    with pytest.raises(CheckpointError, match="no RNG state"):
+        restore_rng(ckpt.rng_state)
+    save_checkpoint(tmp_path / "d", model, {}, step=0, rng=False)
+    with pytest.raises(CheckpointError, match="no optimizer state"):
+        restore_optimizer(opt, load_checkpoint(tmp_path / "d").optimizer_state)
+
+
+def test_unsupported_state_is_rejected_before_writing(tmp_path: Path) -> None:
+    with pytest.raises(TypeError, match=r"cannot store object at 'trainer\.fn'"):
+        save_checkpoint(tmp_path / "c", {"w": torch.ones(1)}, {}, step=0, trainer_state={"fn": object()})
+    with pytest.raises(ValueError, match="extra_json name 'config'"):
+        save_checkpoint(tmp_path / "c", {"w": torch.ones(1)}, {}, step=0, extra_json={"config": {}})
+    assert not tmp_path.joinpath("c").exists() and list(tmp_path.iterdir()) == []
+
+
+def test_no_pickle_in_checkpoint_module() -> None:
+    src = Path(ck.__file__).read_text()
+    assert not re.search(r"import pickle|pickle\.|torch\.load\(|torch\.save\(|allow_pickle|weights_only", src)
