@@ -1,0 +1,851 @@
+"""Pure evaluation metrics: retrieval, zero-shot classification, SED, grounding, post-processing.
+
+Everything here takes numpy arrays / pandas DataFrames / plain Python containers and returns
+plain Python values (floats, lists, dicts), so the results go straight into a JSON report.
+No models, no torch. Metric names follow DESIGN.md "Metric protocols".
+
+Conventions (read these before comparing numbers with another codebase):
+
+* **Fractions, not percent.** Every recall/accuracy/F1/AP/AUROC is in [0, 1].
+* **Ties in ranking metrics are counted pessimistically** (default ``ties="pessimistic"``):
+  rank = 1 + #(non-relevant candidates scored strictly higher than the best relevant one)
+  + #(non-relevant candidates scored *equal* to it). A collapsed model that outputs constant
+  scores therefore gets the worst, not the best, rank. ``ties="optimistic"`` drops the second
+  term (rank = 1 + #strictly greater), which is what `argsort`-based code gets when ties happen
+  to break in the relevant item's favour. With float embeddings from a real model, ties are
+  rare and both give the same numbers.
+* **SED** goes through `sed_scores_eval` (imported lazily). Score inputs are that library's
+  per-file DataFrames: columns ``onset, offset, <class...>``, one row per frame, each frame's
+  offset equal to the next frame's onset (see :func:`scores_to_dataframe`). Ground truth is
+  ``{file: [(onset, offset, label), ...]}`` in seconds; durations ``{file: seconds}``.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Hashable, Mapping, Sequence
+
+import numpy as np
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pandas as pd
+
+    from ..audio import Timeline
+
+__all__ = [
+    "retrieval_metrics",
+    "retrieval_ranks",
+    "classification_metrics",
+    "average_precision",
+    "roc_auc",
+    "frame_auroc",
+    "sed_frame_auroc",
+    "PSDSResult",
+    "psds",
+    "psds1",
+    "psds2",
+    "PSDS1_PARAMS",
+    "PSDS2_PARAMS",
+    "GROUNDING_PSDS_PARAMS",
+    "collar_f1",
+    "segment_f1",
+    "grounding_metrics",
+    "scores_to_dataframe",
+    "median_filter_seconds",
+    "binarize_and_segment",
+]
+
+_TIES = ("pessimistic", "optimistic")
+
+
+def _check_ties(ties: str) -> None:
+    if ties not in _TIES:
+        raise ValueError(f"ties must be one of {_TIES}, got {ties!r}")
+
+
+def _finite_2d(x: Any, name: str) -> np.ndarray:
+    a = np.asarray(x, dtype=np.float64)
+    if a.ndim != 2:
+        raise ValueError(f"{name} must be 2-D, got shape {a.shape}")
+    if a.size and not np.isfinite(a).all():
+        bad = np.argwhere(~np.isfinite(a))[0]
+        raise ValueError(f"{name} contains NaN/Inf (first at index {tuple(int(i) for i in bad)})")
+    return a
+
+
+# ============================================================================ retrieval
+
+
+def retrieval_ranks(
+    sim: np.ndarray, text_to_audio: np.ndarray, ties: str = "pessimistic", chunk_size: int = 1024
+) -> tuple[np.ndarray, np.ndarray]:
+    """1-based ranks of the correct item for each query, in both directions.
+
+    sim: (n_texts, n_audio) similarity, higher = more similar.
+    text_to_audio: (n_texts,) int, index of the audio clip each caption describes.
+    Returns (t2a_ranks (n_texts,), a2t_ranks (n_audio,)) as int64. For audio-to-text, a clip's
+    rank is the best rank among its captions (the position of its first relevant caption).
+    Ties: see module docstring. Rows are processed in chunks so memory stays
+    O(chunk_size * n_audio) for large test sets.
+    """
+    _check_ties(ties)
+    s = _finite_2d(sim, "sim")
+    n_t, n_a = s.shape
+    g = np.asarray(text_to_audio)
+    if g.shape != (n_t,):
+        raise ValueError(f"text_to_audio must have shape ({n_t},) to match sim {s.shape}, got {g.shape}")
+    if n_t == 0 or n_a == 0:
+        raise ValueError(f"empty similarity matrix {s.shape}")
+    if not np.issubdtype(g.dtype, np.integer):
+        if np.issubdtype(g.dtype, np.floating) and np.all(g == np.round(g)):
+            g = g.astype(np.int64)
+        else:
+            raise ValueError(f"text_to_audio must hold integer audio indices, got dtype {g.dtype}")
+    g = g.astype(np.int64)
+    if g.min() < 0 or g.max() >= n_a:
+        raise ValueError(f"text_to_audio indices must be in [0, {n_a}), got range [{g.min()}, {g.max()}]")
+    n_caps = np.bincount(g, minlength=n_a)
+    if (n_caps == 0).any():
+        missing = np.flatnonzero(n_caps == 0)
+        raise ValueError(
+            f"{len(missing)} audio clip(s) have no caption (e.g. indices {missing[:5].tolist()}); "
+            "audio-to-text retrieval needs at least one caption per clip"
+        )
+    pessimistic = ties == "pessimistic"
+    rows = np.arange(n_t)
+    pos = s[rows, g]  # score of each caption's own clip
+
+    # text -> audio: exactly one relevant clip per caption
+    t2a = np.empty(n_t, dtype=np.int64)
+    # audio -> text: best relevant caption score per clip, then count texts above (and tied with) it
+    best = np.full(n_a, -np.inf)
+    np.maximum.at(best, g, pos)
+    a2t_greater = np.zeros(n_a, dtype=np.int64)
+    a2t_equal = np.zeros(n_a, dtype=np.int64)
+    for lo in range(0, n_t, chunk_size):
+        blk = s[lo : lo + chunk_size]
+        p = pos[lo : lo + chunk_size, None]
+        t2a[lo : lo + chunk_size] = 1 + (blk > p).sum(axis=1)
+        if pessimistic:  # the clip itself is the one tie that is not a competitor
+            t2a[lo : lo + chunk_size] += (blk == p).sum(axis=1) - 1
+        a2t_greater += (blk > best[None, :]).sum(axis=0)
+        if pessimistic:
+            a2t_equal += (blk == best[None, :]).sum(axis=0)
+    a2t = 1 + a2t_greater
+    if pessimistic:
+        # relevant captions tied with the best one are not competitors: remove them
+        rel_ties = np.bincount(g, weights=(pos == best[g]).astype(np.float64), minlength=n_a).astype(np.int64)
+        a2t += a2t_equal - rel_ties
+    return t2a, a2t
+
+
+def retrieval_metrics(
+    sim: np.ndarray,
+    text_to_audio: np.ndarray,
+    ks: Sequence[int] = (1, 5, 10),
+    ties: str = "pessimistic",
+) -> dict[str, float]:
+    """Text<->audio retrieval with the multi-caption protocol (AudioCaps/Clotho, DCASE task 6b).
+
+    sim: (n_texts, n_audio) similarity, higher = more similar (e.g. text_embeds @ audio_embeds.T).
+    text_to_audio: (n_texts,) int index of the audio each caption belongs to; every clip needs
+        at least one caption.
+
+    Returns (all fractions in [0, 1], ranks 1-based):
+      ``text_to_audio_R@k`` for k in ks: fraction of captions whose clip is within the top k
+          (averaged over all captions);
+      ``audio_to_text_R@k``: fraction of clips with *any* of their captions in the top k;
+      ``mAP@10``: text-to-audio mean average precision at 10. With one relevant clip per caption,
+          AP@10 = 1/rank if rank <= 10 else 0 (the DCASE 2022+ task 6b definition);
+      ``text_to_audio_mean_rank``, ``text_to_audio_median_rank``,
+      ``audio_to_text_mean_rank``, ``audio_to_text_median_rank`` (a2t rank = best caption rank).
+    Ties: see module docstring (pessimistic by default).
+    """
+    t2a, a2t = retrieval_ranks(sim, text_to_audio, ties=ties)
+    out: dict[str, float] = {}
+    for k in ks:
+        out[f"text_to_audio_R@{k}"] = float(np.mean(t2a <= k))
+    for k in ks:
+        out[f"audio_to_text_R@{k}"] = float(np.mean(a2t <= k))
+    out["mAP@10"] = float(np.mean(np.where(t2a <= 10, 1.0 / t2a, 0.0)))
+    out["text_to_audio_mean_rank"] = float(np.mean(t2a))
+    out["text_to_audio_median_rank"] = float(np.median(t2a))
+    out["audio_to_text_mean_rank"] = float(np.mean(a2t))
+    out["audio_to_text_median_rank"] = float(np.median(a2t))
+    return out
+
+
+# ============================================================================ classification
+
+
+def average_precision(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Average precision of one ranking (same definition as sklearn's `average_precision_score`).
+
+    scores: (N,) float, higher = more likely positive. labels: (N,) binary.
+    AP = mean over positives i of precision at threshold scores[i], where the precision counts
+    every item scored >= scores[i] (so tied items enter together; no interpolation).
+    Returns NaN when there is no positive (AP is undefined).
+    """
+    s = np.asarray(scores, dtype=np.float64).ravel()
+    y = np.asarray(labels).ravel().astype(bool)
+    if s.shape != y.shape:
+        raise ValueError(f"scores {s.shape} and labels {y.shape} differ in length")
+    n_pos = int(y.sum())
+    if n_pos == 0:
+        return float("nan")
+    order = np.argsort(-s, kind="mergesort")
+    s, y = s[order], y[order]
+    tp = np.cumsum(y)
+    # last index of each block of tied scores: precision is evaluated once per distinct threshold
+    last = np.r_[np.flatnonzero(np.diff(s) != 0), len(s) - 1]
+    tp_at = tp[last]
+    precision = tp_at / (last + 1)
+    new_pos = np.diff(np.r_[0, tp_at])  # positives entering at this threshold
+    return float(np.sum(new_pos * precision) / n_pos)
+
+
+def classification_metrics(
+    scores: np.ndarray, targets: np.ndarray, ks: Sequence[int] = (1, 5), ties: str = "pessimistic"
+) -> dict[str, Any]:
+    """Zero-shot classification metrics.
+
+    scores: (N, C) class scores (similarities or probabilities), higher = more likely.
+    targets: (N,) int class index (single-label), or (N, C) multi-hot (multi-label).
+
+    Single-label returns ``top1_accuracy``, ``top5_accuracy`` (one key per k in ks; k is capped at
+    C, so with C <= 5 top-5 accuracy is 1), ``mAP`` (macro AP over classes, one-vs-rest),
+    ``per_class_AP`` (list, length C) and ``confusion_matrix`` (C x C list of int lists;
+    rows = true class, columns = argmax prediction, ties to the lowest index).
+    Multi-label returns ``mAP`` and ``per_class_AP`` only.
+    Classes with no positive target have AP ``None`` in ``per_class_AP`` and are left out of
+    ``mAP`` (AP is undefined for them). Top-k ties: see module docstring.
+    """
+    _check_ties(ties)
+    s = _finite_2d(scores, "scores")
+    n, c = s.shape
+    if n == 0 or c == 0:
+        raise ValueError(f"empty scores matrix {s.shape}")
+    t = np.asarray(targets)
+    out: dict[str, Any] = {}
+    if t.ndim == 1:
+        if t.shape != (n,):
+            raise ValueError(f"targets must have shape ({n},) to match scores {s.shape}, got {t.shape}")
+        if not np.issubdtype(t.dtype, np.integer):
+            raise ValueError(f"single-label targets must be integer class indices, got dtype {t.dtype}")
+        if t.min() < 0 or t.max() >= c:
+            raise ValueError(f"targets must be in [0, {c}), got range [{t.min()}, {t.max()}]")
+        pos = s[np.arange(n), t][:, None]
+        rank = 1 + (s > pos).sum(axis=1)
+        if ties == "pessimistic":
+            rank += (s == pos).sum(axis=1) - 1
+        for k in ks:
+            out[f"top{k}_accuracy"] = float(np.mean(rank <= min(k, c)))
+        onehot = np.zeros((n, c), dtype=bool)
+        onehot[np.arange(n), t] = True
+        pred = np.argmax(s, axis=1)
+        cm = np.zeros((c, c), dtype=np.int64)
+        np.add.at(cm, (t, pred), 1)
+        out["confusion_matrix"] = cm.tolist()
+    elif t.ndim == 2:
+        if t.shape != s.shape:
+            raise ValueError(f"multi-hot targets must have shape {s.shape} like scores, got {t.shape}")
+        if not np.isin(t, (0, 1)).all():
+            raise ValueError("multi-hot targets must contain only 0/1")
+        onehot = t.astype(bool)
+    else:
+        raise ValueError(f"targets must be (N,) class indices or (N, C) multi-hot, got shape {t.shape}")
+    aps = [average_precision(s[:, k], onehot[:, k]) for k in range(c)]
+    valid = [a for a in aps if not math.isnan(a)]
+    if not valid:
+        raise ValueError("no class has a positive target; mAP is undefined")
+    out["mAP"] = float(np.mean(valid))
+    out["per_class_AP"] = [None if math.isnan(a) else float(a) for a in aps]
+    return out
+
+
+# ============================================================================ ROC AUC
+
+
+def _average_ranks(x: np.ndarray) -> np.ndarray:
+    """1-based ranks with ties given their average rank (scipy.stats.rankdata 'average')."""
+    order = np.argsort(x, kind="mergesort")
+    xs = x[order]
+    # boundaries of tie blocks in sorted order
+    starts = np.r_[0, np.flatnonzero(np.diff(xs) != 0) + 1]
+    ends = np.r_[starts[1:], len(xs)]
+    avg = 0.5 * (starts + 1 + ends)  # mean of ranks starts+1 .. ends
+    ranks_sorted = np.repeat(avg, ends - starts)
+    ranks = np.empty(len(x), dtype=np.float64)
+    ranks[order] = ranks_sorted
+    return ranks
+
+
+def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Area under the ROC curve via the Mann-Whitney U statistic.
+
+    scores: (N,) float; labels: (N,) binary. Equals P(score_pos > score_neg) + 0.5 P(tie) over
+    all positive/negative pairs. Returns NaN when labels hold only one class.
+    """
+    s = np.asarray(scores, dtype=np.float64).ravel()
+    y = np.asarray(labels).ravel()
+    if s.shape != y.shape:
+        raise ValueError(f"scores {s.shape} and labels {y.shape} differ in length")
+    if not np.isin(y, (0, 1)).all():
+        raise ValueError("labels must be binary (0/1 or bool)")
+    if np.isnan(s).any():
+        raise ValueError("scores contain NaN")
+    y = y.astype(bool)
+    n_pos = int(y.sum())
+    n_neg = len(y) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    r = _average_ranks(s)
+    u = r[y].sum() - n_pos * (n_pos + 1) / 2.0
+    return float(u / (n_pos * n_neg))
+
+
+def frame_auroc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Frame-level AUROC of one class: scores (N,) per frame, labels (N,) binary per frame.
+
+    Raises ValueError when labels contain only positives or only negatives (undefined).
+    """
+    auc = roc_auc(scores, labels)
+    if math.isnan(auc):
+        raise ValueError("frame AUROC is undefined: labels contain only one class")
+    return auc
+
+
+# ============================================================================ SED inputs
+
+
+def _sse():
+    """Import sed_scores_eval lazily. It pulls in sed_eval -> dcase_util -> pkg_resources, which
+    warns on setuptools 80 and is gone in setuptools >= 81 (hence the `setuptools<81` pin)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
+        try:
+            import sed_scores_eval  # noqa: F401
+            from sed_scores_eval import collar_based, intersection_based, segment_based  # noqa: F401
+            from sed_scores_eval.base_modules import scores as _scores  # noqa: F401
+        except ModuleNotFoundError as e:
+            if e.name == "pkg_resources":
+                raise ImportError(
+                    "sed_scores_eval needs pkg_resources (via dcase_util); install setuptools<81"
+                ) from e
+            raise ImportError(f"SED metrics need sed_scores_eval ({e}); pip install sed_scores_eval") from e
+    return sed_scores_eval
+
+
+def scores_to_dataframe(
+    scores: np.ndarray, timeline: "Timeline", classes: Sequence[str], duration_s: float | None = None
+) -> "pd.DataFrame":
+    """Frame scores (T, C) -> sed_scores_eval score DataFrame (columns onset, offset, *classes).
+
+    Frame edges come from `timeline` (the one frames<->seconds mapping). With `duration_s`, frames
+    starting at or after the end of the audio (encoder padding) are dropped and the last kept frame
+    ends exactly at `duration_s`.
+    """
+    sse = _sse()
+    s = np.asarray(scores, dtype=np.float64)
+    if s.ndim != 2 or s.shape[1] != len(classes):
+        raise ValueError(f"scores must be (T, {len(classes)}) for {len(classes)} classes, got {s.shape}")
+    _check_class_names(classes)
+    if duration_s is not None:
+        if not duration_s > 0:
+            raise ValueError(f"duration_s must be positive, got {duration_s}")
+        starts = np.asarray(timeline.frame_start(np.arange(s.shape[0])), dtype=np.float64)
+        n = max(1, int(np.sum(starts < timeline.offset_s + duration_s - 1e-9)))
+        s = s[:n]
+    if s.shape[0] == 0:
+        raise ValueError("scores have no frames")
+    edges = timeline.frame_edges(s.shape[0], duration_s)
+    return sse.base_modules.scores.create_score_dataframe(s, edges, list(classes))
+
+
+def _check_class_names(classes: Sequence[Any]) -> None:
+    for c in classes:
+        if not isinstance(c, str):
+            raise ValueError(f"class names must be str, got {c!r} ({type(c).__name__})")
+        if c in ("onset", "offset"):
+            raise ValueError(f"class name {c!r} clashes with the onset/offset columns")
+        if "\\" in c:
+            raise ValueError(f"class name {c!r} must not contain a backslash (sed_scores_eval restriction)")
+
+
+def _validate_scores(scores: Mapping[Hashable, "pd.DataFrame"]) -> list[str]:
+    """Check every per-file DataFrame; return the shared class list."""
+    sse = _sse()
+    if not isinstance(scores, Mapping) or not scores:
+        raise ValueError("scores must be a non-empty dict {file: DataFrame}")
+    classes: list[str] | None = None
+    first = None
+    for key, df in scores.items():
+        try:
+            _, cls = sse.base_modules.scores.validate_score_dataframe(df)
+        except (ValueError, AssertionError) as e:
+            raise ValueError(f"scores for {key!r}: {e}") from None
+        if len(df) == 0:
+            raise ValueError(f"scores for {key!r}: no frames")
+        vals = df[cls].to_numpy(dtype=np.float64)
+        if np.isnan(vals).any():
+            raise ValueError(f"scores for {key!r}: contain NaN")
+        if classes is None:
+            classes, first = list(cls), key
+            _check_class_names(classes)
+        elif list(cls) != classes:
+            raise ValueError(f"scores for {key!r}: classes {list(cls)} differ from {classes} (in {first!r})")
+    assert classes is not None
+    return classes
+
+
+def _prepare_ground_truth(
+    ground_truth: Mapping[Hashable, Sequence[tuple[float, float, str]]],
+    scores: Mapping[Hashable, Any],
+    classes: Sequence[str],
+) -> dict[Hashable, list[tuple[float, float, str]]]:
+    """Ground truth restricted to the scored files, in sed_scores_eval's form.
+
+    Files missing from `ground_truth` have no events (DCASE TSVs only list files with events).
+    A file with events but no scores is an error (the system skipped it), so is a class with no
+    event in any scored file (sed_scores_eval cannot evaluate it). Overlapping or
+    touching events of the same class are merged: sed_scores_eval asserts they do not occur,
+    and for counting detections they are one event.
+    """
+    if not isinstance(ground_truth, Mapping):
+        raise ValueError(f"ground_truth must be a dict {{file: [(onset, offset, label), ...]}}, got {type(ground_truth).__name__}")
+    unscored = [k for k, ev in ground_truth.items() if k not in scores and len(ev) > 0]
+    if unscored:
+        raise ValueError(f"{len(unscored)} file(s) have ground-truth events but no scores, e.g. {unscored[:3]}")
+    known = set(classes)
+    out: dict[Hashable, list[tuple[float, float, str]]] = {}
+    for key in scores:
+        per_class: dict[str, list[tuple[float, float]]] = {}
+        for i, ev in enumerate(ground_truth.get(key, ())):
+            try:
+                on, off, lab = ev
+                on, off = float(on), float(off)
+            except (TypeError, ValueError):
+                raise ValueError(f"ground truth for {key!r}, event {i}: expected (onset, offset, label), got {ev!r}") from None
+            if not (math.isfinite(on) and math.isfinite(off)) or off <= on:
+                raise ValueError(f"ground truth for {key!r}, event {i}: need onset < offset, got ({on}, {off})")
+            if lab not in known:
+                raise ValueError(f"ground truth for {key!r}, event {i}: label {lab!r} is not a scored class {sorted(known)}")
+            per_class.setdefault(lab, []).append((on, off))
+        events: list[tuple[float, float, str]] = []
+        for lab, spans in per_class.items():
+            spans.sort()
+            merged = [list(spans[0])]
+            for on, off in spans[1:]:
+                if on <= merged[-1][1]:
+                    merged[-1][1] = max(merged[-1][1], off)
+                else:
+                    merged.append([on, off])
+            events.extend((on, off, lab) for on, off in merged)
+        out[key] = sorted(events, key=lambda e: (e[0], e[1], e[2]))
+    # sed_scores_eval asserts (AssertionError) that every scored class has an event somewhere
+    present = {lab for evs in out.values() for _, _, lab in evs}
+    empty = [c for c in classes if c not in present]
+    if empty:
+        raise ValueError(
+            f"class(es) {empty} have no ground-truth event in the scored files; sed_scores_eval cannot "
+            "evaluate them: drop their score columns or add files that contain them"
+        )
+    return out
+
+
+def _prepare_durations(durations: Mapping[Hashable, float], scores: Mapping[Hashable, Any]) -> dict[Hashable, float]:
+    """Durations of the scored files (extra entries are ignored: a durations file usually lists a
+    superset). Every scored file needs one, since eFPR is per hour of evaluated audio."""
+    if not isinstance(durations, Mapping):
+        raise ValueError(f"durations must be a dict {{file: seconds}}, got {type(durations).__name__}")
+    missing = [k for k in scores if k not in durations]
+    if missing:
+        raise ValueError(f"{len(missing)} scored file(s) have no duration, e.g. {missing[:3]}")
+    out = {}
+    for k in scores:
+        d = float(durations[k])
+        if not (math.isfinite(d) and d > 0):
+            raise ValueError(f"duration of {k!r} must be a positive number of seconds, got {durations[k]!r}")
+        out[k] = d
+    return out
+
+
+# ============================================================================ PSDS
+
+#: DCASE PSDS scenario 1 (DESIGN.md): strict localisation, no cross-trigger penalty.
+PSDS1_PARAMS: dict[str, Any] = dict(dtc=0.7, gtc=0.7, cttc=None, alpha_ct=0.0, alpha_st=1.0, max_efpr=100.0)
+#: DCASE PSDS scenario 2: loose localisation, cross triggers penalised.
+PSDS2_PARAMS: dict[str, Any] = dict(dtc=0.1, gtc=0.1, cttc=0.3, alpha_ct=0.5, alpha_st=1.0, max_efpr=100.0)
+#: Grounding: every query is one "class" (alpha_st is irrelevant with one class, so 0).
+GROUNDING_PSDS_PARAMS: dict[str, Any] = dict(dtc=0.5, gtc=0.5, cttc=None, alpha_ct=0.0, alpha_st=0.0, max_efpr=100.0)
+
+
+@dataclass(frozen=True)
+class PSDSResult:
+    """PSDS value and its PSD-ROC.
+
+    value: area under the PSD-ROC up to max_efpr, normalised by max_efpr, in [0, 1].
+    per_class: single-class PSDS per event class.
+    etpr, efpr: the multi-class PSD-ROC (effective TP ratio vs effective FP rate per hour), 1-D,
+        a staircase (plot with `drawstyle="steps-post"`).
+    per_class_roc: {class: (tpr, efpr)} single-class ROCs.
+    params: the PSDS parameters used.
+    """
+
+    value: float
+    per_class: dict[str, float]
+    etpr: np.ndarray
+    efpr: np.ndarray
+    per_class_roc: dict[str, tuple[np.ndarray, np.ndarray]] = field(repr=False)
+    params: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (arrays as lists)."""
+        return {
+            "psds": self.value,
+            "per_class_psds": dict(self.per_class),
+            "psd_roc": {"efpr": self.efpr.tolist(), "etpr": self.etpr.tolist()},
+            "params": dict(self.params),
+        }
+
+
+def psds(
+    scores: Mapping[Hashable, "pd.DataFrame"],
+    ground_truth: Mapping[Hashable, Sequence[tuple[float, float, str]]],
+    durations: Mapping[Hashable, float],
+    dtc: float,
+    gtc: float,
+    cttc: float | None = None,
+    alpha_ct: float = 0.0,
+    alpha_st: float = 0.0,
+    max_efpr: float = 100.0,
+) -> PSDSResult:
+    """Polyphonic Sound Detection Score, computed exactly (threshold-free) by sed_scores_eval.
+
+    scores: {file: score DataFrame (onset, offset, <class...>)}; ground_truth:
+    {file: [(onset_s, offset_s, label)]} (files without events may be omitted); durations:
+    {file: seconds}. eFPR is per hour. See `_prepare_ground_truth` for the input cleaning.
+    """
+    sse = _sse()
+    classes = _validate_scores(scores)
+    gt = _prepare_ground_truth(ground_truth, scores, classes)
+    dur = _prepare_durations(durations, scores)
+    value, per_class, (etpr, efpr), per_class_roc = sse.intersection_based.psds(
+        scores=dict(scores),
+        ground_truth=gt,
+        audio_durations=dur,
+        dtc_threshold=dtc,
+        gtc_threshold=gtc,
+        cttc_threshold=cttc,
+        alpha_ct=alpha_ct,
+        alpha_st=alpha_st,
+        unit_of_time="hour",
+        max_efpr=max_efpr,
+    )
+    return PSDSResult(
+        value=float(value),
+        per_class={str(k): float(v) for k, v in per_class.items()},
+        etpr=np.asarray(etpr, dtype=np.float64),
+        efpr=np.asarray(efpr, dtype=np.float64),
+        per_class_roc={str(k): (np.asarray(v[0]), np.asarray(v[1])) for k, v in per_class_roc.items()},
+        params=dict(dtc=dtc, gtc=gtc, cttc=cttc, alpha_ct=alpha_ct, alpha_st=alpha_st, max_efpr=max_efpr),
+    )
+
+
+def psds1(
+    scores: Mapping[Hashable, "pd.DataFrame"],
+    ground_truth: Mapping[Hashable, Sequence[tuple[float, float, str]]],
+    durations: Mapping[Hashable, float],
+) -> PSDSResult:
+    """DCASE PSDS1: dtc = gtc = 0.7, no cttc, alpha_ct = 0, alpha_st = 1, max eFPR 100/h."""
+    return psds(scores, ground_truth, durations, **PSDS1_PARAMS)
+
+
+def psds2(
+    scores: Mapping[Hashable, "pd.DataFrame"],
+    ground_truth: Mapping[Hashable, Sequence[tuple[float, float, str]]],
+    durations: Mapping[Hashable, float],
+) -> PSDSResult:
+    """DCASE PSDS2: dtc = gtc = 0.1, cttc = 0.3, alpha_ct = 0.5, alpha_st = 1, max eFPR 100/h."""
+    return psds(scores, ground_truth, durations, **PSDS2_PARAMS)
+
+
+# ============================================================================ F-scores
+
+
+def _fscore_dict(prefix: str, f: dict, p: dict, r: dict, stats: dict) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for avg in ("macro", "micro"):
+        out[f"{prefix}_F1_{avg}"] = float(f[f"{avg}_average"])
+        out[f"{prefix}_precision_{avg}"] = float(p[f"{avg}_average"])
+        out[f"{prefix}_recall_{avg}"] = float(r[f"{avg}_average"])
+    out[f"{prefix}_per_class"] = {
+        str(c): {
+            "F1": float(f[c]),
+            "precision": float(p[c]),
+            "recall": float(r[c]),
+            "tp": int(stats[c]["tps"]),
+            "fp": int(stats[c]["fps"]),
+            "n_ref": int(stats[c]["n_ref"]),
+        }
+        for c in stats
+    }
+    return out
+
+
+def collar_f1(
+    scores: Mapping[Hashable, "pd.DataFrame"],
+    ground_truth: Mapping[Hashable, Sequence[tuple[float, float, str]]],
+    threshold: float | Mapping[str, float] = 0.5,
+    onset_collar: float = 0.2,
+    offset_collar: float = 0.2,
+    offset_collar_rate: float = 0.2,
+) -> dict[str, Any]:
+    """Collar-based event F1 (DCASE: 200 ms onset collar, offset collar max(200 ms, 20% of the
+    event length)), at a fixed decision threshold (a frame is active when score > threshold;
+    scalar or per class). Detections are the thresholded score DataFrames with no extra
+    post-processing: apply `median_filter_seconds` before building the DataFrames if wanted.
+
+    Returns ``event_F1_macro``, ``event_F1_micro``, ``event_precision_{macro,micro}``,
+    ``event_recall_{macro,micro}`` and ``event_per_class`` {class: {F1, precision, recall, tp, fp, n_ref}}.
+    """
+    sse = _sse()
+    classes = _validate_scores(scores)
+    gt = _prepare_ground_truth(ground_truth, scores, classes)
+    f, p, r, stats = sse.collar_based.fscore(
+        scores=dict(scores),
+        ground_truth=gt,
+        threshold=dict(threshold) if isinstance(threshold, Mapping) else float(threshold),
+        onset_collar=onset_collar,
+        offset_collar=offset_collar,
+        offset_collar_rate=offset_collar_rate,
+    )
+    return _fscore_dict("event", f, p, r, stats)
+
+
+def segment_f1(
+    scores: Mapping[Hashable, "pd.DataFrame"],
+    ground_truth: Mapping[Hashable, Sequence[tuple[float, float, str]]],
+    durations: Mapping[Hashable, float],
+    threshold: float | Mapping[str, float] = 0.5,
+    segment_length: float = 1.0,
+) -> dict[str, Any]:
+    """Segment-based F1 on fixed `segment_length`-second segments (DCASE: 1 s), at a fixed
+    threshold. Returns ``segment_F1_{macro,micro}``, ``segment_precision_*``, ``segment_recall_*``
+    and ``segment_per_class``."""
+    sse = _sse()
+    classes = _validate_scores(scores)
+    gt = _prepare_ground_truth(ground_truth, scores, classes)
+    dur = _prepare_durations(durations, scores)
+    f, p, r, stats = sse.segment_based.fscore(
+        scores=dict(scores),
+        ground_truth=gt,
+        audio_durations=dur,
+        threshold=dict(threshold) if isinstance(threshold, Mapping) else float(threshold),
+        segment_length=segment_length,
+    )
+    return _fscore_dict("segment", f, p, r, stats)
+
+
+# ============================================================================ frame AUROC on DataFrames
+
+
+def _rasterize_on_grid(
+    onsets: np.ndarray, offsets: np.ndarray, events: Sequence[tuple[float, float, str]], classes: Sequence[str]
+) -> np.ndarray:
+    """(T, C) bool: frame t is positive for class c when its centre lies in [onset, offset) of a
+    class-c event. Uses the DataFrame's own frame grid, whatever its resolution."""
+    centers = 0.5 * (onsets + offsets)
+    idx = {c: i for i, c in enumerate(classes)}
+    y = np.zeros((len(centers), len(classes)), dtype=bool)
+    for on, off, lab in events:
+        y[(centers >= on) & (centers < off), idx[lab]] = True
+    return y
+
+
+def _pooled_frames(
+    scores: Mapping[Hashable, "pd.DataFrame"], gt: Mapping[Hashable, Sequence[tuple[float, float, str]]], classes: Sequence[str]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Frame scores (sum_T, C) and rasterised labels (sum_T, C) of all files, concatenated."""
+    all_s, all_y = [], []
+    for key, df in scores.items():
+        on = df["onset"].to_numpy(dtype=np.float64)
+        off = df["offset"].to_numpy(dtype=np.float64)
+        all_s.append(df[list(classes)].to_numpy(dtype=np.float64))
+        all_y.append(_rasterize_on_grid(on, off, gt[key], classes))
+    return np.concatenate(all_s), np.concatenate(all_y)
+
+
+def sed_frame_auroc(
+    scores: Mapping[Hashable, "pd.DataFrame"],
+    ground_truth: Mapping[Hashable, Sequence[tuple[float, float, str]]],
+) -> dict[str, Any]:
+    """Frame-level AUROC per class, pooling the frames of all files (each frame counts once,
+    whatever its length), and their macro average.
+
+    Returns ``frame_AUROC_macro`` (mean over classes with both positive and negative frames)
+    and ``frame_AUROC_per_class`` {class: AUROC or None when undefined}.
+    """
+    classes = _validate_scores(scores)
+    gt = _prepare_ground_truth(ground_truth, scores, classes)
+    s, y = _pooled_frames(scores, gt, classes)
+    per_class = {c: roc_auc(s[:, k], y[:, k]) for k, c in enumerate(classes)}
+    valid = [v for v in per_class.values() if not math.isnan(v)]
+    if not valid:
+        raise ValueError("frame AUROC is undefined for every class (each has only positive or only negative frames)")
+    return {
+        "frame_AUROC_macro": float(np.mean(valid)),
+        "frame_AUROC_per_class": {c: (None if math.isnan(v) else float(v)) for c, v in per_class.items()},
+    }
+
+
+# ============================================================================ grounding
+
+
+def grounding_metrics(
+    scores: Mapping[Hashable, "pd.DataFrame"],
+    ground_truth: Mapping[Hashable, Sequence[tuple[float, float]]],
+    durations: Mapping[Hashable, float],
+    threshold: float = 0.5,
+    collar_s: float = 0.2,
+    offset_collar_rate: float = 0.2,
+) -> dict[str, Any]:
+    """Text-to-audio grounding, each phrase scored as its own query.
+
+    scores: {query_id: DataFrame with onset, offset and ONE score column (any name)} on the
+        query's audio; ground_truth: {query_id: [(onset_s, offset_s), ...]} (may be empty);
+        durations: {query_id: seconds of that query's audio}.
+
+    All queries are treated as one class ("query"), each query as its own "file", so that
+    PSDS/F1 count detections per query and the eFPR is per hour of query audio.
+      ``grounding_PSDS``: PSDS with dtc = gtc = 0.5, no cross-trigger term (alpha_ct = 0, and
+          alpha_st = 0 since there is a single class), max eFPR 100/h;
+      ``grounding_event_F1``: collar event F1 (onset collar `collar_s`, offset collar
+          max(`collar_s`, `offset_collar_rate` x length)) at `threshold`; with one class micro = macro;
+      ``grounding_event_precision``, ``grounding_event_recall``;
+      ``grounding_frame_AUROC``: AUROC over all frames of all queries pooled (frame positive when
+          its centre lies inside a ground-truth segment); None if no frame (or every frame) is positive;
+      ``grounding_PSD_ROC``: {"efpr": [...], "etpr": [...]} for plotting; ``n_queries``.
+    """
+    import pandas as pd
+
+    if not isinstance(scores, Mapping) or not scores:
+        raise ValueError("scores must be a non-empty dict {query_id: DataFrame}")
+    q_scores: dict[Hashable, pd.DataFrame] = {}
+    for key, df in scores.items():
+        if not isinstance(df, pd.DataFrame):
+            raise ValueError(f"scores for query {key!r}: expected a DataFrame, got {type(df).__name__}")
+        if len(df.columns) != 3 or list(df.columns[:2]) != ["onset", "offset"]:
+            raise ValueError(
+                f"scores for query {key!r}: need columns onset, offset and exactly one score column, got {list(df.columns)}"
+            )
+        q_scores[key] = df.set_axis(["onset", "offset", "query"], axis=1)
+    if not isinstance(ground_truth, Mapping):
+        raise ValueError("ground_truth must be a dict {query_id: [(onset, offset), ...]}")
+    q_gt: dict[Hashable, list[tuple[float, float, str]]] = {}
+    for key, segs in ground_truth.items():
+        evs = []
+        for i, seg in enumerate(segs):
+            try:
+                on, off = seg
+            except (TypeError, ValueError):
+                raise ValueError(f"ground truth for query {key!r}, segment {i}: expected (onset, offset), got {seg!r}") from None
+            evs.append((on, off, "query"))
+        q_gt[key] = evs
+    res = psds(q_scores, q_gt, durations, **GROUNDING_PSDS_PARAMS)
+    f1 = collar_f1(
+        q_scores, q_gt, threshold=threshold, onset_collar=collar_s, offset_collar=collar_s, offset_collar_rate=offset_collar_rate
+    )
+    fs, fy = _pooled_frames(q_scores, _prepare_ground_truth(q_gt, q_scores, ["query"]), ["query"])
+    auroc = roc_auc(fs[:, 0], fy[:, 0])
+    return {
+        "grounding_PSDS": res.value,
+        "grounding_event_F1": f1["event_F1_micro"],
+        "grounding_event_precision": f1["event_precision_micro"],
+        "grounding_event_recall": f1["event_recall_micro"],
+        "grounding_frame_AUROC": None if math.isnan(auroc) else auroc,
+        "grounding_PSD_ROC": {"efpr": res.efpr.tolist(), "etpr": res.etpr.tolist()},
+        "n_queries": len(q_scores),
+    }
+
+
+# ============================================================================ post-processing
+
+
+def _per_class(value: float | Sequence[float], c: int, name: str) -> np.ndarray:
+    v = np.asarray(value, dtype=np.float64)
+    if v.ndim == 0:
+        return np.full(c, float(v))
+    if v.shape != (c,):
+        raise ValueError(f"{name} must be a scalar or one value per class ({c}), got shape {v.shape}")
+    return v
+
+
+def median_filter_seconds(
+    scores: np.ndarray, frame_rate_hz: float, window_s: float | Sequence[float]
+) -> np.ndarray:
+    """Median-filter frame scores along time with a window given in seconds.
+
+    scores: (T, C) or (T,); frame_rate_hz: frames per second of the scores (from the Timeline);
+    window_s: scalar or one window per class. The window in frames is round(window_s x rate),
+    made odd (+1 when even) so it is centred; <= 1 frame means no filtering. Edges use scipy's
+    'reflect' mode, as the DCASE baseline does. Returns an array of the input's shape.
+    """
+    from scipy.ndimage import median_filter
+
+    if not frame_rate_hz > 0:
+        raise ValueError(f"frame_rate_hz must be positive, got {frame_rate_hz}")
+    s = np.asarray(scores, dtype=np.float64)
+    squeeze = s.ndim == 1
+    if squeeze:
+        s = s[:, None]
+    if s.ndim != 2:
+        raise ValueError(f"scores must be (T, C) or (T,), got shape {s.shape}")
+    windows = _per_class(window_s, s.shape[1], "window_s")
+    if (windows < 0).any():
+        raise ValueError(f"window_s must be >= 0, got {window_s}")
+    out = np.empty_like(s)
+    for k in range(s.shape[1]):
+        n = int(round(windows[k] * frame_rate_hz))
+        n += 1 - n % 2  # odd, so the median is centred on the frame
+        out[:, k] = s[:, k] if n <= 1 or s.shape[0] == 0 else median_filter(s[:, k], size=n, mode="reflect")
+    return out[:, 0] if squeeze else out
+
+
+def binarize_and_segment(
+    scores: np.ndarray,
+    timeline: "Timeline",
+    threshold: float | Sequence[float] = 0.5,
+    min_duration_s: float | Sequence[float] = 0.0,
+    merge_gap_s: float | Sequence[float] = 0.0,
+    duration_s: float | None = None,
+    classes: Sequence[str] | None = None,
+) -> list[tuple[float, float, Any]]:
+    """Threshold frame scores and turn active runs into events in seconds.
+
+    scores: (T, C) (or (T,) for one class); a frame is active when score > threshold (the
+    sed_scores_eval convention). threshold / min_duration_s / merge_gap_s: scalar or per class.
+    Gaps shorter than merge_gap_s are closed first, then events shorter than min_duration_s
+    dropped (Timeline.segments). Returns [(onset_s, offset_s, label)] sorted by onset, label =
+    classes[c] if given else the class index c.
+    """
+    s = np.asarray(scores, dtype=np.float64)
+    if s.ndim == 1:
+        s = s[:, None]
+    if s.ndim != 2:
+        raise ValueError(f"scores must be (T, C) or (T,), got shape {s.shape}")
+    c = s.shape[1]
+    if classes is not None and len(classes) != c:
+        raise ValueError(f"got {len(classes)} class names for {c} score columns")
+    thr = _per_class(threshold, c, "threshold")
+    min_d = _per_class(min_duration_s, c, "min_duration_s")
+    gap = _per_class(merge_gap_s, c, "merge_gap_s")
+    events: list[tuple[float, float, Any]] = []
+    for k in range(c):
+        label = classes[k] if classes is not None else k
+        for on, off in timeline.segments(s[:, k] > thr[k], duration_s, min_duration_s=min_d[k], merge_gap_s=gap[k]):
+            if off > on:  # frames past `duration_s` (encoder padding) collapse to zero length
+                events.append((on, off, label))
+    events.sort(key=lambda e: (e[0], e[1], str(e[2])))
+    return events
