@@ -1,0 +1,765 @@
+"""Evaluators for retrieval, zero-shot classification, sound event detection and grounding.
+
+They take FUNCTIONS, not models (DESIGN.md principle 7), bundled in an `Evaluatable`:
+
+- ``embed_audio(paths) -> (N, D)`` L2-normalised clip embeddings, one row per path;
+- ``embed_text(texts) -> (M, D)`` L2-normalised text embeddings;
+- ``frame_scores(path_or_wave, texts) -> FrameScores`` with ``scores (T, N)`` probabilities in
+  [0, 1], the ``timeline`` that maps its frames to seconds, and ``duration_s``.
+
+So one evaluator scores a trained model, its EMA weights, a baseline or an imported checkpoint.
+Metric names and protocols follow DESIGN.md "Metric protocols"; the numbers come from the pure
+functions in `finelap.eval.metrics`. Each evaluator returns a JSON-ready dict (plus an
+``"artifacts"`` entry holding arrays for plots and score files, consumed by
+`finelap.eval.report.write_report`).
+
+Bad input: an audio file that cannot be read (the functions raise `AudioError` or
+`FileNotFoundError`) is skipped with a warning and listed under ``result["skipped"]``;
+evaluation goes on with the others.
+"""
+from __future__ import annotations
+
+import math
+import os
+from collections import Counter
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Mapping, Protocol, Sequence, Union, runtime_checkable
+
+import numpy as np
+
+from ..audio import Timeline
+from ..data.manifests import GroundingItem
+from ..data.types import Clip
+from ..errors import AudioError, FinelapError
+from ..utils import log, progress
+from . import metrics as M
+
+__all__ = [
+    "AudioInput",
+    "FrameScores",
+    "EmbedAudioFn",
+    "EmbedTextFn",
+    "FrameScoresFn",
+    "Evaluatable",
+    "PostProcess",
+    "make_prompt",
+    "evaluate_retrieval",
+    "evaluate_zeroshot",
+    "evaluate_sed",
+    "evaluate_grounding",
+    "TASKS",
+]
+
+AudioInput = Union[str, os.PathLike, np.ndarray]
+
+# Errors that mean "this file is unusable", not "the model is broken": skip the file, go on.
+_SKIPPABLE: tuple[type[BaseException], ...] = (AudioError, FileNotFoundError)
+
+
+# ============================================================================ function protocols
+
+
+@dataclass
+class FrameScores:
+    """Per-frame scores of one audio for N texts.
+
+    scores: (T, N) probabilities in [0, 1] (apply the sigmoid / calibration before returning).
+    timeline: maps frame j of `scores` to seconds (the only frames<->seconds mapping).
+    duration_s: length of the audio in seconds (frames past it are encoder padding).
+    Any object with these three attributes is accepted by the evaluators.
+    """
+
+    scores: np.ndarray
+    timeline: Timeline
+    duration_s: float
+
+
+@runtime_checkable
+class EmbedAudioFn(Protocol):
+    def __call__(self, audio: Sequence[AudioInput]) -> np.ndarray:
+        """N audio paths (or waves) -> (N, D) L2-normalised clip embeddings."""
+        ...
+
+
+@runtime_checkable
+class EmbedTextFn(Protocol):
+    def __call__(self, texts: Sequence[str]) -> np.ndarray:
+        """M texts -> (M, D) L2-normalised text embeddings."""
+        ...
+
+
+@runtime_checkable
+class FrameScoresFn(Protocol):
+    def __call__(self, audio: AudioInput, texts: Sequence[str]) -> FrameScores:
+        """One audio (path or wave) and N texts -> FrameScores with scores (T, N) in [0, 1]."""
+        ...
+
+
+@dataclass
+class Evaluatable:
+    """What an evaluator needs from a model: functions, plus how prompts are written.
+
+    embed_audio / embed_text: for retrieval and zero-shot. frame_scores: for SED and grounding.
+    Each may be None when the model cannot do that task; an evaluator that needs it says so.
+    clip_scale_bias: optional (scale, bias) of the clip logits; when given, zero-shot examples
+        report calibrated probabilities sigmoid(scale * cos + bias) instead of cosines (ranking
+        metrics do not change under it).
+    prompt_template: how a class label becomes a text query ("{}" is replaced by the label, with
+        underscores as spaces: "chirping_birds" -> "the sound of chirping birds").
+    name: shown in reports.
+    """
+
+    embed_audio: EmbedAudioFn | Callable[[Sequence[AudioInput]], np.ndarray] | None = None
+    embed_text: EmbedTextFn | Callable[[Sequence[str]], np.ndarray] | None = None
+    frame_scores: FrameScoresFn | Callable[[AudioInput, Sequence[str]], Any] | None = None
+    clip_scale_bias: tuple[float, float] | None = None
+    prompt_template: str = "the sound of {}"
+    name: str = "model"
+
+    def require(self, *what: str, task: str) -> None:
+        missing = [w for w in what if getattr(self, w) is None]
+        if missing:
+            raise FinelapError(f"{task} evaluation needs {', '.join(missing)} from '{self.name}', which it does not provide")
+
+
+def make_prompt(template: str, label: str) -> str:
+    """Fill a prompt template with a class label: "{}" (exactly once) is replaced by the label,
+    underscores as spaces (the training loop's convention: "chirping_birds" -> "chirping birds")."""
+    return _fill(template, str(label).replace("_", " "))
+
+
+def _fill(template: str, text: str) -> str:
+    """Fill a template with free text (captions, phrases) verbatim."""
+    if not isinstance(template, str) or template.count("{}") != 1:
+        raise FinelapError(f"prompt template must contain '{{}}' exactly once (where the label goes), got {template!r}")
+    return template.replace("{}", text)
+
+
+# ============================================================================ post-processing (seconds)
+
+PerClass = Union[float, Mapping[str, float]]
+
+
+@dataclass(frozen=True)
+class PostProcess:
+    """Turn frame probabilities into detections; every duration is in SECONDS, never frames.
+
+    median_filter_s: median-filter window (0 = none); converted to frames per score Timeline, so
+        the same setting means the same thing at any frame rate.
+    threshold: a frame is active when its score > threshold.
+    merge_gap_s: gaps shorter than this between two detections of a class are closed.
+    min_duration_s: detections shorter than this (after merging) are dropped.
+    Each of the four may be a scalar or a {class: value} dict; a "*" key is the default for
+    classes not listed.
+    filter_psds_scores: PSDS and frame AUROC are threshold-free and use the raw scores; set True
+        to median-filter them first (as some DCASE baselines do). Thresholded metrics (event /
+        segment F1) and detections always use the full post-processing.
+    """
+
+    median_filter_s: PerClass = 0.0
+    threshold: PerClass = 0.5
+    merge_gap_s: PerClass = 0.0
+    min_duration_s: PerClass = 0.0
+    filter_psds_scores: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("median_filter_s", "threshold", "merge_gap_s", "min_duration_s"):
+            value = getattr(self, name)
+            items = value.items() if isinstance(value, Mapping) else [(None, value)]
+            for cls, v in items:
+                where = f"postprocess.{name}" + (f"[{cls!r}]" if cls is not None else "")
+                try:
+                    x = float(v)
+                except (TypeError, ValueError):
+                    raise FinelapError(f"{where} must be a number, got {v!r}") from None
+                if not math.isfinite(x) or x < 0:
+                    raise FinelapError(f"{where} must be a finite number >= 0, got {v!r}")
+                if name == "threshold" and x > 1:
+                    raise FinelapError(f"{where} must be in [0, 1] (scores are probabilities), got {v!r}")
+
+    def values(self, name: str, classes: Sequence[str]) -> np.ndarray:
+        """One value of setting `name` per class, shape (C,)."""
+        value = getattr(self, name)
+        if not isinstance(value, Mapping):
+            return np.full(len(classes), float(value))
+        missing = [c for c in classes if c not in value and "*" not in value]
+        if missing:
+            raise FinelapError(f"postprocess.{name} has no value for class(es) {missing[:5]} (add them, or a '*' default)")
+        return np.array([float(value[c]) if c in value else float(value["*"]) for c in classes])
+
+    def smooth(self, scores: np.ndarray, timeline: Timeline, classes: Sequence[str]) -> np.ndarray:
+        """(T, C) scores median-filtered with the per-class window in seconds."""
+        win = self.values("median_filter_s", classes)
+        if not (win > 0).any():
+            return np.asarray(scores, dtype=np.float64)
+        return M.median_filter_seconds(scores, timeline.frame_rate_hz, win)
+
+    def detect(
+        self,
+        scores: np.ndarray,
+        timeline: Timeline,
+        classes: Sequence[str],
+        duration_s: float | None = None,
+        already_smoothed: bool = False,
+    ) -> list[tuple[float, float, str]]:
+        """(T, C) probabilities -> [(onset_s, offset_s, class)] sorted by onset: median filter,
+        threshold, merge close detections, drop short ones."""
+        s = np.asarray(scores, dtype=np.float64)
+        if s.ndim == 1:
+            s = s[:, None]
+        if not already_smoothed:
+            s = self.smooth(s, timeline, classes)
+        return M.binarize_and_segment(
+            s,
+            timeline,
+            threshold=self.values("threshold", classes),
+            min_duration_s=self.values("min_duration_s", classes),
+            merge_gap_s=self.values("merge_gap_s", classes),
+            duration_s=duration_s,
+            classes=list(classes),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        return {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in d.items()}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None) -> "PostProcess":
+        if not d:
+            return cls()
+        unknown = sorted(set(d) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise FinelapError(f"unknown postprocess option(s) {unknown}; known: {sorted(cls.__dataclass_fields__)}")
+        return cls(**dict(d))
+
+
+# ============================================================================ shared helpers
+
+
+def _skip(skipped: list[dict[str, str]], path: Any, err: BaseException) -> None:
+    problem = err.problem if isinstance(err, AudioError) else str(err)
+    skipped.append({"path": str(path), "error": problem})
+    log(f"warning: skipping {path}: {problem}")
+
+
+def _as_matrix(x: Any, n: int, what: str) -> np.ndarray:
+    """Check a (n, D) embedding matrix from a user function and L2-normalise it (idempotent)."""
+    if hasattr(x, "detach"):  # torch tensor
+        x = x.detach().cpu().float().numpy()
+    a = np.asarray(x, dtype=np.float32)
+    if a.ndim != 2 or a.shape[0] != n:
+        raise FinelapError(f"{what} must return an array of shape ({n}, D) for {n} inputs, got {a.shape}")
+    if not np.isfinite(a).all():
+        raise FinelapError(f"{what} returned NaN or Inf")
+    return a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+
+
+def _embed_audio(
+    fn: Callable, paths: Sequence[str], batch_size: int, skipped: list[dict[str, str]], desc: str
+) -> tuple[np.ndarray | None, list[int]]:
+    """Embed `paths` in batches; a batch that fails on a bad file is retried file by file so only
+    the bad files are skipped. Returns (embeddings (K, D) or None, indices of the K kept paths)."""
+    chunks: list[np.ndarray] = []
+    kept: list[int] = []
+    starts = list(range(0, len(paths), batch_size))
+    for lo in progress(starts, total=len(starts), desc=desc):
+        idx = list(range(lo, min(lo + batch_size, len(paths))))
+        try:
+            chunks.append(_as_matrix(fn([paths[i] for i in idx]), len(idx), "embed_audio"))
+            kept.extend(idx)
+            continue
+        except _SKIPPABLE:
+            pass
+        for i in idx:
+            try:
+                chunks.append(_as_matrix(fn([paths[i]]), 1, "embed_audio"))
+                kept.append(i)
+            except _SKIPPABLE as e:
+                _skip(skipped, paths[i], e)
+    if not chunks:
+        return None, []
+    dims = {c.shape[1] for c in chunks}
+    if len(dims) > 1:
+        raise FinelapError(f"embed_audio returned different embedding sizes across batches: {sorted(dims)}")
+    return np.concatenate(chunks), kept
+
+
+def _embed_texts(fn: Callable, texts: Sequence[str], batch_size: int, desc: str) -> np.ndarray:
+    chunks = []
+    starts = list(range(0, len(texts), batch_size))
+    for lo in progress(starts, total=len(starts), desc=desc):
+        batch = list(texts[lo : lo + batch_size])
+        chunks.append(_as_matrix(fn(batch), len(batch), "embed_text"))
+    return np.concatenate(chunks)
+
+
+def _frame_scores(fn: Callable, audio: Any, texts: Sequence[str]) -> tuple[np.ndarray, Timeline, float]:
+    """Call frame_scores and check its answer: (T, N) finite probabilities, a Timeline, a duration."""
+    out = fn(audio, list(texts))
+    try:
+        scores, timeline, duration = out.scores, out.timeline, out.duration_s
+    except AttributeError:
+        raise FinelapError(
+            f"frame_scores must return an object with .scores (T, N), .timeline and .duration_s, got {type(out).__name__}"
+        ) from None
+    if hasattr(scores, "detach"):
+        scores = scores.detach().cpu().float().numpy()
+    s = np.asarray(scores, dtype=np.float64)
+    if s.ndim != 2 or s.shape[1] != len(texts) or s.shape[0] == 0:
+        raise FinelapError(f"frame_scores returned scores of shape {s.shape} for {len(texts)} texts; expected (T >= 1, {len(texts)})")
+    if not np.isfinite(s).all():
+        raise FinelapError(f"frame_scores returned NaN or Inf for {audio}")
+    if s.min() < -1e-6 or s.max() > 1 + 1e-6:
+        raise FinelapError(
+            f"frame_scores must return probabilities in [0, 1] (apply the sigmoid), got range [{s.min():.3g}, {s.max():.3g}]"
+        )
+    if not isinstance(timeline, Timeline):
+        raise FinelapError(f"frame_scores must return a finelap.audio.Timeline, got {type(timeline).__name__}")
+    d = float(duration)
+    if not (math.isfinite(d) and d > 0):
+        raise FinelapError(f"frame_scores returned a non-positive duration {duration!r} for {audio}")
+    return np.clip(s, 0.0, 1.0), timeline, d
+
+
+def _unique_keys(paths: Sequence[str], keys: Sequence[str]) -> list[str]:
+    """File ids for score tables: the clip key, or the full path where two clips share a key."""
+    count = Counter(keys)
+    out = [k if count[k] == 1 else str(p) for k, p in zip(keys, paths)]
+    if len(set(out)) != len(out):
+        dup = [k for k, n in Counter(out).items() if n > 1]
+        raise FinelapError(f"the same audio is listed more than once: {dup[:3]}")
+    return out
+
+
+def _activity_frame(events: Sequence[tuple[float, float, str]], df: Any, classes: Sequence[str]) -> Any:
+    """A score DataFrame on `df`'s frame grid holding 1.0 where a detection is active, else 0.0.
+
+    Detections start and end on frame edges (Timeline.segments), so this is exact; fed to
+    sed_scores_eval with threshold 0.5 it reproduces the post-processed detections."""
+    onsets = df["onset"].to_numpy(dtype=np.float64)
+    act = np.zeros((len(df), len(classes)), dtype=np.float64)
+    col = {c: i for i, c in enumerate(classes)}
+    for on, off, lab in events:
+        act[(onsets >= on - 1e-9) & (onsets < off - 1e-9), col[lab]] = 1.0
+    out = df[["onset", "offset"]].copy()
+    for c, i in col.items():
+        out[c] = act[:, i]
+    return out
+
+
+def _base_result(task: str, fns: Evaluatable, template: str | None, pp: PostProcess | None) -> dict[str, Any]:
+    return {
+        "task": task,
+        "model": fns.name,
+        "n_items": 0,
+        "prompt_template": template,
+        "postprocess": None if pp is None else pp.to_dict(),
+    }
+
+
+def _check_labels(labels: Sequence[str] | None, what: str) -> list[str]:
+    if labels is None:
+        return []
+    if isinstance(labels, str):
+        raise FinelapError(f"{what} must be a list of labels, not the single string {labels!r}")
+    out = [str(l).strip() for l in labels]
+    if any(not l for l in out):
+        raise FinelapError(f"{what} contains an empty label")
+    dup = [l for l, n in Counter(out).items() if n > 1]
+    if dup:
+        raise FinelapError(f"{what} lists label(s) more than once: {dup[:5]}")
+    return out
+
+
+# ============================================================================ retrieval
+
+
+def evaluate_retrieval(
+    fns: Evaluatable,
+    clips: Sequence[Clip],
+    template: str | None = None,
+    batch_size: int = 32,
+    text_batch_size: int = 256,
+) -> dict[str, Any]:
+    """Text<->audio retrieval, multi-caption protocol: every caption is a query.
+
+    clips: clips with `captions` (clips without any are left out and counted in
+        ``n_without_captions``). template: applied to captions when given (default: verbatim).
+    Returns ``text_to_audio_R@{1,5,10}``, ``audio_to_text_R@{1,5,10}``, ``mAP@10``, mean/median
+    ranks (see metrics.retrieval_metrics), ``n_items`` (clips), ``n_captions``, ``skipped``.
+    """
+    fns.require("embed_audio", "embed_text", task="retrieval")
+    if template is not None:
+        _fill(template, "x")
+    result = _base_result("retrieval", fns, template or "{}", None)
+    with_caps = [c for c in clips if any(t.strip() for t in c.captions)]
+    if not with_caps:
+        raise FinelapError(f"retrieval needs clips with captions; none of the {len(clips)} clips has one")
+    skipped: list[dict[str, str]] = []
+    emb_a, kept = _embed_audio(fns.embed_audio, [c.audio for c in with_caps], batch_size, skipped, "retrieval: audio")
+    if emb_a is None:
+        raise FinelapError(f"no audio could be read: all {len(with_caps)} files were skipped (e.g. {skipped[0]})")
+    texts, owner = [], []
+    for j, i in enumerate(kept):
+        for cap in with_caps[i].captions:
+            if cap.strip():
+                texts.append(_fill(template, cap) if template else cap)
+                owner.append(j)
+    emb_t = _embed_texts(fns.embed_text, texts, text_batch_size, "retrieval: text")
+    if emb_t.shape[1] != emb_a.shape[1]:
+        raise FinelapError(f"text embeddings have size {emb_t.shape[1]} but audio embeddings {emb_a.shape[1]}")
+    sim = emb_t.astype(np.float64) @ emb_a.astype(np.float64).T  # (n_texts, n_audio)
+    result.update(M.retrieval_metrics(sim, np.asarray(owner, dtype=np.int64)))
+    result.update(
+        n_items=len(kept), n_captions=len(texts), n_without_captions=len(clips) - len(with_caps), skipped=skipped,
+    )  # fmt: skip
+    return result
+
+
+# ============================================================================ zero-shot classification
+
+
+def evaluate_zeroshot(
+    fns: Evaluatable,
+    clips: Sequence[Clip],
+    labels: Sequence[str] | None = None,
+    template: str | None = None,
+    batch_size: int = 32,
+    n_examples: int = 5,
+) -> dict[str, Any]:
+    """Zero-shot classification: each label becomes the prompt `template` (default: the
+    Evaluatable's, "the sound of {}"); a clip is assigned the label whose prompt is most similar.
+
+    clips: clips with `labels` (one label each = single-label: top-1/top-5 accuracy, mAP,
+        confusion matrix; any clip with several = multi-label: mAP only). Clips without labels
+        are left out (``n_unlabelled``).
+    labels: the candidate classes (default: every label found in the clips, sorted). A clip label
+        missing from the list is an error.
+    Returns ``top1_accuracy``, ``top5_accuracy``, ``mAP``, ``per_class_AP`` {label: AP or None},
+    ``confusion_matrix`` (rows true, columns predicted, in ``labels`` order), ``labels``,
+    ``multi_label``, ``examples`` (first `n_examples` clips with their top-3 predictions).
+    """
+    fns.require("embed_audio", "embed_text", task="zero-shot")
+    template = template if template is not None else fns.prompt_template
+    make_prompt(template, "x")  # validate before any work
+    labelled = [c for c in clips if c.labels]
+    if labels is not None:
+        labels = _check_labels(labels, "labels")
+        if not labels:
+            raise FinelapError("the label list is empty: give at least one class label for zero-shot classification")
+    else:
+        labels = sorted({l for c in labelled for l in c.labels})
+        if not labels:
+            raise FinelapError("no labels: no label list was given and no clip has labels to take them from")
+    if not labelled:
+        raise FinelapError(f"zero-shot evaluation needs clips with labels; none of the {len(clips)} clips has one")
+    index = {l: i for i, l in enumerate(labels)}
+    unknown = sorted({l for c in labelled for l in c.labels if l not in index})
+    if unknown:
+        raise FinelapError(f"clip label(s) {unknown[:10]} are not in the label list ({len(labels)} labels: {labels[:10]}...)")
+    multi = any(len(set(c.labels)) > 1 for c in labelled)
+    result = _base_result("zeroshot", fns, template, None)
+    skipped: list[dict[str, str]] = []
+    emb_a, kept = _embed_audio(fns.embed_audio, [c.audio for c in labelled], batch_size, skipped, "zero-shot: audio")
+    if emb_a is None:
+        raise FinelapError(f"no audio could be read: all {len(labelled)} files were skipped (e.g. {skipped[0]})")
+    prompts = [make_prompt(template, l) for l in labels]
+    emb_t = _embed_texts(fns.embed_text, prompts, 256, "zero-shot: labels")
+    if emb_t.shape[1] != emb_a.shape[1]:
+        raise FinelapError(f"text embeddings have size {emb_t.shape[1]} but audio embeddings {emb_a.shape[1]}")
+    scores = emb_a.astype(np.float64) @ emb_t.astype(np.float64).T  # (N, C) cosine
+    kept_clips = [labelled[i] for i in kept]
+    if multi:
+        targets = np.zeros((len(kept_clips), len(labels)), dtype=np.int64)
+        for r, c in enumerate(kept_clips):
+            targets[r, [index[l] for l in c.labels]] = 1
+    else:
+        targets = np.array([index[c.labels[0]] for c in kept_clips], dtype=np.int64)
+    m = M.classification_metrics(scores, targets)
+    result.update({k: v for k, v in m.items() if k not in ("per_class_AP", "confusion_matrix")})
+    result["per_class_AP"] = dict(zip(labels, m["per_class_AP"]))
+    if "confusion_matrix" in m:
+        result["confusion_matrix"] = m["confusion_matrix"]
+    shown = scores
+    score_kind = "cosine"
+    if fns.clip_scale_bias is not None:
+        scale, bias = (float(v) for v in fns.clip_scale_bias)
+        shown = 1.0 / (1.0 + np.exp(-(scale * scores + bias)))
+        score_kind = "probability"
+    examples = []
+    for r, c in enumerate(kept_clips[:n_examples]):
+        top = np.argsort(-shown[r], kind="stable")[:3]
+        examples.append({"audio": c.audio, "labels": list(c.labels),
+                         "top3": [{"label": labels[k], score_kind: round(float(shown[r, k]), 4)} for k in top]})  # fmt: skip
+    result.update(
+        labels=labels, n_classes=len(labels), multi_label=multi, n_items=len(kept_clips),
+        n_unlabelled=len(clips) - len(labelled), examples=examples, skipped=skipped,
+    )  # fmt: skip
+    return result
+
+
+# ============================================================================ SED
+
+
+def _example_queries(scores: np.ndarray, classes: Sequence[str], gt: Sequence[tuple[float, float, str]],
+                     dets: Sequence[tuple[float, float, str]], limit: int = 6) -> list[int]:  # fmt: skip
+    """Which classes to draw for one file: those in the ground truth or detected, else the top 3."""
+    present = [i for i, c in enumerate(classes) if any(e[2] == c for e in list(gt) + list(dets))]
+    if not present:
+        present = list(np.argsort(-scores.max(axis=0), kind="stable")[:3])
+    present.sort(key=lambda i: (not any(e[2] == classes[i] for e in gt), -float(scores[:, i].max())))
+    return sorted(int(i) for i in present[:limit])
+
+
+def evaluate_sed(
+    fns: Evaluatable,
+    clips: Sequence[Clip],
+    classes: Sequence[str] | None = None,
+    postprocess: PostProcess | None = None,
+    template: str | None = None,
+    n_examples: int = 3,
+) -> dict[str, Any]:
+    """Sound event detection with DCASE protocols (sed_scores_eval).
+
+    clips: the evaluation files with their strong labels (`events`; a clip without events is a
+        negative file) and `duration` (taken from frame_scores when None).
+    classes: the event classes (default: every event label found, sorted). Each is queried with
+        `template` (default: the Evaluatable's prompt template). Events of other labels are ignored.
+    postprocess: seconds-based post-processing for detections and thresholded metrics.
+
+    Per file, frame_scores gives (T, C) probabilities; with the Timeline's frame edges they become
+    sed_scores_eval score DataFrames. Returns
+      ``PSDS1``, ``PSDS2`` (exact DCASE parameters; raw scores, see PostProcess.filter_psds_scores),
+      ``event_F1`` (collar 200 ms, macro) and ``segment_F1`` (1 s, macro) on the post-processed
+          detections, with their micro averages, precision and recall,
+      ``frame_AUROC`` (macro over classes, raw scores),
+      ``per_class`` {class: {PSDS1, PSDS2, event_F1, segment_F1, frame_AUROC, n_events}},
+      ``detections``: DCASE rows [{filename, onset, offset, event_label}],
+      ``n_items``, ``classes``, ``classes_without_events``, ``skipped``.
+    """
+    fns.require("frame_scores", task="SED")
+    pp = postprocess or PostProcess()
+    template = template if template is not None else fns.prompt_template
+    make_prompt(template, "x")
+    if classes is not None:
+        classes = _check_labels(classes, "classes")
+        if not classes:
+            raise FinelapError("the class list is empty: give at least one event class to detect")
+    else:
+        classes = sorted({e.label for c in clips for e in c.events})
+        if not classes:
+            raise FinelapError("no event classes: no class list was given and no clip has events")
+    bad = [c for c in classes if "\\" in c or c in ("onset", "offset")]
+    if bad:
+        raise FinelapError(f"class name(s) {bad} cannot be used (reserved or containing a backslash)")
+    prompts = [make_prompt(template, c) for c in classes]
+    keys = _unique_keys([c.audio for c in clips], [c.key for c in clips])
+    known = set(classes)
+
+    skipped: list[dict[str, str]] = []
+    raw_df: dict[str, Any] = {}
+    act_df: dict[str, Any] = {}
+    gt: dict[str, list[tuple[float, float, str]]] = {}
+    durations: dict[str, float] = {}
+    detections: list[dict[str, Any]] = []
+    examples: list[dict[str, Any]] = []
+    n_ignored = 0
+    for clip, key in progress(list(zip(clips, keys)), total=len(clips), desc="SED: frame scores"):
+        try:
+            s, tl, dur_fs = _frame_scores(fns.frame_scores, clip.audio, prompts)
+        except _SKIPPABLE as e:
+            _skip(skipped, clip.audio, e)
+            continue
+        dur = float(clip.duration) if clip.duration else dur_fs
+        smooth = pp.smooth(s, tl, classes)
+        raw_df[key] = M.scores_to_dataframe(smooth if pp.filter_psds_scores else s, tl, classes, dur)
+        dets = pp.detect(smooth, tl, classes, dur, already_smoothed=True)
+        act_df[key] = _activity_frame(dets, raw_df[key], classes)
+        events = [(e.onset, e.offset, e.label) for e in clip.events if e.label in known]
+        n_ignored += len(clip.events) - len(events)
+        gt[key] = events
+        durations[key] = dur
+        fname = os.path.basename(str(clip.audio))
+        detections.extend({"filename": fname, "onset": round(on, 6), "offset": round(off, 6), "event_label": lab}
+                          for on, off, lab in dets)  # fmt: skip
+        if len(examples) < n_examples and events:
+            q = _example_queries(smooth, classes, [(on, off, lab) for on, off, lab in events], dets)
+            examples.append({
+                "audio": str(clip.audio), "key": key, "scores": smooth[:, q].astype(np.float32), "timeline": tl,
+                "duration_s": dur, "queries": [classes[i] for i in q],
+                "detections": [[(on, off) for on, off, lab in dets if lab == classes[i]] for i in q],
+                "ground_truth": [[(on, off) for on, off, lab in events if lab == classes[i]] for i in q],
+                "threshold": [float(t) for t in pp.values("threshold", [classes[i] for i in q])],
+                "title": f"{fname}: SED scores ({fns.name})",
+            })  # fmt: skip
+    if not raw_df:
+        raise FinelapError(f"no audio could be scored: all {len(clips)} files were skipped (e.g. {skipped[0] if skipped else None})")
+    if n_ignored:
+        log(f"SED: ignored {n_ignored} event(s) whose label is not one of the {len(classes)} classes")
+    # sed_scores_eval cannot evaluate a class with no reference event: score those, but leave
+    # them out of the metrics (and say so) rather than failing the whole evaluation.
+    present = {lab for evs in gt.values() for _, _, lab in evs}
+    eval_classes = [c for c in classes if c in present]
+    missing = [c for c in classes if c not in present]
+    if not eval_classes:
+        raise FinelapError(f"none of the classes {classes[:10]} has a ground-truth event in the {len(raw_df)} scored files")
+    if missing:
+        log(f"SED: class(es) {missing[:10]} have no ground-truth event in the scored files; left out of the metrics")
+    cols = ["onset", "offset", *eval_classes]
+    raw_e = {k: df[cols] for k, df in raw_df.items()} if missing else raw_df
+    act_e = {k: df[cols] for k, df in act_df.items()} if missing else act_df
+
+    p1 = M.psds1(raw_e, gt, durations)
+    p2 = M.psds2(raw_e, gt, durations)
+    ef = M.collar_f1(act_e, gt, threshold=0.5)
+    sf = M.segment_f1(act_e, gt, durations, threshold=0.5, segment_length=1.0)
+    try:
+        au = M.sed_frame_auroc(raw_e, gt)
+    except ValueError as e:  # every class covers all or none of the frames
+        log(f"SED: frame AUROC undefined ({e})")
+        au = {"frame_AUROC_macro": None, "frame_AUROC_per_class": {c: None for c in eval_classes}}
+    n_events = Counter(lab for evs in gt.values() for _, _, lab in evs)
+    result = _base_result("sed", fns, template, pp)
+    result.update({
+        "PSDS1": p1.value,
+        "PSDS2": p2.value,
+        "event_F1": ef["event_F1_macro"],
+        "segment_F1": sf["segment_F1_macro"],
+        "frame_AUROC": au["frame_AUROC_macro"],
+        "event_F1_micro": ef["event_F1_micro"],
+        "event_precision_macro": ef["event_precision_macro"],
+        "event_recall_macro": ef["event_recall_macro"],
+        "segment_F1_micro": sf["segment_F1_micro"],
+        "segment_precision_macro": sf["segment_precision_macro"],
+        "segment_recall_macro": sf["segment_recall_macro"],
+        "psds_params": {"PSDS1": dict(p1.params), "PSDS2": dict(p2.params)},
+        "per_class": {
+            c: {
+                "PSDS1": p1.per_class.get(c),
+                "PSDS2": p2.per_class.get(c),
+                "event_F1": ef["event_per_class"][c]["F1"],
+                "segment_F1": sf["segment_per_class"][c]["F1"],
+                "frame_AUROC": au["frame_AUROC_per_class"].get(c),
+                "n_events": int(n_events[c]),
+            }
+            for c in eval_classes
+        },
+        "n_items": len(raw_df),
+        "n_events": int(sum(n_events.values())),
+        "classes": list(classes),
+        "classes_without_events": missing,
+        "detections": detections,
+        "skipped": skipped,
+        "artifacts": {
+            "psd_roc": {f"PSDS1 = {p1.value:.3f}": (p1.efpr, p1.etpr), f"PSDS2 = {p2.value:.3f}": (p2.efpr, p2.etpr)},
+            "scores": raw_df,
+            "examples": examples,
+        },
+    })  # fmt: skip
+    return result
+
+
+# ============================================================================ grounding
+
+
+def evaluate_grounding(
+    fns: Evaluatable,
+    items: Sequence[GroundingItem],
+    postprocess: PostProcess | None = None,
+    template: str | None = None,
+    n_examples: int = 3,
+) -> dict[str, Any]:
+    """Text-to-audio grounding (AudioGrounding protocol): each phrase is its own query on its
+    item's audio. Phrases are used verbatim unless `template` is given.
+
+    Returns ``grounding_PSDS`` (dtc = gtc = 0.5; raw scores), ``grounding_event_F1`` (collar
+    200 ms, on post-processed detections), ``grounding_event_precision``/``_recall``,
+    ``grounding_frame_AUROC`` (raw scores), ``n_items`` (items scored), ``n_queries``,
+    ``detections`` [{filename, onset, offset, phrase, item}], ``skipped``.
+    """
+    fns.require("frame_scores", task="grounding")
+    pp = postprocess or PostProcess()
+    if template is not None:
+        _fill(template, "x")
+    result = _base_result("grounding", fns, template or "{}", pp)
+    skipped: list[dict[str, str]] = []
+    raw: dict[str, Any] = {}
+    act: dict[str, Any] = {}
+    gt: dict[str, list[tuple[float, float]]] = {}
+    durations: dict[str, float] = {}
+    detections: list[dict[str, Any]] = []
+    examples: list[dict[str, Any]] = []
+    n_scored = 0
+    usable = [(i, it) for i, it in enumerate(items) if it.phrases]
+    if not usable:
+        raise FinelapError(f"grounding needs items with phrases; none of the {len(items)} items has one")
+    for i, it in progress(usable, total=len(usable), desc="grounding: frame scores"):
+        phrases = [p.phrase for p in it.phrases]
+        queries = [_fill(template, p) for p in phrases] if template else phrases
+        try:
+            s, tl, dur_fs = _frame_scores(fns.frame_scores, it.audio, queries)
+        except _SKIPPABLE as e:
+            _skip(skipped, it.audio, e)
+            continue
+        n_scored += 1
+        dur = float(it.duration) if it.duration else dur_fs
+        smooth = pp.smooth(s, tl, phrases)
+        # one phrase at a time: an item may hold the same phrase twice (different token spans)
+        dets = [pp.detect(smooth[:, j : j + 1], tl, [p], dur, already_smoothed=True) for j, p in enumerate(phrases)]
+        fname = os.path.basename(str(it.audio))
+        for j, ph in enumerate(it.phrases):
+            qid = f"{i}/{j}"
+            df = M.scores_to_dataframe((smooth if pp.filter_psds_scores else s)[:, j : j + 1], tl, ["query"], dur)
+            raw[qid] = df
+            mine = [(on, off, "query") for on, off, _ in dets[j]]
+            act[qid] = _activity_frame(mine, df, ["query"])
+            gt[qid] = [(float(on), float(off)) for on, off in ph.segments]
+            durations[qid] = dur
+            detections.extend({"filename": fname, "onset": round(on, 6), "offset": round(off, 6), "phrase": ph.phrase, "item": i}
+                              for on, off, _ in mine)  # fmt: skip
+        if len(examples) < n_examples and any(p.segments for p in it.phrases):
+            examples.append({
+                "audio": str(it.audio), "key": str(i), "scores": smooth.astype(np.float32), "timeline": tl,
+                "duration_s": dur, "queries": phrases,
+                "detections": [[(on, off) for on, off, _ in d] for d in dets],
+                "ground_truth": [list(p.segments) for p in it.phrases],
+                "threshold": [float(t) for t in pp.values("threshold", phrases)],
+                "title": f"{fname}: \"{_clip_text(it.caption)}\" ({fns.name})",
+            })  # fmt: skip
+    if not raw:
+        raise FinelapError(f"no audio could be scored: all {len(usable)} items were skipped (e.g. {skipped[0] if skipped else None})")
+    if not any(gt.values()):
+        raise FinelapError("no phrase of the scored items has a ground-truth segment; grounding PSDS is undefined")
+    m = M.grounding_metrics(raw, gt, durations)
+    f = M.grounding_metrics(act, gt, durations, threshold=0.5)
+    result.update({
+        "grounding_PSDS": m["grounding_PSDS"],
+        "grounding_event_F1": f["grounding_event_F1"],
+        "grounding_frame_AUROC": m["grounding_frame_AUROC"],
+        "grounding_event_precision": f["grounding_event_precision"],
+        "grounding_event_recall": f["grounding_event_recall"],
+        "psds_params": dict(M.GROUNDING_PSDS_PARAMS),
+        "n_items": n_scored,
+        "n_queries": len(raw),
+        "n_queries_without_segments": sum(1 for v in gt.values() if not v),
+        "detections": detections,
+        "skipped": skipped,
+        "artifacts": {
+            "psd_roc": {f"grounding PSDS = {m['grounding_PSDS']:.3f}": (m["grounding_PSD_ROC"]["efpr"], m["grounding_PSD_ROC"]["etpr"])},
+            "examples": examples,
+        },
+    })  # fmt: skip
+    return result
+
+
+def _clip_text(s: str, n: int = 60) -> str:
+    return s if len(s) <= n else s[: n - 1] + "…"
+
+
+#: name -> evaluator, for the CLI (`finelap eval {retrieval,zeroshot,sed,grounding}`).
+TASKS: dict[str, Callable[..., dict[str, Any]]] = {
+    "retrieval": evaluate_retrieval,
+    "zeroshot": evaluate_zeroshot,
+    "sed": evaluate_sed,
+    "grounding": evaluate_grounding,
+}

@@ -1,0 +1,474 @@
+"""Evaluators (finelap.eval.tasks) driven by FAKE model functions whose right answers are known:
+oracle embedders/frame scorers must score perfectly, deliberately wrong ones must score exactly
+as badly as hand-counted, post-processing is in seconds (frame-rate independent), and unreadable
+files are skipped and reported."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from finelap.audio import Timeline, audio_duration
+from finelap.data.manifests import GroundingItem, GroundingPhrase, read_esc50_csv
+from finelap.data.types import Clip, Event
+from finelap.errors import FinelapError
+from finelap.eval import metrics as M
+from finelap.eval.tasks import (
+    TASKS,
+    Evaluatable,
+    FrameScores,
+    PostProcess,
+    evaluate_grounding,
+    evaluate_retrieval,
+    evaluate_sed,
+    evaluate_zeroshot,
+    make_prompt,
+)
+
+TEMPLATE = "the sound of {}"
+
+
+def _wav(path, seconds: float = 0.2, sr: int = 8000) -> str:
+    sf.write(str(path), (0.01 * np.random.default_rng(0).standard_normal(int(seconds * sr))).astype(np.float32), sr)
+    return str(path)
+
+
+def _onehot(i: int, d: int) -> np.ndarray:
+    v = np.zeros(d, dtype=np.float32)
+    v[i] = 1.0
+    return v
+
+
+# ============================================================================ zero-shot
+
+
+def _zs_setup(tmp_path, n_classes=8, per_class=2):
+    labels = [f"class_{k}" for k in range(n_classes)]
+    clips = []
+    for k, lab in enumerate(labels):
+        for j in range(per_class):
+            clips.append(Clip(audio=_wav(tmp_path / f"{lab}_{j}.wav"), labels=[lab]))
+    return labels, clips
+
+
+def _zs_fns(labels, label_of, template=TEMPLATE, calls=None):
+    """Audio -> one-hot of label_of(path); prompt -> one-hot of its label. Reading the header makes
+    missing/corrupt files raise AudioError as a real model's loader would."""
+    d = len(labels)
+    prompt_to_label = {make_prompt(template, l): l for l in labels}
+
+    def embed_audio(paths):
+        if calls is not None:
+            calls.append(len(paths))
+        for p in paths:
+            audio_duration(p)
+        return np.stack([_onehot(labels.index(label_of(p)), d) for p in paths])
+
+    def embed_text(texts):
+        return np.stack([_onehot(labels.index(prompt_to_label[t]), d) for t in texts])
+
+    return Evaluatable(embed_audio=embed_audio, embed_text=embed_text, prompt_template=template, name="oracle")
+
+
+def test_zeroshot_oracle_is_perfect(tmp_path):
+    labels, clips = _zs_setup(tmp_path)
+    truth = {c.audio: c.labels[0] for c in clips}
+    r = evaluate_zeroshot(_zs_fns(labels, truth.__getitem__), clips)
+    assert r["task"] == "zeroshot" and r["n_items"] == 16 and r["labels"] == labels
+    assert r["top1_accuracy"] == 1.0 and r["top5_accuracy"] == 1.0 and r["mAP"] == 1.0
+    assert r["prompt_template"] == TEMPLATE and r["skipped"] == []
+    assert np.array_equal(np.array(r["confusion_matrix"]), 2 * np.eye(8, dtype=int))
+    assert r["per_class_AP"] == {l: 1.0 for l in labels}
+
+
+def test_zeroshot_wrong_and_half_wrong_embedders(tmp_path):
+    labels, clips = _zs_setup(tmp_path)
+    truth = {c.audio: c.labels[0] for c in clips}
+    shift = lambda p: labels[(labels.index(truth[p]) + 1) % len(labels)]  # noqa: E731
+    r = evaluate_zeroshot(_zs_fns(labels, shift), clips)
+    # every clip looks like the next class: its true class ties with 6 others at 0 (pessimistic
+    # rank 8 of 8), so not even top-5
+    assert r["top1_accuracy"] == 0.0 and r["top5_accuracy"] == 0.0
+    cm = np.array(r["confusion_matrix"])
+    assert all(cm[k, (k + 1) % 8] == 2 for k in range(8)) and cm.sum() == 16
+    # clips "_0" right, clips "_1" wrong: exactly half
+    half = lambda p: truth[p] if p.endswith("_0.wav") else shift(p)  # noqa: E731
+    r = evaluate_zeroshot(_zs_fns(labels, half), clips)
+    assert r["top1_accuracy"] == 0.5
+
+
+def test_zeroshot_prompts_use_template_and_underscores(tmp_path):
+    seen = []
+    labels, clips = _zs_setup(tmp_path, n_classes=3, per_class=1)
+    fns = _zs_fns(labels, {c.audio: c.labels[0] for c in clips}.__getitem__, template="a recording of {}.")
+    inner = fns.embed_text
+    fns.embed_text = lambda texts: (seen.extend(texts), inner(texts))[1]
+    r = evaluate_zeroshot(fns, clips, template="a recording of {}.")
+    assert seen == ["a recording of class 0.", "a recording of class 1.", "a recording of class 2."]
+    assert r["prompt_template"] == "a recording of {}."
+    with pytest.raises(FinelapError, match="exactly once"):
+        evaluate_zeroshot(fns, clips, template="no placeholder")
+
+
+def test_zeroshot_skips_missing_and_corrupt_files(tmp_path):
+    labels, clips = _zs_setup(tmp_path, n_classes=4, per_class=2)
+    truth = {c.audio: c.labels[0] for c in clips}
+    missing = str(tmp_path / "gone.wav")
+    corrupt = tmp_path / "corrupt.wav"
+    corrupt.write_bytes(b"RIFF-not-really-a-wave" * 10)
+    truth[missing] = truth[str(corrupt)] = "class_0"
+    bad = [Clip(audio=missing, labels=["class_0"]), Clip(audio=str(corrupt), labels=["class_0"])]
+    calls: list[int] = []
+    fns = _zs_fns(labels, truth.__getitem__, calls=calls)
+    r = evaluate_zeroshot(fns, clips[:3] + bad + clips[3:], batch_size=4)
+    assert [s["path"] for s in r["skipped"]] == [missing, str(corrupt)]
+    assert r["skipped"][0]["error"] == "file not found"
+    assert "corrupt" in r["skipped"][1]["error"]
+    assert r["n_items"] == 8 and r["top1_accuracy"] == 1.0  # the good files are all still scored
+    assert calls[0] == 4 and 1 in calls  # failing batch was retried file by file
+
+
+def test_zeroshot_all_files_bad_is_a_clear_error(tmp_path):
+    labels = ["a", "b"]
+    clips = [Clip(audio=str(tmp_path / "x.wav"), labels=["a"])]
+    with pytest.raises(FinelapError, match="all 1 files were skipped"):
+        evaluate_zeroshot(_zs_fns(labels, lambda p: "a"), clips)
+
+
+def test_zeroshot_label_errors(tmp_path):
+    labels, clips = _zs_setup(tmp_path, n_classes=2, per_class=1)
+    fns = _zs_fns(labels, {c.audio: c.labels[0] for c in clips}.__getitem__)
+    with pytest.raises(FinelapError, match="label list is empty"):
+        evaluate_zeroshot(fns, clips, labels=[])
+    with pytest.raises(FinelapError, match="no label list was given"):
+        evaluate_zeroshot(fns, [Clip(audio=c.audio) for c in clips])
+    with pytest.raises(FinelapError, match=r"not in the label list"):
+        evaluate_zeroshot(fns, clips, labels=["class_0"])
+    with pytest.raises(FinelapError, match="more than once"):
+        evaluate_zeroshot(fns, clips, labels=["class_0", "class_1", "class_0"])
+    with pytest.raises(FinelapError, match="needs embed_audio"):
+        evaluate_zeroshot(Evaluatable(embed_text=fns.embed_text), clips)
+
+
+def test_zeroshot_multilabel_reports_map_only(tmp_path):
+    labels = ["a", "b", "c"]
+    clips = [Clip(audio=_wav(tmp_path / f"{i}.wav"), labels=ls) for i, ls in enumerate([["a", "b"], ["c"], ["b"]])]
+    emb = {clips[0].audio: [1, 1, 0], clips[1].audio: [0, 0, 1], clips[2].audio: [0, 1, 0]}
+
+    fns = Evaluatable(
+        embed_audio=lambda ps: np.array([emb[p] for p in ps], dtype=np.float32),
+        embed_text=lambda ts: np.eye(3, dtype=np.float32)[[labels.index(t.split()[-1]) for t in ts]],
+    )
+    r = evaluate_zeroshot(fns, clips)
+    assert r["multi_label"] is True and r["mAP"] == 1.0 and "top1_accuracy" not in r
+
+
+def test_zeroshot_calibrated_examples(tmp_path):
+    labels, clips = _zs_setup(tmp_path, n_classes=3, per_class=1)
+    fns = _zs_fns(labels, {c.audio: c.labels[0] for c in clips}.__getitem__)
+    fns.clip_scale_bias = (10.0, -5.0)
+    r = evaluate_zeroshot(fns, clips, n_examples=2)
+    top = r["examples"][0]["top3"][0]
+    assert top["label"] == "class_0" and top["probability"] == pytest.approx(1 / (1 + np.exp(-5.0)), abs=1e-4)
+    assert len(r["examples"]) == 2
+
+
+def test_zeroshot_on_real_esc50(esc50_dir):
+    clips = read_esc50_csv(esc50_dir / "meta" / "esc50.csv")[:40]
+    labels = sorted({c.labels[0] for c in clips})
+    truth = {c.audio: c.labels[0] for c in clips}
+    r = evaluate_zeroshot(_zs_fns(labels, truth.__getitem__), clips)
+    assert r["n_items"] == 40 and r["top1_accuracy"] == 1.0 and r["labels"] == labels
+
+
+# ============================================================================ retrieval
+
+
+def _retrieval_setup(tmp_path, n=6):
+    clips = [Clip(audio=_wav(tmp_path / f"r{i}.wav"), captions=[f"caption {i} a", f"caption {i} b"]) for i in range(n)]
+    return clips
+
+
+def _retrieval_fns(clips, owner_of_caption):
+    """Audio i -> one-hot e_i; a caption -> e_owner, or owner None -> e_n, a direction no clip has."""
+    n = len(clips)
+    index = {c.audio: i for i, c in enumerate(clips)}
+
+    def embed_audio(paths):
+        for p in paths:
+            audio_duration(p)
+        return np.stack([_onehot(index[p], n + 1) for p in paths])
+
+    def embed_text(texts):
+        return np.stack([_onehot(n if owner_of_caption(t) is None else owner_of_caption(t), n + 1) for t in texts])
+
+    return Evaluatable(embed_audio=embed_audio, embed_text=embed_text)
+
+
+def test_retrieval_oracle_and_multicaption_protocol(tmp_path):
+    clips = _retrieval_setup(tmp_path)
+    own = lambda t: int(t.split()[1])  # noqa: E731
+    r = evaluate_retrieval(_retrieval_fns(clips, own), clips)
+    assert r["task"] == "retrieval" and r["n_items"] == 6 and r["n_captions"] == 12
+    for k in (1, 5, 10):
+        assert r[f"text_to_audio_R@{k}"] == 1.0 and r[f"audio_to_text_R@{k}"] == 1.0
+    assert r["mAP@10"] == 1.0
+    # the "b" captions match nothing (every clip scores 0: pessimistic rank 6 of 6), the "a"
+    # captions are perfect: t2a averages over captions (R@1 = 0.5), a2t counts a hit on ANY
+    # caption of the clip (R@1 = 1)
+    half = lambda t: own(t) if t.endswith("a") else None  # noqa: E731
+    r = evaluate_retrieval(_retrieval_fns(clips, half), clips)
+    assert r["text_to_audio_R@1"] == 0.5 and r["audio_to_text_R@1"] == 1.0
+    assert r["text_to_audio_R@5"] == 0.5 and r["text_to_audio_R@10"] == 1.0
+    assert r["mAP@10"] == pytest.approx(0.5 * 1 + 0.5 * (1 / 6))
+    # "b" captions point at the next clip: clip i now ties its own "a" caption with caption
+    # (i-1) "b", and ties count against it (pessimistic): a2t rank 2
+    shifted = lambda t: own(t) if t.endswith("a") else (own(t) + 1) % 6  # noqa: E731
+    r = evaluate_retrieval(_retrieval_fns(clips, shifted), clips)
+    assert r["audio_to_text_R@1"] == 0.0 and r["audio_to_text_R@5"] == 1.0 and r["text_to_audio_R@1"] == 0.5
+
+
+def test_retrieval_template_is_applied_to_captions_verbatim(tmp_path):
+    clips = [Clip(audio=_wav(tmp_path / "t.wav"), captions=["a snake_case caption"])]
+    seen: list[str] = []
+    fns = _retrieval_fns(clips, lambda t: 0)
+    inner = fns.embed_text
+    fns.embed_text = lambda ts: (seen.extend(ts), inner(ts))[1]
+    r = evaluate_retrieval(fns, clips, template="audio of {}")
+    assert seen == ["audio of a snake_case caption"] and r["prompt_template"] == "audio of {}"
+    assert evaluate_retrieval(fns, clips)["prompt_template"] == "{}" and seen[-1] == "a snake_case caption"
+
+
+def test_retrieval_skips_missing_audio_and_its_captions(tmp_path):
+    clips = _retrieval_setup(tmp_path, 4)
+    gone = Clip(audio=str(tmp_path / "gone.wav"), captions=["caption 9 a"])
+    r = evaluate_retrieval(_retrieval_fns(clips + [gone], lambda t: int(t.split()[1])), clips[:2] + [gone] + clips[2:])
+    assert r["n_items"] == 4 and r["n_captions"] == 8 and r["text_to_audio_R@1"] == 1.0
+    assert r["skipped"] == [{"path": gone.audio, "error": "file not found"}]
+
+
+def test_retrieval_needs_captions(tmp_path):
+    clips = [Clip(audio=_wav(tmp_path / "a.wav"))]
+    with pytest.raises(FinelapError, match="captions"):
+        evaluate_retrieval(_retrieval_fns(clips, lambda t: 0), clips)
+
+
+def test_retrieval_rejects_bad_embedding_shape(tmp_path):
+    clips = _retrieval_setup(tmp_path, 2)
+    fns = Evaluatable(embed_audio=lambda ps: np.ones((len(ps) + 1, 3)), embed_text=lambda ts: np.ones((len(ts), 3)))
+    with pytest.raises(FinelapError, match=r"shape \(2, D\)"):
+        evaluate_retrieval(fns, clips)
+
+
+# ============================================================================ post-processing in seconds
+
+
+def _step_signal(rate: float, duration: float = 4.0) -> tuple[np.ndarray, Timeline]:
+    """0 until 2.0 s then 1, plus a 0.1 s spike at 1.0 s; sampled on a `rate` Hz frame grid."""
+    tl = Timeline(rate)
+    t = tl.frame_start(np.arange(tl.num_frames(duration)))
+    s = ((t >= 2.0 - 1e-9) | ((t >= 1.0 - 1e-9) & (t < 1.1 - 1e-9))).astype(np.float64)
+    return s[:, None], tl
+
+
+@pytest.mark.parametrize("rate", [10.0, 50.0])
+def test_median_filter_in_seconds_is_rate_independent(rate):
+    s, tl = _step_signal(rate)
+    assert PostProcess().detect(s, tl, ["a"], 4.0) == [(1.0, pytest.approx(1.1), "a"), (2.0, 4.0, "a")]
+    # 0.5 s window = 5 frames at 10 Hz, 25 at 50 Hz: the 0.1 s spike goes, the step stays
+    assert PostProcess(median_filter_s=0.5).detect(s, tl, ["a"], 4.0) == [(2.0, 4.0, "a")]
+
+
+def test_min_duration_and_merge_gap_seconds():
+    tl = Timeline(20.0)
+    s = np.zeros((80, 1))
+    s[6:12] = 0.9  # 0.3-0.6 s (0.3 s long, 0.4 s before the next)
+    s[20:40] = 0.9  # 1.0-2.0 s
+    s[44:60] = 0.9  # 2.2-3.0 s, 0.2 s after the previous one
+    det = lambda **kw: [(round(a, 6), round(b, 6)) for a, b, _ in PostProcess(**kw).detect(s, tl, ["x"], 4.0)]  # noqa: E731
+    assert det() == [(0.3, 0.6), (1.0, 2.0), (2.2, 3.0)]
+    assert det(min_duration_s=0.5) == [(1.0, 2.0), (2.2, 3.0)]
+    assert det(merge_gap_s=0.3) == [(0.3, 0.6), (1.0, 3.0)]
+    assert det(merge_gap_s=0.1) == [(0.3, 0.6), (1.0, 2.0), (2.2, 3.0)]
+    assert det(threshold=0.95) == []
+
+
+def test_postprocess_per_class_values_and_validation():
+    pp = PostProcess(threshold={"dog": 0.3, "*": 0.6}, median_filter_s={"dog": 0.2, "siren": 0.0})
+    assert pp.values("threshold", ["dog", "cat"]).tolist() == [0.3, 0.6]
+    with pytest.raises(FinelapError, match="no value for class"):
+        pp.values("median_filter_s", ["cat"])
+    with pytest.raises(FinelapError, match=r"in \[0, 1\]"):
+        PostProcess(threshold=1.5)
+    with pytest.raises(FinelapError, match=">= 0"):
+        PostProcess(min_duration_s=-1)
+    with pytest.raises(FinelapError, match="unknown postprocess"):
+        PostProcess.from_dict({"median_s": 1})
+    assert PostProcess.from_dict(pp.to_dict()) == pp
+
+
+# ============================================================================ SED
+
+SED_EVENTS = {
+    "f0": [Event("dog", 0.5, 1.5), Event("siren", 2.0, 3.5)],
+    "f1": [Event("siren", 0.0, 1.0), Event("dog", 1.5, 2.0), Event("dog", 3.0, 4.0)],
+    "f2": [],  # a negative file
+}
+
+
+def _sed_clips(tmp_path):
+    return [Clip(audio=_wav(tmp_path / f"{k}.wav"), events=list(ev), duration=4.0) for k, ev in SED_EVENTS.items()]
+
+
+def _oracle_frame_scores(clips, rate=10.0, shift_s=0.0, hole=None, template=TEMPLATE):
+    """Scores = 1 inside the true events (optionally shifted, or with a hole (t0, t1)), else 0."""
+    events = {c.audio: c.events for c in clips}
+
+    def frame_scores(path, texts):
+        audio_duration(path)
+        labels = [t[len("the sound of "):] if template == TEMPLATE else t for t in texts]
+        tl = Timeline(rate)
+        n = tl.num_frames(4.0)
+        evs = [(e.label, min(4.0, e.onset + shift_s), min(4.0, e.offset + shift_s)) for e in events[path]]
+        y = tl.rasterize(evs, labels, n)
+        if hole is not None:
+            t = tl.frame_start(np.arange(n))
+            y[(t >= hole[0] - 1e-9) & (t < hole[1] - 1e-9)] = 0.0
+        return FrameScores(scores=y, timeline=tl, duration_s=4.0)
+
+    return Evaluatable(frame_scores=frame_scores, name="oracle")
+
+
+@pytest.mark.parametrize("rate", [10.0, 16.0])
+def test_sed_oracle_scores_perfectly(tmp_path, rate):
+    clips = _sed_clips(tmp_path)
+    r = evaluate_sed(_oracle_frame_scores(clips, rate), clips)
+    assert r["task"] == "sed" and r["classes"] == ["dog", "siren"] and r["n_items"] == 3 and r["n_events"] == 5
+    assert r["PSDS1"] > 0.99 and r["PSDS2"] > 0.99
+    assert r["event_F1"] == 1.0 and r["segment_F1"] == 1.0 and r["frame_AUROC"] == 1.0
+    assert r["per_class"]["dog"]["n_events"] == 3 and r["per_class"]["siren"]["event_F1"] == 1.0
+    rows = sorted((d["filename"], d["onset"], d["offset"], d["event_label"]) for d in r["detections"])
+    want = sorted((f"{k}.wav", e.onset, e.offset, e.label) for k, evs in SED_EVENTS.items() for e in evs)
+    assert rows == want
+    assert set(r["artifacts"]["scores"]) == {"f0", "f1", "f2"}
+    assert r["postprocess"] == PostProcess().to_dict() and r["prompt_template"] == TEMPLATE
+
+
+def test_sed_matches_direct_metric_calls(tmp_path):
+    """The evaluator's PSDS equals metrics.psds1 on DataFrames built by hand from the same scores."""
+    clips = _sed_clips(tmp_path)
+    fns = _oracle_frame_scores(clips, 10.0, shift_s=0.3)
+    r = evaluate_sed(fns, clips)
+    dfs, gt = {}, {}
+    for c in clips:
+        fs = fns.frame_scores(c.audio, [make_prompt(TEMPLATE, "dog"), make_prompt(TEMPLATE, "siren")])
+        dfs[c.key] = M.scores_to_dataframe(fs.scores, fs.timeline, ["dog", "siren"], 4.0)
+        gt[c.key] = [(e.onset, e.offset, e.label) for e in c.events]
+    dur = {k: 4.0 for k in dfs}
+    assert r["PSDS1"] == M.psds1(dfs, gt, dur).value
+    assert r["PSDS2"] == M.psds2(dfs, gt, dur).value
+    assert r["event_F1"] == M.collar_f1(dfs, gt, 0.5)["event_F1_macro"]
+    assert r["segment_F1"] == M.segment_f1(dfs, gt, dur, 0.5)["segment_F1_macro"]
+
+
+def test_sed_shifted_scores_score_worse(tmp_path):
+    clips = _sed_clips(tmp_path)
+    good = evaluate_sed(_oracle_frame_scores(clips), clips)
+    bad = evaluate_sed(_oracle_frame_scores(clips, shift_s=1.0), clips)
+    assert bad["event_F1"] < 0.5 < good["event_F1"] and bad["PSDS1"] < good["PSDS1"]
+
+
+def test_sed_merge_gap_changes_f1_but_not_psds(tmp_path):
+    clips = _sed_clips(tmp_path)
+    fns = _oracle_frame_scores(clips, 10.0, hole=(2.6, 2.8))  # a 0.2 s dropout inside f0's siren
+    split = evaluate_sed(fns, clips)
+    merged = evaluate_sed(fns, clips, postprocess=PostProcess(merge_gap_s=0.3))
+    assert split["per_class"]["siren"]["event_F1"] < 1.0 and merged["per_class"]["siren"]["event_F1"] == 1.0
+    assert merged["PSDS1"] == split["PSDS1"]  # PSDS is threshold-free, on the raw scores
+    sirens = [(d["onset"], d["offset"]) for d in merged["detections"] if d["filename"] == "f0.wav" and d["event_label"] == "siren"]
+    assert sirens == [(2.0, 3.5)]
+
+
+def test_sed_skips_missing_file_and_reports_it(tmp_path):
+    clips = _sed_clips(tmp_path)
+    gone = Clip(audio=str(tmp_path / "gone.wav"), events=[Event("dog", 0.0, 1.0)], duration=4.0)
+    r = evaluate_sed(_oracle_frame_scores(clips + [gone]), clips + [gone])
+    assert r["skipped"] == [{"path": gone.audio, "error": "file not found"}]
+    assert r["n_items"] == 3 and r["event_F1"] == 1.0
+
+
+def test_sed_class_errors_and_classes_without_events(tmp_path):
+    clips = _sed_clips(tmp_path)
+    fns = _oracle_frame_scores(clips)
+    with pytest.raises(FinelapError, match="class list is empty"):
+        evaluate_sed(fns, clips, classes=[])
+    with pytest.raises(FinelapError, match="no event classes"):
+        evaluate_sed(fns, [Clip(audio=c.audio, duration=4.0) for c in clips])
+    r = evaluate_sed(fns, clips, classes=["dog", "siren", "cat"])
+    assert r["classes_without_events"] == ["cat"] and set(r["per_class"]) == {"dog", "siren"}
+    assert r["event_F1"] == 1.0
+    with pytest.raises(FinelapError, match="needs frame_scores"):
+        evaluate_sed(Evaluatable(), clips)
+
+
+def test_sed_rejects_logits_instead_of_probabilities(tmp_path):
+    clips = _sed_clips(tmp_path)
+    fns = Evaluatable(frame_scores=lambda p, t: FrameScores(np.full((40, len(t)), 3.0), Timeline(10.0), 4.0))
+    with pytest.raises(FinelapError, match="probabilities"):
+        evaluate_sed(fns, clips)
+
+
+# ============================================================================ grounding
+
+
+def _grounding_setup(tmp_path):
+    items = [
+        GroundingItem(audio=_wav(tmp_path / "g0.wav"), caption="a dog barks then a car passes", duration=4.0,
+                      phrases=[GroundingPhrase("a dog barks", [(0.5, 1.5), (2.5, 3.0)]), GroundingPhrase("a car passes", [(1.0, 3.5)])]),
+        GroundingItem(audio=_wav(tmp_path / "g1.wav"), caption="birds sing, nobody speaks", duration=4.0,
+                      phrases=[GroundingPhrase("birds sing", [(0.0, 4.0)]), GroundingPhrase("nobody speaks", [])]),
+    ]  # fmt: skip
+    return items
+
+
+def _grounding_fns(items, rate=10.0):
+    segs = {(it.audio, p.phrase): p.segments for it in items for p in it.phrases}
+
+    def frame_scores(path, texts):
+        audio_duration(path)
+        tl = Timeline(rate)
+        n = tl.num_frames(4.0)
+        cols = [tl.rasterize([("q", on, off) for on, off in segs[(path, t)]], ["q"], n)[:, 0] for t in texts]
+        return FrameScores(np.stack(cols, axis=1), tl, 4.0)
+
+    return Evaluatable(frame_scores=frame_scores, name="oracle")
+
+
+def test_grounding_oracle_and_skip(tmp_path):
+    items = _grounding_setup(tmp_path)
+    gone = GroundingItem(audio=str(tmp_path / "gone.wav"), caption="x", phrases=[GroundingPhrase("x", [(0.0, 1.0)])])
+    r = evaluate_grounding(_grounding_fns(items + []), items[:1] + [gone] + items[1:])
+    assert r["task"] == "grounding" and r["n_items"] == 2 and r["n_queries"] == 4 and r["n_queries_without_segments"] == 1
+    assert r["grounding_PSDS"] > 0.99 and r["grounding_event_F1"] == 1.0 and r["grounding_frame_AUROC"] == 1.0
+    assert r["skipped"] == [{"path": gone.audio, "error": "file not found"}]
+    dog = [(d["onset"], d["offset"]) for d in r["detections"] if d["phrase"] == "a dog barks"]
+    assert dog == [(0.5, 1.5), (2.5, 3.0)]
+    assert r["prompt_template"] == "{}"  # phrases are queried verbatim
+
+
+def test_grounding_wrong_scores_score_worse(tmp_path):
+    items = _grounding_setup(tmp_path)
+    fns = _grounding_fns(items)
+    inner = fns.frame_scores
+    fns.frame_scores = lambda p, t: FrameScores(1.0 - inner(p, t).scores, Timeline(10.0), 4.0)  # inverted
+    r = evaluate_grounding(fns, items)
+    assert r["grounding_frame_AUROC"] == 0.0 and r["grounding_event_F1"] < 0.5 and r["grounding_PSDS"] < 0.5
+
+
+def test_grounding_needs_phrases(tmp_path):
+    with pytest.raises(FinelapError, match="phrases"):
+        evaluate_grounding(_grounding_fns([]), [GroundingItem(audio="x.wav", caption="c")])
+
+
+def test_task_table_names():
+    assert set(TASKS) == {"retrieval", "zeroshot", "sed", "grounding"}
