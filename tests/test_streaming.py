@@ -74,3 +74,19 @@ def test_short_audio_and_file_reader(tmp_path):
     full = _stitch(stream_frames(enc, array_reader(whole), len(whole), tl, window_s=3.0, margin_s=0.5))
     win = _stitch(stream_frames(enc, read, n, tl, window_s=3.0, margin_s=0.5))
     torch.testing.assert_close(win[: len(full)], full[: len(win)], atol=2e-3, rtol=1e-3)
+
+
+def test_cnn_encoder_layer_norm_streams_seamlessly():
+    """The default CNN (norm="layer", fixed input norm) is local in time: windowed = one pass."""
+    from finelap.models.audio_encoders import CNNEncoder
+
+    torch.manual_seed(0)
+    enc = CNNEncoder(dim=32, stem_channels=8, stages=[[8, 2, 2, 2, 1, 1], [16, 2, 2, 1, 2, 2]], norm="layer").eval()
+    rng = np.random.default_rng(2)
+    wave = (0.1 * rng.standard_normal(16000 * 13 + 5)).astype(np.float32)
+    fn = lambda w, l: enc(w, l).frames  # noqa: E731
+    with torch.inference_mode():
+        full = fn(torch.from_numpy(wave)[None], torch.tensor([len(wave)]))[0]
+    stitched = _stitch(stream_frames(fn, array_reader(wave), len(wave), enc.timeline, window_s=4.0, margin_s=1.0, batch_windows=3))
+    assert stitched.shape == full.shape
+    torch.testing.assert_close(stitched, full, atol=1e-4, rtol=1e-4)

@@ -14,6 +14,11 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("finelap.commands.synth", "mix labelled single-event clips into strong-label soundscapes"),
     "corpus": ("finelap.commands.corpus", "build the built-in default sound pool (fluidsynth + espeak-ng)"),
+    "train": ("finelap.commands.train", "train a model from a YAML config or preset, with dotted overrides"),
+    "embed": ("finelap.commands.embed", "embed audio files or folders (clip and optional frame embeddings)"),
+    "classify": ("finelap.commands.classify", "zero-shot classification of audio files against your labels"),
+    "detect": ("finelap.commands.detect", "sound event detection: when each label happens (DCASE TSV, plots)"),
+    "ground": ("finelap.commands.ground", "find where a phrase happens in an audio file"),
 }
 
 

@@ -436,6 +436,7 @@ class DataConfig:
     bucket_by_duration: bool = True
     num_buckets: int = 4  # duration quantile buckets when bucket_by_duration
     caption_template: str = "{}"  # captions synthesised from event labels, e.g. "the sound of {}"
+    cluster_threshold: float = 0.8  # average cosine similarity (text tower) at which label phrases merge into one cluster
     phrase_bank: str | None = None  # saved phrase clusters (JSON); None: built from the training labels
 
     def __post_init__(self) -> None:

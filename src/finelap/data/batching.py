@@ -14,6 +14,7 @@ import torch
 
 from ..audio import Timeline, load_audio
 from ..errors import AudioError
+from ..losses.clip import caption_ids
 from .phrases import PhraseClusters, _normalise
 from .types import Clip, Event
 
@@ -191,8 +192,8 @@ class Collate:
                         col = self.timeline.rasterize([(0, e.onset, e.offset)], [0], t)[:, 0]
                         targets[i, :, j] = torch.maximum(targets[i, :, j], torch.from_numpy(col))
         captions = [it["caption"] for it in items]
-        groups: dict[str, int] = {}
-        caption_group = torch.tensor([groups.setdefault(c, len(groups)) for c in captions], dtype=torch.long)
+        # a content hash, not a per-batch counter: ids must agree across ranks when losses gather them
+        caption_group = caption_ids(captions)
         return Batch(
             wave=wave,
             lengths=lengths,

@@ -1,0 +1,55 @@
+"""Build a model from a RunConfig, and load a self-describing checkpoint directory.
+
+The front-end parameters live once, in `RunConfig.audio`; our own encoders receive them as their
+`mel` option, so a checkpoint's preprocessing and its architecture cannot disagree.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from ..errors import CheckpointError
+from .model import FineLAPModel, ModelConfig
+
+_MEL_ENCODERS = ("cnn", "transformer")
+
+
+def model_config_for(run_cfg: Any) -> ModelConfig:
+    """The ModelConfig of a resolved RunConfig, with the audio front-end filled in from `audio`."""
+    mc = run_cfg.model if isinstance(run_cfg.model, ModelConfig) else ModelConfig.from_dict(dict(run_cfg.model))
+    if mc.audio_encoder in _MEL_ENCODERS and "mel" not in mc.audio:
+        mel = dataclasses.asdict(run_cfg.audio.mel_config())
+        mc = dataclasses.replace(mc, audio={**mc.audio, "mel": mel})
+    return mc
+
+
+def build_model(run_cfg: Any) -> FineLAPModel:
+    """A freshly initialised model for this run config."""
+    return FineLAPModel(model_config_for(run_cfg))
+
+
+def load_pretrained(path: str | Path, use_ema: bool = True, map_location: str = "cpu") -> tuple[FineLAPModel, Any, Any]:
+    """(model in eval mode, RunConfig, Checkpoint) from a checkpoint directory or a run directory
+    (follows its LATEST pointer). Uses the EMA weights when the checkpoint has them and
+    `use_ema`. Needs nothing but the directory."""
+    from ..config import resolve_run_config
+    from ..train.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(path, map_location=map_location, training_state=False, ema=use_ema)
+    try:
+        run_cfg = resolve_run_config(ckpt.config)
+    except Exception as e:
+        raise CheckpointError(f"{path}: config.json does not describe a valid finelap run ({e})") from None
+    model = FineLAPModel(model_config_for(run_cfg))
+    state = ckpt.ema_state if (use_ema and ckpt.ema_state) else ckpt.state_dict
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    # the frozen text tower may be stored or not; anything else missing is a real mismatch
+    missing = [k for k in missing if not k.startswith("text.model.")]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path}: weights do not match the architecture in config.json "
+            f"(missing: {missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected: {unexpected[:5]})"
+        )
+    model.eval()
+    return model, run_cfg, ckpt

