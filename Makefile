@@ -28,7 +28,15 @@ system-deps:
 
 demo: install system-deps
 	$(BIN)/finelap corpus --out $(DEMO_DIR)/pool
-	$(BIN)/finelap synth --pool $(DEMO_DIR)/pool/manifest.jsonl --out $(DEMO_DIR)/soundscapes --splits train=600,val=100,test=100 --seed 0
+	$(BIN)/finelap synth --pool $(DEMO_DIR)/pool/manifest.jsonl --out $(DEMO_DIR)/soundscapes --splits train=600,val=60,test=100 --seed 0
+	@if [ -f $(DEMO_DIR)/run/final/model.safetensors ]; then \
+	  echo "finelap demo: reusing the trained checkpoint $(DEMO_DIR)/run/final (make clean to retrain)"; \
+	else \
+	  $(BIN)/finelap train --config configs/demo.yaml train.out_dir=$(DEMO_DIR)/run \
+	    "data.train=[$(DEMO_DIR)/soundscapes/train/manifest.jsonl,$(DEMO_DIR)/pool/manifest.jsonl]" \
+	    "data.val=[$(DEMO_DIR)/soundscapes/val/manifest.jsonl]"; \
+	fi
+	@echo "finelap demo: checkpoint at $(DEMO_DIR)/run/final, training curves at $(DEMO_DIR)/run/training_curves.png"
 
 test: install
 	$(BIN)/python -m pytest tests

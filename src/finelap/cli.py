@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "classify": ("finelap.commands.classify", "zero-shot classification of audio files against your labels"),
     "detect": ("finelap.commands.detect", "sound event detection: when each label happens (DCASE TSV, plots)"),
     "ground": ("finelap.commands.ground", "find where a phrase happens in an audio file"),
+    "caption": ("finelap.commands.caption", "describe audio files in words (checkpoints with a caption decoder, preset slap)"),
 }
 
 

@@ -43,6 +43,9 @@ def load_pretrained(path: str | Path, use_ema: bool = True, map_location: str = 
         raise CheckpointError(f"{path}: config.json does not describe a valid finelap run ({e})") from None
     model = FineLAPModel(model_config_for(run_cfg))
     state = ckpt.ema_state if (use_ema and ckpt.ema_state) else ckpt.state_dict
+    from ..train.slap import attach_slap_modules  # SLAP's caption decoder / predictor, when trained
+
+    attach_slap_modules(model, run_cfg, state)
     missing, unexpected = model.load_state_dict(state, strict=False)
     # the frozen text tower may be stored or not; anything else missing is a real mismatch
     missing = [k for k in missing if not k.startswith("text.model.")]

@@ -34,6 +34,7 @@ from ..models.build import build_model
 from ..models.model import FineLAPModel, param_groups
 from ..utils import log
 from . import dist
+from .slap import SLAPState, attach_slap_modules, needs_slap_modules
 from .checkpoint import checkpoint_name, load_checkpoint, restore_training_state, rotate_checkpoints, save_checkpoint
 
 
@@ -135,7 +136,7 @@ def cluster_activity(batch: Batch, clusters: PhraseClusters, timeline, n_frames:
 
 def _audio_reps(model: FineLAPModel, wave: torch.Tensor, lengths: torch.Tensor) -> dict[str, torch.Tensor]:
     a = model.encode_audio(wave, lengths)
-    return {"audio_embeds": a.audio_embeds, "frame_embeds": a.frame_embeds, "frame_mask": a.frame_mask}
+    return {"audio_embeds": a.audio_embeds, "frame_embeds": a.frame_embeds, "frame_mask": a.frame_mask, "frames": a.frames}
 
 
 def _text_reps(model: FineLAPModel, texts: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -156,6 +157,7 @@ def losses_from_reps(
     clusters: PhraseClusters | None,
     rank: int,
     world_size: int,
+    extra: dict | None = None,
 ) -> dict[str, torch.Tensor]:
     """Assemble LossInputs from audio/text representations of the whole (global-per-rank) batch."""
     cs, cb = model.clip_scale_and_bias()
@@ -190,6 +192,8 @@ def losses_from_reps(
         x.flam_alpha = t["alpha"][st.flam_index].float()
         x.flam_beta = t["beta"][st.flam_index].float()
         x.flam_targets = FrameLabels(cluster_activity(batch, clusters, model.timeline, n_frames), st.flam_cluster)
+    for k, v in (extra or {}).items():
+        setattr(x, k, v)
     return compute_losses(loss_cfg, x, rank, world_size)
 
 
@@ -210,6 +214,8 @@ def forward_backward(
     autocast: Callable[[], Any] = nullcontext,
     rank: int = 0,
     world_size: int = 1,
+    slap: SLAPState | None = None,
+    step: int = 0,
 ) -> dict[str, float]:
     """Forward, losses over the whole batch, backward. Returns the loss terms as floats.
 
@@ -224,7 +230,8 @@ def forward_backward(
         with autocast():
             a = _audio_reps(model, batch.wave, batch.lengths)
             t = _text_reps(model, st.texts)
-        terms = losses_from_reps(model, loss_cfg, batch, st, a, t, clusters, rank, world_size)
+            extra = slap.inputs(model, batch, step, rank, a["frames"], a["frame_mask"]) if slap is not None else None
+        terms = losses_from_reps(model, loss_cfg, batch, st, a, t, clusters, rank, world_size, extra)
         terms["loss"].backward()
         return {k: float(v.detach()) for k, v in terms.items()}
 
@@ -418,7 +425,9 @@ def train(cfg: RunConfig, resume: str | bool | None = None, progress: bool = Tru
         save_config(cfg, run_dir / "config.yaml", also_json=False)  # a config.json would make the run dir look like a checkpoint
     loss_cfg = cfg.loss if isinstance(cfg.loss, LossConfig) else LossConfig(**cfg.loss)
 
-    model = build_model(cfg).to(device)
+    model = build_model(cfg)
+    attach_slap_modules(model, cfg)
+    model = model.to(device)
     train_clips = _load_clips(cfg.data.train, "train")
     val_clips = _load_clips(cfg.data.val, "val") if cfg.data.val else []
     clusters = build_clusters(model, train_clips, cfg)
@@ -431,6 +440,7 @@ def train(cfg: RunConfig, resume: str | bool | None = None, progress: bool = Tru
         opt, lambda s: lr_lambda(s, cfg.train.warmup_steps, total, cfg.train.schedule, cfg.train.min_lr_ratio)
     )
     ema = {k: v.detach().clone() for k, v in model.state_dict().items()} if cfg.train.ema_decay else None
+    slap = SLAPState.create(model, cfg) if needs_slap_modules(cfg) else None
     step = 0
     if resume:
         src = run_dir if resume is True else Path(resume)
@@ -439,6 +449,8 @@ def train(cfg: RunConfig, resume: str | bool | None = None, progress: bool = Tru
         if ema is not None and ckpt.ema_state:
             ema = {k: v.to(device) for k, v in ckpt.ema_state.items()}
         step = restore_training_state(ckpt, opt, sched)
+        if slap is not None:
+            slap.load_state_dict((ckpt.trainer_state or {}).get("slap"), model)
         if rank == 0:
             log(f"finelap train: resumed from {ckpt.path} at step {step}")
 
@@ -484,7 +496,7 @@ def train(cfg: RunConfig, resume: str | bool | None = None, progress: bool = Tru
         for batch in loader:
             batch = batch.to(device)
             skipped.extend(batch.skipped)
-            terms = forward_backward(model, loss_cfg, batch, clusters, cfg.train.accum_steps, autocast, rank, ws)
+            terms = forward_backward(model, loss_cfg, batch, clusters, cfg.train.accum_steps, autocast, rank, ws, slap, step)
             _sync_gradients(model, ws)
             grad_norm = None
             if cfg.train.grad_clip is not None:
@@ -495,6 +507,8 @@ def train(cfg: RunConfig, resume: str | bool | None = None, progress: bool = Tru
             step += 1
             if ema is not None:
                 ema_update(ema, model, cfg.train.ema_decay)
+            if slap is not None:
+                slap.update(model)
             if not all(math.isfinite(v) for v in terms.values()):
                 raise FinelapError(f"non-finite loss at step {step}: {terms}; lower train.lr or check the data")
             bar(step, terms["loss"])
@@ -521,12 +535,12 @@ def train(cfg: RunConfig, resume: str | bool | None = None, progress: bool = Tru
                 stop_reason = signal.Signals(stopper.signum).name
             if stop_after is not None and step >= stop_after and step < total:
                 stop_reason = f"stop_after={stop_after}"
-                _save(run_dir / checkpoint_name(step), model, ema, opt, sched, cfg, step, clusters, rank)
+                _save(run_dir / checkpoint_name(step), model, ema, opt, sched, cfg, step, clusters, rank, slap)
                 dist.barrier()
                 return run_dir / checkpoint_name(step)
             periodic = cfg.train.ckpt_every and step % cfg.train.ckpt_every == 0
             if (periodic or stopper.signum is not None) and step < total:
-                _save(run_dir / checkpoint_name(step), model, ema, opt, sched, cfg, step, clusters, rank)
+                _save(run_dir / checkpoint_name(step), model, ema, opt, sched, cfg, step, clusters, rank, slap)
                 if rank == 0:
                     rotate_checkpoints(run_dir, cfg.train.keep_last)
             if stopper.signum is not None:  # interrupted: the step checkpoint above is the resume point
@@ -535,7 +549,7 @@ def train(cfg: RunConfig, resume: str | bool | None = None, progress: bool = Tru
                 return run_dir / checkpoint_name(step)
             if out_of_time:  # the budget is the run's length: finish as if max_steps were reached
                 break
-    final = _save(run_dir / "final", model, ema, opt, sched, cfg, step, clusters, rank)
+    final = _save(run_dir / "final", model, ema, opt, sched, cfg, step, clusters, rank, slap)
     if rank == 0:
         if val_clips:
             metrics = _validate_with(model, ema, val_clips, cfg)
@@ -562,13 +576,13 @@ def _validate_with(model, ema, val_clips, cfg) -> dict[str, float]:
         model.load_state_dict(backup)
 
 
-def _save(path, model, ema, opt, sched, cfg, step, clusters, rank) -> Path:
+def _save(path, model, ema, opt, sched, cfg, step, clusters, rank, slap=None) -> Path:
     if rank == 0:
         extra = {"phrase_clusters": clusters.to_json()} if clusters is not None else None
         save_checkpoint(
             path, model, cfg, step=step, optimizer=opt, scheduler=sched, ema_state=ema,
             preprocessing={"frame_rate_hz": model.frame_rate_hz, "prompt_template": cfg.eval.prompt_template},
-            extra_json=extra,
+            extra_json=extra, trainer_state={"slap": slap.state_dict()} if slap is not None else None,
         )  # fmt: skip
     dist.barrier()
     return path
