@@ -471,7 +471,11 @@ class CNNEncoder(AudioEncoder):
         if mask_frames is not None:  # hide the mel frames under each masked output frame
             ds = self.timeline.downsample
             hide = mask_frames.to(mel.device).repeat_interleave(ds, dim=1)[:, : mel.shape[-1]]
-            mel = mel.masked_fill(hide[:, None, :], 0.0)
+            # fill with each bin's mean over visible frames, not a constant: constant columns have zero
+            # variance under the per-time-step norms, whose backward then scales by 1/sqrt(eps) per layer
+            keep = (mel_mask & ~hide)[:, None, :].to(mel.dtype)
+            fill = (mel * keep).sum(-1, keepdim=True) / keep.sum(-1, keepdim=True).clamp(min=1)
+            mel = torch.where(hide[:, None, :], fill.expand_as(mel), mel)
         x = mel[:, None]  # (B, 1, F, Tm)
         len_t = _down_lengths(mel_len, 2)
         t = (x.shape[-1] + 1) // 2

@@ -489,6 +489,7 @@ def train(cfg: RunConfig, resume: str | bool | None = None, progress: bool = Tru
     skipped: list[str] = []
     t_start = time.time()
     t_last = time.time()
+    last_logged = step
     model.train()
     bar = _progress(total, step, enabled=progress and rank == 0)
     stop_reason = "max_steps"
@@ -498,9 +499,15 @@ def train(cfg: RunConfig, resume: str | bool | None = None, progress: bool = Tru
             skipped.extend(batch.skipped)
             terms = forward_backward(model, loss_cfg, batch, clusters, cfg.train.accum_steps, autocast, rank, ws, slap, step)
             _sync_gradients(model, ws)
-            grad_norm = None
-            if cfg.train.grad_clip is not None:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip))
+            # the global norm is computed even without clipping: a non-finite gradient must stop the run
+            # before opt.step() writes NaN into the weights (and into the next checkpoint)
+            max_norm = cfg.train.grad_clip if cfg.train.grad_clip is not None else float("inf")
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+            if not math.isfinite(grad_norm) or not all(math.isfinite(v) for v in terms.values()):
+                raise FinelapError(
+                    f"non-finite loss or gradient at step {step + 1} (loss terms {terms}, grad norm {grad_norm}); "
+                    "the weights were not updated. Check the data, or lower train.lr"
+                )
             opt.step()
             opt.zero_grad(set_to_none=True)
             sched.step()
@@ -509,14 +516,15 @@ def train(cfg: RunConfig, resume: str | bool | None = None, progress: bool = Tru
                 ema_update(ema, model, cfg.train.ema_decay)
             if slap is not None:
                 slap.update(model)
-            if not all(math.isfinite(v) for v in terms.values()):
-                raise FinelapError(f"non-finite loss at step {step}: {terms}; lower train.lr or check the data")
             bar(step, terms["loss"])
-            if step % cfg.train.log_every == 0 or step == total:
+            ending = step == total or stopper.signum is not None or (stop_after is not None and step >= stop_after) or (
+                cfg.train.max_minutes is not None and (time.time() - t_start) / 60 >= cfg.train.max_minutes)
+            if step % cfg.train.log_every == 0 or ending:  # the last step is always logged
                 now = time.time()
                 row = {"step": step, "lr": sched.get_last_lr()[0], **{f"train/{k}": v for k, v in terms.items()}}
                 row["grad_norm"] = grad_norm
-                row["sec_per_step"] = (now - t_last) / cfg.train.log_every
+                row["sec_per_step"] = (now - t_last) / max(1, step - last_logged)
+                last_logged = step
                 row["skipped_files"] = len(skipped)
                 t_last = now
                 writer.write(row)
