@@ -19,6 +19,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "classify": ("finelap.commands.classify", "zero-shot classification of audio files against your labels"),
     "detect": ("finelap.commands.detect", "sound event detection: when each label happens (DCASE TSV, plots)"),
     "ground": ("finelap.commands.ground", "find where a phrase happens in an audio file"),
+    "eval": ("finelap.commands.eval", "evaluate a checkpoint: retrieval, zeroshot, sed or grounding (JSON + Markdown + PNGs)"),
+    "index": ("finelap.commands.index", "build or update a text-searchable index over a folder of audio"),
+    "search": ("finelap.commands.search", "search an index with words: ranked files with their best time span"),
     "caption": ("finelap.commands.caption", "describe audio files in words (checkpoints with a caption decoder, preset slap)"),
 }
 
@@ -58,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"finelap {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into `head` and friends
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

@@ -100,6 +100,9 @@ class HFTextEncoder(nn.Module):
         from transformers import AutoModel, AutoTokenizer  # heavy import, only when a tower is built
 
         try:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()  # a local load needs no "Loading weights" bar on every command
             self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
             self.model = AutoModel.from_pretrained(str(path), local_files_only=True)
         except (OSError, ValueError) as e:

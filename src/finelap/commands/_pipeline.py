@@ -1,0 +1,123 @@
+"""Shared pieces of the inference commands (classify, detect, ground, embed): model options,
+post-processing options, label parsing, input checks and output paths. Heavy imports stay inside
+functions so `finelap --help` stays fast."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any, Sequence
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, metavar="DIR",
+                   help="checkpoint directory (or a run directory: its latest checkpoint)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
+    p.add_argument("--no-ema", action="store_true", help="use the raw weights even if the checkpoint has EMA weights")
+    p.add_argument("--threads", type=int, default=None, metavar="N", help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="CPU: audio windows encoded in parallel (default: one per torch thread)")
+    p.add_argument("--window", type=float, default=60.0, metavar="S",
+                   help="streaming window for long audio, seconds (memory grows with it)")  # fmt: skip
+
+
+def add_post_arguments(p: argparse.ArgumentParser) -> None:
+    """Post-processing in seconds; defaults come from the checkpoint's eval section."""
+    p.add_argument("--threshold", type=float, default=None, help="probability threshold (default: checkpoint's eval.sed_threshold)")
+    p.add_argument("--median-filter", type=float, default=None, metavar="S", help="median filter window in seconds (default: checkpoint's)")
+    p.add_argument("--min-duration", type=float, default=None, metavar="S", help="drop segments shorter than this (default: checkpoint's)")
+    p.add_argument("--merge-gap", type=float, default=None, metavar="S", help="merge segments closer than this (default: checkpoint's)")
+    p.add_argument("--calibrated", choices=("auto", "yes", "no"), default="auto",
+                   help="FLAM logit-adjusted probabilities (auto: when the checkpoint has per-text biases)")  # fmt: skip
+
+
+def calibrated(args: argparse.Namespace) -> bool | None:
+    return {"auto": None, "yes": True, "no": False}[args.calibrated]
+
+
+def post_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return dict(threshold=args.threshold, median_filter_s=args.median_filter, min_duration_s=args.min_duration, merge_gap_s=args.merge_gap)
+
+
+def load_pipeline(args: argparse.Namespace) -> Any:
+    import torch
+
+    from ..errors import ConfigError
+    from ..infer import Pipeline
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ConfigError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    if not args.window > 0:
+        raise ConfigError(f"--window must be > 0 seconds, got {args.window}")
+    try:  # keep stderr for our one-line messages: no per-tensor "Loading weights" bars
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+    if args.workers is not None and args.workers < 1:
+        raise ConfigError(f"--workers must be >= 1, got {args.workers}")
+    return Pipeline.from_pretrained(args.checkpoint, device=args.device, use_ema=not args.no_ema, window_s=args.window,
+                                    workers=args.workers)  # fmt: skip
+
+
+def read_labels(value: str) -> list[str]:
+    """--labels "dog;rain;siren", or "@labels.txt" (one label per line; '#' starts a comment)."""
+    from ..errors import DataFormatError
+    from ..infer import parse_labels
+
+    if value.startswith("@"):
+        path = Path(value[1:])
+        if not path.is_file():
+            raise DataFormatError(path, "label file not found")
+        lines = [ln.split("#", 1)[0].strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+        labels = [ln for ln in lines if ln]
+        if not labels:
+            raise DataFormatError(path, "empty label list (no labels in the file)")
+        return parse_labels(labels)
+    return parse_labels(value)
+
+
+def check_audio_files(paths: Sequence[str]) -> list[Path]:
+    """Validate every input file before loading the model: a user error is reported at once,
+    naming the file (missing, empty, unsupported, unreadable header)."""
+    from ..audio import audio_duration
+
+    out = []
+    for p in paths:
+        audio_duration(p)  # raises AudioError(path, problem)
+        out.append(Path(p))
+    return out
+
+
+def per_file_path(base: str | Path, audio: Path, multiple: bool, suffix: str) -> Path:
+    """`base` for a single input; `<base stem>_<audio stem><suffix>` next to it for several."""
+    base = Path(base)
+    if not multiple:
+        return base
+    return base.with_name(f"{base.stem}_{audio.stem}{base.suffix or suffix}")
+
+
+def fmt_prob(p: float) -> str:
+    """Probabilities with 3 decimals; tiny ones (untrained or very unsure models) in e-notation."""
+    return f"{p:.3f}" if p >= 0.001 or p == 0 else f"{p:.1e}"
+
+
+def _is_number(x: Any) -> bool:
+    try:
+        float(x)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def fmt_table(rows: Sequence[Sequence[Any]], header: Sequence[str], indent: str = "  ") -> str:
+    """Plain aligned text table (numbers right-aligned)."""
+    cells = [[str(h) for h in header]] + [[f"{c:.3f}" if isinstance(c, float) else str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    numeric = [all(_is_number(r[i]) for r in rows) for i in range(len(header))]
+    lines = []
+    for r in cells:
+        lines.append(indent + "  ".join(c.rjust(w) if num else c.ljust(w) for c, w, num in zip(r, widths, numeric)).rstrip())
+    return "\n".join(lines)

@@ -1,0 +1,41 @@
+"""Search an index with a text query: files ranked by match, each with its best time span.
+
+Example:
+  finelap search "a door slams" --index sounds.idx -k 10
+"""
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("query", help="what to look for, in words")
+    p.add_argument("--index", required=True, help="index directory made by `finelap index build`")
+    p.add_argument("--checkpoint", default=None, help="checkpoint (default: the one the index was built with)")
+    p.add_argument("-k", "--top-k", type=int, default=10)
+    p.add_argument("--no-spans", action="store_true", help="rank files only; skip the best-span search")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--device", default="cpu")
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+
+    from ..errors import FinelapError
+    from ..infer import Pipeline
+    from ..search import Index
+
+    idx = Index.load(args.index)
+    ckpt = args.checkpoint or (idx.embedder_info or {}).get("checkpoint")
+    if not ckpt:
+        raise FinelapError(f"{args.index}: the index does not record its checkpoint; pass --checkpoint")
+    pipe = Pipeline.from_pretrained(ckpt, device=args.device)
+    hits = idx.search(args.query, k=args.top_k, embedder=pipe, spans=not args.no_spans)
+    if args.json:
+        print(json.dumps([h.to_dict() for h in hits], indent=2, default=str))
+        return 0
+    print(f'{"rank":>4}  {"score":>6}  {"span (s)":>15}  file')
+    for h in hits:
+        span = f"{h.span[0]:7.2f}-{h.span[1]:<7.2f}" if h.span else " " * 15
+        print(f"{h.rank:>4}  {h.score:6.3f}  {span}  {h.rel_path or h.path}")
+    return 0

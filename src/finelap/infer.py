@@ -1,0 +1,830 @@
+"""Inference: `Pipeline.from_pretrained(dir)` answers questions about audio files of any length.
+
+    pipe = finelap.Pipeline.from_pretrained("runs/finelap/final")
+    pipe.embed_audio(["a.wav", "b.flac"])                 # (2, D) clip embeddings, L2-normalised
+    pipe.classify("a.wav", ["dog", "rain", "siren"])      # [("dog", 0.81), ("rain", 0.12), ...]
+    pipe.detect("street.flac", ["dog", "car horn"])       # DCASE rows with confidence
+    pipe.ground("park.wav", "a dog barking")              # [{"onset", "offset", "confidence"}]
+    fs = pipe.frame_scores("park.wav", ["a dog barking"]) # FrameScores: (T, N) probabilities in seconds
+
+Audio is a path, a 1-D array (at `sample_rate`, default the model's), or a list of either; a 2-D
+array/tensor is a batch of rows. Everything is deterministic:
+
+- clip embeddings of audio longer than `audio.max_seconds` are the coverage-weighted mean of the
+  clip embeddings of fixed `audio.clip_seconds` windows on a grid starting at 0 (the last window is
+  moved back to end at the end of the audio), renormalised; never random crops;
+- frame-level outputs of any length are streamed through `finelap.streaming`: windows of
+  `window_s` on the encoder's frame grid, read from disk window by window with `margin_s` of
+  context on both sides and stitched. For encoders whose receptive field fits in the margin the
+  result equals one-pass encoding; memory is O(window) whatever the duration. On CPU, windows
+  (and clip-embedding batches) run on `workers` threads with a share of torch's threads each:
+  window-level parallelism keeps both cores busy even on a loaded machine, where op-level
+  threads mostly wait for each other (measured 3.7x faster on 2 busy cores; benchmarks/long_audio.py).
+
+Probabilities: sigmoid of the frame logits, or FLAM's logit-adjusted probability
+p / (p + sigmoid(beta_text)) when the model has per-text frame biases
+(`model.text_conditioned_scale_bias`); `calibrated=None` picks automatically.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .audio import AUDIO_EXTENSIONS, LogMel, MelConfig, Timeline, audio_duration, load_audio, resample, to_float32
+from .errors import AudioError, ConfigError, FinelapError
+
+__all__ = ["Pipeline", "FrameScores", "FrameEmbeddings", "AudioInput", "parse_labels", "find_audio_files", "display_mel_stream"]
+
+AudioInput = Union[str, os.PathLike, np.ndarray, torch.Tensor]
+
+# Files up to this long are decoded whole; longer ones are read window by window from disk.
+_IN_MEMORY_S = 600.0
+# Text prompts per text-tower call (bounds memory for very long label lists).
+_TEXT_BATCH = 256
+_DONE = object()
+
+
+# ----------------------------------------------------------------------------- results
+
+
+@dataclass
+class FrameScores:
+    """Per-frame probabilities of N texts for one audio input.
+
+    scores (T, N) float32 in [0, 1]; texts: the N queries (labels, not prompts); timeline maps frame
+    j to [times[j], times[j] + timeline.hop_s) seconds; times (T,) frame starts in seconds;
+    duration_s: length of the audio (the last frame may extend past it); calibrated: whether the
+    FLAM logit adjustment was applied; name: file name (or "audio_<i>" for arrays).
+    """
+
+    scores: np.ndarray
+    texts: list[str]
+    timeline: Timeline
+    times: np.ndarray
+    duration_s: float
+    calibrated: bool = False
+    name: str = ""
+
+    def to_dataframe(self, classes: Sequence[str] | None = None) -> Any:
+        """sed_scores_eval score DataFrame (onset, offset, *classes), frames clipped to duration_s."""
+        from .eval.metrics import scores_to_dataframe
+
+        return scores_to_dataframe(self.scores, self.timeline, list(classes or self.texts), self.duration_s)
+
+
+@dataclass
+class FrameEmbeddings:
+    """Frame embeddings of one audio input: embeds (T, D) float32 unit norm, frame j starting at
+    times[j] seconds (see `timeline`), duration_s of the audio."""
+
+    embeds: np.ndarray
+    timeline: Timeline
+    times: np.ndarray
+    duration_s: float
+    name: str = ""
+
+
+@dataclass
+class _Source:
+    """One audio input, readable window by window: read(start, end) -> float32 samples at the
+    model's rate. `wave` is set when the whole input is in memory."""
+
+    name: str
+    n_samples: int
+    read: Callable[[int, int], np.ndarray]
+    wave: np.ndarray | None = None
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def parse_labels(labels: str | Sequence[str]) -> list[str]:
+    """Labels from a list or a ';'-separated string ("dog;rain;siren"), stripped.
+
+    Raises FinelapError for an empty list, an empty label or a duplicate.
+    """
+    items = labels.split(";") if isinstance(labels, str) else list(labels)
+    out = [str(x).strip() for x in items]
+    if isinstance(labels, str):
+        out = [x for x in out if x]  # "dog;rain;" is forgiving on the command line
+    if not out:
+        raise FinelapError("empty label list: give at least one label, e.g. --labels 'dog;rain;siren'")
+    for x in out:
+        if not x:
+            raise FinelapError(f"empty label in {list(items)!r}")
+    seen = set()
+    for x in out:
+        if x in seen:
+            raise FinelapError(f"duplicate label {x!r} in the label list")
+        seen.add(x)
+    return out
+
+
+def _apply_template(labels: Sequence[str], template: str) -> list[str]:
+    if not isinstance(template, str) or template.count("{}") != 1:
+        raise ConfigError(f"prompt template must contain '{{}}' exactly once (where the label goes), got {template!r}")
+    return [template.replace("{}", lab) for lab in labels]
+
+
+def find_audio_files(inputs: Sequence[str | os.PathLike]) -> list[Path]:
+    """Expand folders (recursively, sorted) into audio files; files are kept as given (even if
+    missing, so the caller reports them). Hidden files and folders are skipped."""
+    out: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(
+                f for f in p.rglob("*")
+                if f.is_file() and f.suffix.lower() in AUDIO_EXTENSIONS
+                and not any(part.startswith(".") for part in f.relative_to(p).parts)
+            )  # fmt: skip
+            out.extend(found)
+        else:
+            out.append(p)
+    return out
+
+
+def display_mel_stream(source: "_Source", sample_rate: int, max_columns: int = 4000) -> tuple[np.ndarray, Timeline, MelConfig]:
+    """Log-mel for display, (n_mels, T_disp) dB, computed window by window from a source (so a
+    1-hour file never sits in memory) and average-pooled to at most `max_columns` columns.
+
+    Same arithmetic as `eval.plots.display_mel`, which needs the whole wave."""
+    cfg = MelConfig(sample_rate=sample_rate, fmax=min(8000.0, sample_rate / 2), compute_dtype="float32")
+    mel = LogMel(cfg)
+    hop = cfg.hop_length
+    n = source.n_samples
+    n_mel = cfg.num_frames(n)
+    pool = max(1, math.ceil(n_mel / max_columns))
+    per_chunk = pool * max(1, math.ceil(6000 / pool))  # ~60 s of mel frames, whole pooled columns
+    ctx = hop * math.ceil((cfg.n_fft // 2) / hop)  # context (whole hops) covering the STFT window
+    cols = []
+    with torch.inference_mode():
+        for f0 in range(0, n_mel, per_chunk):
+            f1 = min(n_mel, f0 + per_chunk)
+            # read with context on both sides, so every kept frame sees the same samples as a
+            # one-pass STFT (zeros only beyond the ends of the audio, like the centred STFT)
+            s0, s1 = max(0, f0 * hop - ctx), min(n, (f1 - 1) * hop + ctx + 1)
+            m = mel(torch.from_numpy(np.ascontiguousarray(source.read(s0, s1), dtype=np.float32))).numpy()
+            k0 = (f0 * hop - s0) // hop
+            m = m[:, k0 : k0 + (f1 - f0)]
+            if pool > 1:
+                t = m.shape[1] // pool * pool
+                head = m[:, :t].reshape(m.shape[0], -1, pool).mean(axis=2)
+                m = np.concatenate([head, m[:, t:].mean(axis=1, keepdims=True)], axis=1) if t < m.shape[1] else head
+            cols.append(m)
+    return np.concatenate(cols, axis=1), Timeline.from_mel(cfg, downsample=pool), cfg
+
+
+def _hash_file(path: Path, h: Any) -> None:
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+
+
+# ----------------------------------------------------------------------------- pipeline
+
+
+class Pipeline:
+    """Inference on audio of any length with a finelap model (see the module docstring).
+
+    model: a FineLAPModel; config: its RunConfig (audio lengths, prompt template, SED
+    post-processing defaults). window_s / margin_s: streaming window and context for frame-level
+    outputs. batch_windows: windows encoded together when streaming. workers: streaming windows
+    encoded concurrently on CPU, each with torch_threads // workers threads (None: one per torch
+    thread, at most 8). device: where the model runs (the pipeline follows the model if moved).
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        config: Any,
+        checkpoint: Any = None,
+        device: str | torch.device = "cpu",
+        window_s: float = 60.0,
+        margin_s: float = 2.0,
+        batch_windows: int = 1,
+        workers: int | None = None,
+    ) -> None:
+        if not window_s > 0 or margin_s < 0 or batch_windows < 1 or (workers is not None and workers < 1):
+            raise ConfigError(
+                f"need window_s > 0, margin_s >= 0, batch_windows >= 1, workers >= 1; got {window_s}, {margin_s}, {batch_windows}, {workers}"
+            )
+        self.model = model.to(device).eval()
+        self.config = config
+        self.checkpoint = checkpoint
+        self.window_s = float(window_s)
+        self.margin_s = float(margin_s)
+        self.batch_windows = int(batch_windows)
+        self.workers = workers
+        self.use_ema = False  # set by from_pretrained when EMA weights were loaded
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, device: str = "cpu", use_ema: bool = True, **kwargs: Any) -> "Pipeline":
+        """Load a checkpoint directory (or a run directory: its latest checkpoint).
+
+        Raises CheckpointError for a missing, incomplete or incompatible checkpoint. kwargs go to
+        the constructor (window_s, margin_s, batch_windows, workers)."""
+        from .models.build import load_pretrained
+
+        model, cfg, ckpt = load_pretrained(path, use_ema=use_ema, map_location="cpu")
+        pipe = cls(model, cfg, checkpoint=ckpt, device=device, **kwargs)
+        pipe.use_ema = bool(use_ema and ckpt.ema_state)
+        return pipe
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def sample_rate(self) -> int:
+        return int(self.model.sample_rate)
+
+    @property
+    def timeline(self) -> Timeline:
+        return self.model.timeline
+
+    @property
+    def frame_rate_hz(self) -> float:
+        return float(self.timeline.frame_rate_hz)
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.model.cfg.embed_dim)
+
+    @property
+    def prompt_template(self) -> str:
+        return str(self.config.eval.prompt_template)
+
+    @property
+    def has_calibration(self) -> bool:
+        """True when the model has FLAM per-text frame biases (calibrated probabilities available)."""
+        return bool(self.model.cfg.text_conditioned_scale_bias)
+
+    @property
+    def embedder_id(self) -> str:
+        """Identifies weights + preprocessing: embeddings with different ids must not be mixed
+        (used by `finelap.search.Index`). Hash of the checkpoint files, or of the state dict."""
+        if getattr(self, "_embedder_id", None) is None:
+            from .train.checkpoint import CONFIG_FILE, EMA_FILE, MODEL_FILE
+
+            h = hashlib.blake2b(digest_size=16)
+            ckpt_path = getattr(self.checkpoint, "path", None)
+            if ckpt_path is not None and (Path(ckpt_path) / CONFIG_FILE).is_file():
+                # which weights were loaded is part of the identity (EMA or raw)
+                h.update(b"ema" if self.use_ema else b"raw")
+                for name in (CONFIG_FILE, EMA_FILE if self.use_ema else MODEL_FILE):
+                    f = Path(ckpt_path) / name
+                    if f.is_file():
+                        h.update(name.encode())
+                        _hash_file(f, h)
+            else:
+                for k, v in sorted(self.model.state_dict().items()):
+                    h.update(k.encode())
+                    h.update(v.detach().cpu().contiguous().numpy().tobytes())
+                h.update(json.dumps(self.config.to_dict() if hasattr(self.config, "to_dict") else str(self.config), sort_keys=True, default=str).encode())
+            self._embedder_id = f"finelap-{h.hexdigest()}"
+        return self._embedder_id
+
+    @property
+    def embedder_info(self) -> dict[str, Any]:
+        """JSON-able description stored in search indexes, so `finelap search` finds the model."""
+        ckpt_path = getattr(self.checkpoint, "path", None)
+        return {
+            "checkpoint": str(Path(ckpt_path).resolve()) if ckpt_path is not None else None,
+            "step": getattr(self.checkpoint, "step", None),
+            "use_ema": self.use_ema,
+            "sample_rate": self.sample_rate,
+            "frame_rate_hz": self.frame_rate_hz,
+            "embed_dim": self.embed_dim,
+        }
+
+    # ------------------------------------------------------------------ inputs
+    def _as_list(self, inputs: Any) -> tuple[list[Any], bool]:
+        """(items, is_batch). A path or 1-D array is one item; a list or a 2-D array is a batch."""
+        if isinstance(inputs, (str, os.PathLike)):
+            return [inputs], False
+        if isinstance(inputs, torch.Tensor):
+            inputs = inputs.detach().cpu().numpy()
+        if isinstance(inputs, np.ndarray):
+            if inputs.ndim == 1:
+                return [inputs], False
+            if inputs.ndim == 2:
+                return list(inputs), True
+            raise FinelapError(f"audio array must be 1-D (samples) or 2-D (batch, samples), got shape {inputs.shape}")
+        if isinstance(inputs, (list, tuple)):
+            if not inputs:
+                raise FinelapError("no audio inputs given (empty list)")
+            return list(inputs), True
+        raise FinelapError(f"audio must be a path, an array or a list of them, got {type(inputs).__name__}")
+
+    def _open(self, item: Any, sample_rate: int | None = None, index: int = 0) -> _Source:
+        """A readable source at the model's sample rate. Files longer than 10 minutes are read
+        window by window from disk; shorter ones are decoded once."""
+        sr = self.sample_rate
+        if isinstance(item, _Source):
+            return item
+        if isinstance(item, (str, os.PathLike)):
+            path = Path(item)
+            duration = audio_duration(path)  # validates: missing, empty, unsupported, corrupt header
+            if duration <= _IN_MEMORY_S:
+                wave = load_audio(path, sr)
+                if len(wave) == 0:
+                    raise AudioError(path, "zero-length audio after resampling")
+                return _Source(str(path), len(wave), lambda s, e, w=wave: w[s:e], wave)
+            from .streaming import file_reader
+
+            read, n = file_reader(path, sr)
+            return _Source(str(path), n, read)
+        name = f"audio_{index}"
+        if isinstance(item, torch.Tensor):
+            item = item.detach().cpu().numpy()
+        if not isinstance(item, np.ndarray):
+            raise FinelapError(f"{name}: expected a path or an array, got {type(item).__name__}")
+        if item.ndim != 1:
+            raise FinelapError(f"{name}: audio array must be 1-D (mono samples), got shape {item.shape}")
+        try:
+            x = to_float32(item)
+        except TypeError as e:
+            raise FinelapError(f"{name}: {e}") from None
+        if len(x) == 0:
+            raise FinelapError(f"{name}: empty audio (0 samples)")
+        if not np.isfinite(x).all():
+            raise FinelapError(f"{name}: audio contains NaN or Inf samples")
+        if sample_rate is not None and int(sample_rate) != sr:
+            x = resample(x, int(sample_rate), sr)
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        return _Source(name, len(x), lambda s, e, w=x: w[s:e], x)
+
+    @staticmethod
+    def _pad(waves: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        lengths = torch.tensor([len(w) for w in waves], dtype=torch.long)
+        out = torch.zeros(len(waves), int(lengths.max()))
+        for i, w in enumerate(waves):
+            out[i, : len(w)] = torch.from_numpy(np.asarray(w, dtype=np.float32))
+        return out, lengths
+
+    # ------------------------------------------------------------------ clip embeddings
+    def _clip_jobs(self, src: _Source) -> list[tuple[int, int, float]]:
+        """Fixed windows (start, end, weight) whose clip embeddings are averaged for this source.
+
+        Up to audio.max_seconds: the whole input. Longer: windows of audio.clip_seconds on a grid
+        from 0; the last is moved back to end at the end, and each window is weighted by the
+        audio it adds (so every second counts once)."""
+        sr = self.sample_rate
+        n = src.n_samples
+        if n <= int(round(self.config.audio.max_seconds * sr)):
+            return [(0, n, 1.0)]
+        clip = max(1, int(round(self.config.audio.clip_seconds * sr)))
+        jobs = []
+        for s in range(0, n, clip):
+            new = min(n, s + clip) - s
+            start = min(s, n - clip)
+            jobs.append((start, start + clip, new / clip))
+        return jobs
+
+    def _embed_sources(self, sources: Sequence[_Source], batch_size: int) -> np.ndarray:
+        """(len(sources), D) clip embeddings; windows of all sources are batched together,
+        longest first (less padding), in a fixed order (deterministic)."""
+        jobs = [(i, s, e, w) for i, src in enumerate(sources) for s, e, w in self._clip_jobs(src)]
+        order = sorted(range(len(jobs)), key=lambda j: (-(jobs[j][2] - jobs[j][1]), j))
+        acc = torch.zeros(len(sources), self.embed_dim, dtype=torch.float64)
+        dev = self.device
+
+        def work(group: list[tuple[int, int, int, float]]) -> tuple[list, torch.Tensor]:
+            wave, lengths = self._pad([sources[i].read(s, e) for i, s, e, _ in group])
+            with torch.inference_mode():
+                return group, self.model.encode_audio(wave.to(dev), lengths.to(dev)).audio_embeds.double().cpu()
+
+        batches = [[jobs[j] for j in order[b : b + batch_size]] for b in range(0, len(order), batch_size)]
+        for group, emb in self._map(work, batches):  # in order: the sums are deterministic
+            for k, (i, _, _, w) in enumerate(group):
+                acc[i] += w * emb[k]
+        return F.normalize(acc, dim=-1).float().numpy()
+
+    def embed_audio(self, inputs: AudioInput | Sequence[AudioInput], sample_rate: int | None = None, batch_size: int = 16) -> np.ndarray:
+        """Clip embeddings (N, D) float32, L2-normalised, one row per input (a single input gives
+        (1, D)). Long audio: deterministic window average (module docstring). Files are decoded
+        a group at a time, so memory stays bounded for long lists."""
+        items, _ = self._as_list(inputs)
+        if batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+        out = np.empty((len(items), self.embed_dim), dtype=np.float32)
+        group = max(batch_size * 4, 16)
+        for g in range(0, len(items), group):
+            sources = [self._open(x, sample_rate, g + k) for k, x in enumerate(items[g : g + group])]
+            out[g : g + len(sources)] = self._embed_sources(sources, batch_size)
+        return out
+
+    # ------------------------------------------------------------------ frames (streamed)
+    def _num_workers(self) -> int:
+        if self.device.type != "cpu":
+            return 1  # accelerators parallelise inside each window
+        return max(1, min(self.workers if self.workers is not None else torch.get_num_threads(), 8))
+
+    def _map(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> Iterator[Any]:
+        """fn over items, results in order. On CPU, `workers` Python threads each run one item
+        with a share of torch's threads (window-level parallelism, which degrades gracefully on
+        a busy machine, unlike op-level threads that wait for each other); at most 2 x workers
+        items are in flight, so memory stays bounded."""
+        workers = min(self._num_workers(), len(items))
+        if workers <= 1:
+            for x in items:
+                yield fn(x)
+            return
+        from collections import deque
+        from concurrent.futures import ThreadPoolExecutor
+
+        prev = torch.get_num_threads()
+        per_worker = max(1, prev // workers)
+        try:
+            # OpenMP thread counts are per OS thread: set it in each worker (torch also keeps a
+            # process-wide value, restored below)
+            with ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(per_worker,)) as ex:
+                it = iter(items)
+                pending: deque = deque(ex.submit(fn, x) for x in [next(it) for _ in range(min(len(items), 2 * workers))])
+                while pending:
+                    res = pending.popleft().result()
+                    nxt = next(it, _DONE)
+                    if nxt is not _DONE:
+                        pending.append(ex.submit(fn, nxt))
+                    yield res
+        finally:
+            torch.set_num_threads(prev)
+
+    def _stream(self, src: _Source, fn: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[tuple[int, torch.Tensor]]:
+        """(first frame, fn(frame_embeds (t, D))) chunks covering every frame of `src` once, in
+        order. Windows from `streaming.plan_windows` (frame-grid aligned, with margins); groups of
+        `batch_windows` are encoded together, groups run on `workers` threads."""
+        from .streaming import plan_windows
+
+        windows = plan_windows(src.n_samples, self.timeline, self.window_s, self.margin_s)
+        spf = self.timeline.hop_length * self.timeline.downsample  # type: ignore[operator]
+        groups = [windows[i : i + self.batch_windows] for i in range(0, len(windows), self.batch_windows)]
+        dev = self.device
+
+        def work(group: list) -> list[tuple[int, torch.Tensor]]:
+            wave, lengths = self._pad([src.read(w.read_start, w.read_end) for w in group])
+            with torch.inference_mode():
+                fe = self.model.encode_audio(wave.to(dev), lengths.to(dev)).frame_embeds
+                out = []
+                for j, w in enumerate(group):
+                    local0 = w.keep_start - w.read_start // spf
+                    out.append((w.keep_start, fn(fe[j, local0 : local0 + (w.keep_end - w.keep_start)])))
+                return out
+
+        for chunk in self._map(work, groups):
+            yield from chunk
+
+    def embed_frames(self, audio: AudioInput, sample_rate: int | None = None) -> FrameEmbeddings:
+        """Frame embeddings (T, D) of one input, any length (streamed), with their seconds."""
+        src = self._open(audio, sample_rate)
+        t = self.timeline.num_frames_for_samples(src.n_samples)
+        out = np.empty((t, self.embed_dim), dtype=np.float32)
+        filled = 0
+        for start, fe in self._stream(src, lambda x: x):
+            out[start : start + len(fe)] = fe.float().cpu().numpy()
+            filled += len(fe)
+        if filled != t:
+            raise RuntimeError(f"{src.name}: encoder produced {filled} frames, its Timeline promises {t}")
+        times = np.asarray(self.timeline.frame_start(np.arange(t)), dtype=np.float64)
+        return FrameEmbeddings(out, self.timeline, times, src.n_samples / self.sample_rate, src.name)
+
+    def _frame_embeds_batch(self, audio: torch.Tensor | np.ndarray, batch_size: int = 16) -> np.ndarray:
+        """(B, T, D) frame embeddings of a batch of equal-length rows (HEAR). Rows that fit in
+        one streaming window are encoded together; longer ones are streamed one by one."""
+        x = audio.detach().cpu().numpy() if isinstance(audio, torch.Tensor) else np.asarray(audio)
+        if x.ndim != 2:
+            raise FinelapError(f"audio must be (n_sounds, n_samples), got shape {x.shape}")
+        n = x.shape[1]
+        t = self.timeline.num_frames_for_samples(n)
+        out = np.empty((x.shape[0], t, self.embed_dim), dtype=np.float32)
+        from .streaming import plan_windows
+
+        if len(plan_windows(max(n, 1), self.timeline, self.window_s, self.margin_s)) == 1:
+            dev = self.device
+            with torch.inference_mode():
+                for b in range(0, x.shape[0], batch_size):
+                    wave = torch.from_numpy(np.ascontiguousarray(to_float32(x[b : b + batch_size])))
+                    lengths = torch.full((wave.shape[0],), n, dtype=torch.long)
+                    out[b : b + wave.shape[0]] = self.model.encode_audio(wave.to(dev), lengths.to(dev)).frame_embeds.float().cpu().numpy()
+            return out
+        for i in range(x.shape[0]):
+            out[i] = self.embed_frames(x[i]).embeds
+        return out
+
+    # ------------------------------------------------------------------ text
+    def _text(self, prompts: Sequence[str]) -> Any:
+        """TextOutput for these prompts, in batches of 256. Not cached across calls: the model may
+        be a training model whose weights change between evaluations."""
+        from .models.model import TextOutput
+
+        parts = []
+        with torch.inference_mode():
+            for i in range(0, len(prompts), _TEXT_BATCH):
+                parts.append(self.model.encode_text(list(prompts[i : i + _TEXT_BATCH])))
+        if len(parts) == 1:
+            return parts[0]
+
+        def cat(name: str) -> torch.Tensor | None:
+            vals = [getattr(p, name) for p in parts]
+            return None if vals[0] is None else torch.cat(vals)
+
+        return TextOutput(cat("text_embeds"), cat("pooled"), cat("frame_logit_scale"), cat("frame_logit_bias"))
+
+    def embed_text(self, texts: Sequence[str]) -> np.ndarray:
+        """Text embeddings (N, D) float32, L2-normalised. Texts are used as given (no template)."""
+        if isinstance(texts, str):
+            texts = [texts]
+        texts = list(texts)
+        if not texts:
+            raise FinelapError("no texts given (empty list)")
+        return self._text(texts).text_embeds.float().cpu().numpy()
+
+    # ------------------------------------------------------------------ clip-level questions
+    def clip_scale_bias(self) -> tuple[float, float]:
+        """The clip logit scale and bias: logits = scale * cos + bias."""
+        with torch.inference_mode():
+            s, b = self.model.clip_scale_and_bias()
+            return float(s.detach()), float(b.detach())
+
+    _clip_scale_bias = clip_scale_bias  # used by `finelap eval`
+
+    def similarity(self, audio: AudioInput | Sequence[AudioInput], texts: Sequence[str], logits: bool = False,
+                   sample_rate: int | None = None, batch_size: int = 16) -> np.ndarray:  # fmt: skip
+        """(N_audio, N_text) cosine similarity of clip and text embeddings; `logits=True` applies
+        the model's clip logit scale and bias (scale * cos + bias)."""
+        a = torch.from_numpy(self.embed_audio(audio, sample_rate, batch_size))
+        t = torch.from_numpy(self.embed_text(texts))
+        sim = a @ t.T
+        if logits:
+            s, b = self.clip_scale_bias()
+            sim = s * sim + b
+        return sim.numpy()
+
+    def classify(
+        self,
+        audio: AudioInput | Sequence[AudioInput],
+        labels: str | Sequence[str],
+        template: str | None = None,
+        top_k: int | None = 5,
+        multi_label: bool = False,
+        sample_rate: int | None = None,
+        batch_size: int = 16,
+    ) -> list[tuple[str, float]] | list[list[tuple[str, float]]]:
+        """Zero-shot classification: [(label, prob)] sorted by prob, best first, top_k of them
+        (None: all). Single-label: softmax over scaled cosines (sums to 1 over all labels);
+        multi_label: independent sigmoid(scale * cos + bias). Prompts are `template` (default: the
+        checkpoint's prompt template) filled with each label. One input -> one list; a batch ->
+        a list of lists."""
+        labels = parse_labels(labels)
+        items, is_batch = self._as_list(audio)
+        prompts = _apply_template(labels, self.prompt_template if template is None else template)
+        if top_k is not None and top_k < 1:
+            raise ConfigError(f"top_k must be >= 1, got {top_k}")
+        a = torch.from_numpy(self.embed_audio(items, sample_rate, batch_size))
+        t = self._text(prompts).text_embeds.float().cpu()
+        s, b = self.clip_scale_bias()
+        z = s * (a @ t.T)
+        p = torch.sigmoid(z + b) if multi_label else torch.softmax(z, dim=-1)
+        k = len(labels) if top_k is None else min(top_k, len(labels))
+        results = []
+        for row in p.numpy():
+            order = sorted(range(len(labels)), key=lambda j: (-row[j], j))[:k]
+            results.append([(labels[j], float(row[j])) for j in order])
+        return results if is_batch else results[0]
+
+    # ------------------------------------------------------------------ frame-level questions
+    def _use_calibration(self, calibrated: bool | None) -> bool:
+        if calibrated is None:
+            return self.has_calibration
+        if calibrated and not self.has_calibration:
+            raise ConfigError(
+                "calibrated probabilities need a model with per-text frame biases "
+                "(model.text_conditioned_scale_bias, the FLAM preset); this checkpoint has none"
+            )
+        return bool(calibrated)
+
+    def _probs(self, frame_embeds: torch.Tensor, text: Any, calibrated: bool) -> torch.Tensor:
+        """frame_embeds (..., T, D) -> (..., T, N) probabilities."""
+        s, b = self.model.frame_scale_and_bias(text)
+        te = text.text_embeds.to(frame_embeds.dtype)
+        logits = s * torch.matmul(frame_embeds, te.T) + b
+        if calibrated:
+            from .losses.frame import flam_calibrated_prob
+
+            return flam_calibrated_prob(logits, b)
+        return torch.sigmoid(logits)
+
+    def frame_scores(
+        self,
+        audio: AudioInput,
+        texts: Sequence[str],
+        calibrated: bool | None = None,
+        sample_rate: int | None = None,
+        template: str = "{}",
+    ) -> FrameScores:
+        """Per-frame probabilities (T, N) of N texts for one input of any length (streamed, memory
+        bounded). `template` wraps each text ("{}": as given). Text embeddings are computed once;
+        only the (T, N) scores are kept, never the frame embeddings of the whole file."""
+        if isinstance(texts, str):
+            texts = [texts]
+        texts = parse_labels(list(texts))
+        cal = self._use_calibration(calibrated)
+        text = self._text(_apply_template(texts, template))
+        return self._frame_scores(self._open(audio, sample_rate), texts, text, cal)
+
+    def _frame_scores(self, src: _Source, texts: list[str], text: Any, cal: bool) -> FrameScores:
+        t = self.timeline.num_frames_for_samples(src.n_samples)
+        out = np.empty((t, len(texts)), dtype=np.float32)
+        filled = 0
+        for start, p in self._stream(src, lambda fe: self._probs(fe, text, cal)):
+            out[start : start + len(p)] = p.float().cpu().numpy()
+            filled += len(p)
+        if filled != t:  # an encoder breaking the frame-count contract would leave garbage rows
+            raise RuntimeError(f"{src.name}: encoder produced {filled} frames, its Timeline promises {t}")
+        times = np.asarray(self.timeline.frame_start(np.arange(t)), dtype=np.float64)
+        return FrameScores(out, texts, self.timeline, times, src.n_samples / self.sample_rate, cal, src.name)
+
+    def frame_scores_from_embeddings(self, text_emb: np.ndarray, frames: np.ndarray, calibrated: bool | None = None) -> np.ndarray:
+        """Scores (T,) of one text embedding (D,) against stored frame embeddings (T, D) (search
+        index); probabilities as in `frame_scores` (per-text scale/bias from the text embedding)."""
+        from .models.model import TextOutput
+
+        te = torch.as_tensor(np.asarray(text_emb, dtype=np.float32)).reshape(1, -1).to(self.device)
+        fe = torch.as_tensor(np.asarray(frames, dtype=np.float32)).to(self.device)
+        with torch.inference_mode():
+            text = TextOutput(te)
+            fsb = self.model.frame_scale_bias
+            if self.has_calibration:
+                text.frame_logit_scale, text.frame_logit_bias = fsb(te)
+            return self._probs(fe, text, self._use_calibration(calibrated))[:, 0].float().cpu().numpy()
+
+    def resolve_postprocessing(self, threshold: float | None, median_filter_s: float | None, min_duration_s: float | None,
+              merge_gap_s: float | None) -> tuple[float, float, float, float]:  # fmt: skip
+        """(threshold, median_filter_s, min_duration_s, merge_gap_s): the given values, or the
+        checkpoint's eval defaults for None; raises ConfigError for out-of-range values."""
+        ev = self.config.eval
+        vals = (
+            ev.sed_threshold if threshold is None else float(threshold),
+            ev.median_filter_s if median_filter_s is None else float(median_filter_s),
+            ev.min_event_s if min_duration_s is None else float(min_duration_s),
+            ev.merge_gap_s if merge_gap_s is None else float(merge_gap_s),
+        )
+        if not 0 <= vals[0] <= 1:
+            raise ConfigError(f"threshold must be in [0, 1] (a probability), got {vals[0]}")
+        if min(vals[1:]) < 0:
+            raise ConfigError(f"median filter, minimum duration and merge gap must be >= 0 seconds, got {vals[1:]}")
+        return vals
+
+    def segments_from_scores(
+        self,
+        scores: FrameScores,
+        threshold: float | None = None,
+        median_filter_s: float | None = None,
+        min_duration_s: float | None = None,
+        merge_gap_s: float | None = None,
+    ) -> list[tuple[float, float, str, float]]:
+        """Post-processing in seconds (defaults: the checkpoint's eval section): median filter,
+        threshold (score > threshold), close gaps < merge_gap_s, drop events < min_duration_s.
+        Returns [(onset_s, offset_s, text, confidence)] sorted by onset; confidence = the highest
+        (filtered) frame probability inside the segment."""
+        from .eval.metrics import binarize_and_segment, median_filter_seconds
+
+        thr, med, min_d, gap = self.resolve_postprocessing(threshold, median_filter_s, min_duration_s, merge_gap_s)
+        s = scores.scores
+        if med > 0:
+            s = median_filter_seconds(s, scores.timeline.frame_rate_hz, med)
+        events = binarize_and_segment(s, scores.timeline, thr, min_d, gap, scores.duration_s, classes=scores.texts)
+        index = {t: k for k, t in enumerate(scores.texts)}
+        out = []
+        tl = scores.timeline
+        for on, off, lab in events:
+            f0 = int(tl.seconds_to_frame(on))
+            f1 = max(f0 + 1, int(tl.seconds_to_frame(off - 1e-6)) + 1)
+            conf = float(np.max(s[f0:f1, index[lab]]))
+            out.append((float(on), float(off), str(lab), conf))
+        return out
+
+    def detect(
+        self,
+        audio: AudioInput | Sequence[AudioInput],
+        labels: str | Sequence[str],
+        threshold: float | None = None,
+        median_filter_s: float | None = None,
+        min_duration_s: float | None = None,
+        merge_gap_s: float | None = None,
+        template: str | None = None,
+        calibrated: bool | None = None,
+        sample_rate: int | None = None,
+        names: Sequence[str] | None = None,
+    ) -> list[dict[str, Any]]:
+        """Sound event detection: DCASE rows {filename, onset, offset, event_label, confidence}
+        (seconds, 3 decimals), over all inputs, sorted by file then onset. Prompts: `template`
+        (default: the checkpoint's) filled with each label. filename: the file's base name, or
+        `names[i]`, or "audio_<i>" for arrays."""
+        labels = parse_labels(labels)
+        items, _ = self._as_list(audio)
+        if names is not None and len(names) != len(items):
+            raise FinelapError(f"got {len(names)} names for {len(items)} audio inputs")
+        tmpl = self.prompt_template if template is None else template
+        prompts = _apply_template(labels, tmpl)  # validated before any audio is decoded
+        self.resolve_postprocessing(threshold, median_filter_s, min_duration_s, merge_gap_s)
+        cal = self._use_calibration(calibrated)
+        text = self._text(prompts)  # once for all files
+        rows: list[dict[str, Any]] = []
+        for i, item in enumerate(items):
+            src = self._open(item, sample_rate, i)
+            fs = self._frame_scores(src, labels, text, cal)
+            name = names[i] if names is not None else (Path(src.name).name if isinstance(item, (str, os.PathLike)) else src.name)
+            for on, off, lab, conf in self.segments_from_scores(fs, threshold, median_filter_s, min_duration_s, merge_gap_s):
+                rows.append({"filename": name, "onset": round(on, 3), "offset": round(off, 3), "event_label": lab, "confidence": conf})
+        return rows
+
+    def ground(
+        self,
+        audio: AudioInput,
+        text: str,
+        threshold: float | None = None,
+        median_filter_s: float | None = None,
+        min_duration_s: float | None = None,
+        merge_gap_s: float | None = None,
+        template: str = "{}",
+        calibrated: bool | None = None,
+        sample_rate: int | None = None,
+    ) -> list[dict[str, float]]:
+        """Where in `audio` does `text` happen: [{onset, offset, confidence}] in seconds, sorted by
+        onset. The phrase is used as given (template "{}"); post-processing as in `detect`."""
+        if not isinstance(text, str) or not text.strip():
+            raise FinelapError("empty text query: give a phrase such as 'a dog barking'")
+        self.resolve_postprocessing(threshold, median_filter_s, min_duration_s, merge_gap_s)
+        fs = self.frame_scores(audio, [text.strip()], calibrated=calibrated, sample_rate=sample_rate, template=template)
+        segs = self.segments_from_scores(fs, threshold, median_filter_s, min_duration_s, merge_gap_s)
+        return [{"onset": round(on, 3), "offset": round(off, 3), "confidence": c} for on, off, _, c in segs]
+
+    # ------------------------------------------------------------------ search-index contract
+    def embed_files(self, paths: Sequence[str | os.PathLike], *, with_frames: bool = False, batch_size: int = 16) -> Iterator[Any]:
+        """One `finelap.search.EmbedResult` per path, in order; a missing or corrupt file gives a
+        result with `error` set instead of raising (the `finelap.search.Embedder` contract)."""
+        from .search import EmbedResult
+
+        paths = [Path(p) for p in paths]
+        group = max(batch_size * 4, 16)
+        for g in range(0, len(paths), group):
+            ok: list[tuple[Path, _Source]] = []
+            results: dict[int, Any] = {}
+            for k, p in enumerate(paths[g : g + group]):
+                try:
+                    ok.append((p, self._open(p)))
+                except FinelapError as e:
+                    results[k] = EmbedResult(p, error=str(getattr(e, "problem", e)))
+            try:
+                embs = self._embed_sources([s for _, s in ok], batch_size) if ok else np.zeros((0, self.embed_dim), np.float32)
+            except FinelapError:  # a decode error inside a long file: retry one by one to isolate it
+                embs = None
+            j = 0
+            for k, p in enumerate(paths[g : g + group]):
+                if k in results:
+                    yield results[k]
+                    continue
+                src = ok[j][1]
+                try:
+                    emb = embs[j] if embs is not None else self._embed_sources([src], batch_size)[0]
+                    frames = self.embed_frames(src).embeds if with_frames else None
+                    yield EmbedResult(p, emb, frames, self.frame_rate_hz if with_frames else None, src.n_samples / self.sample_rate)
+                except FinelapError as e:
+                    yield EmbedResult(p, error=str(getattr(e, "problem", e)))
+                j += 1
+
+    # ------------------------------------------------------------------ plots
+    def plot(
+        self,
+        audio: AudioInput,
+        scores: FrameScores,
+        path: str | os.PathLike,
+        segments: Sequence[Sequence[tuple[float, float]]] | None = None,
+        threshold: float | None = None,
+        title: str = "",
+        sample_rate: int | None = None,
+    ) -> Path:
+        """PNG: spectrogram with one probability curve per query and the detected spans shaded
+        (`segments`: one list of (onset, offset) per query). Long audio is read window by window."""
+        from .eval.plots import plot_timeline
+
+        src = self._open(audio, sample_rate)
+        mel, mel_tl, mel_cfg = display_mel_stream(src, self.sample_rate)
+        return plot_timeline(
+            mel, scores.scores, scores.timeline, scores.texts, path,
+            audio_timeline=mel_tl, sample_rate=self.sample_rate, mel_config=mel_cfg,
+            detections=segments, threshold=threshold, duration_s=scores.duration_s,
+            title=title or f"{Path(scores.name).name}: frame probabilities",
+        )  # fmt: skip
