@@ -36,7 +36,13 @@ demo: install system-deps
 	    "data.train=[$(DEMO_DIR)/soundscapes/train/manifest.jsonl,$(DEMO_DIR)/pool/manifest.jsonl]" \
 	    "data.val=[$(DEMO_DIR)/soundscapes/val/manifest.jsonl]"; \
 	fi
-	@echo "finelap demo: checkpoint at $(DEMO_DIR)/run/final, training curves at $(DEMO_DIR)/run/training_curves.png"
+	$(BIN)/finelap eval sed --checkpoint $(DEMO_DIR)/run/final --data $(DEMO_DIR)/soundscapes/test/manifest.jsonl --out $(DEMO_DIR)/report/sed.json
+	$(BIN)/finelap eval retrieval --checkpoint $(DEMO_DIR)/run/final --data $(DEMO_DIR)/soundscapes/test/manifest.jsonl --out $(DEMO_DIR)/report/retrieval.json
+	$(BIN)/finelap ground $(DEMO_DIR)/soundscapes/test/audio/test_000000.flac "a telephone ringing" --checkpoint $(DEMO_DIR)/run/final --plot $(DEMO_DIR)/report/ground_example.png
+	@echo "finelap demo: done."
+	@echo "  checkpoint:      $(DEMO_DIR)/run/final  (training curves: $(DEMO_DIR)/run/training_curves.png)"
+	@echo "  reports:         $(DEMO_DIR)/report/sed.md, $(DEMO_DIR)/report/retrieval.md (+ PNGs next to them)"
+	@echo "  grounding plot:  $(DEMO_DIR)/report/ground_example.png"
 
 test: install
 	$(BIN)/python -m pytest tests

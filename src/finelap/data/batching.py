@@ -181,14 +181,14 @@ class Collate:
             wave[i, : len(it["wave"])] = torch.from_numpy(it["wave"])
         t = self.timeline.num_frames_for_samples(int(lengths.max()))
         has_frames = torch.tensor([it["has_events"] for it in items], dtype=torch.bool)
-        phrases = [list(it["phrases"]) + [""] * (self.k - len(it["phrases"])) for it in items]
+        phrases = [list(it["phrases"][: self.k]) + [""] * (self.k - len(it["phrases"][: self.k])) for it in items]
         phrase_mask = torch.tensor([[bool(p) for p in ps] for ps in phrases], dtype=torch.bool)
         targets = None
         if bool(has_frames.any()):
             targets = torch.zeros(b, t, self.k)
             for i, it in enumerate(items):
                 for e in it["events"]:
-                    for j in it["positives"].get(e.label, []):
+                    for j in (j for j in it["positives"].get(e.label, []) if j < self.k):
                         col = self.timeline.rasterize([(0, e.onset, e.offset)], [0], t)[:, 0]
                         targets[i, :, j] = torch.maximum(targets[i, :, j], torch.from_numpy(col))
         captions = [it["caption"] for it in items]
