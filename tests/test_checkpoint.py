@@ -324,3 +324,22 @@ def test_unsupported_state_is_rejected_before_writing(tmp_path: Path) -> None:
 def test_no_pickle_in_checkpoint_module() -> None:
     src = Path(ck.__file__).read_text()
     assert not re.search(r"import pickle|pickle\.|torch\.load\(|torch\.save\(|allow_pickle|weights_only", src)
+
+
+def test_outputs_have_normal_permissions(tmp_path):
+    """Atomic writes go through mkstemp/mkdtemp (0600/0700); results must get the usual mode."""
+    import os
+    import stat
+
+    from finelap.train.checkpoint import save_checkpoint
+    from finelap.utils import write_json_atomic
+
+    umask = os.umask(0o022)
+    try:
+        write_json_atomic(tmp_path / "r.json", {"a": 1})
+        ck = save_checkpoint(tmp_path / "ck", {"w": torch.zeros(2)}, {"name": "x"}, step=0)
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "r.json").stat().st_mode) == 0o644
+    assert stat.S_IMODE(ck.stat().st_mode) == 0o755
+    assert stat.S_IMODE((ck / "model.safetensors").stat().st_mode) == 0o644

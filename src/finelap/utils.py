@@ -31,6 +31,18 @@ def progress(iterable: Iterable[T], total: int | None = None, desc: str = "", di
             bar.advance(task)
 
 
+def _umask() -> int:
+    old = os.umask(0)
+    os.umask(old)
+    return old
+
+
+def public_mode(path: str | Path, directory: bool = False) -> None:
+    """Give a temp file (mkstemp: 0600) or dir (mkdtemp: 0700) the mode a plain open()/mkdir()
+    would have, so outputs renamed into place are readable by the user's group as usual."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
 def log(msg: str) -> None:
     """Human-facing status line on stderr (stdout is kept for machine-readable output)."""
     print(msg, file=sys.stderr, flush=True)
@@ -47,6 +59,7 @@ def atomic_path(path: str | Path, mode_suffix: str = "") -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        public_mode(tmp_path)
         with open(tmp_path, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp_path, path)

@@ -1222,6 +1222,9 @@ class _ShardWriter:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
         self.tmp = Path(tmp)
+        from ..utils import public_mode
+
+        public_mode(self.tmp)
         self.tar = tarfile.open(self.tmp, "w", format=_TAR_FORMAT)
         self.n = 0
 

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError
+from ..utils import public_mode
 
 FORMAT_VERSION = 1
 
@@ -299,7 +300,10 @@ def _atomic_dir(path: Path) -> Iterator[Path]:
     _recover(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
+        public_mode(tmp, directory=True)
         yield tmp
+        for f in tmp.iterdir():  # safetensors writes through its own 0600 temp files
+            public_mode(f, directory=f.is_dir())
         _fsync_dir(tmp)
         if path.exists():
             backup = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
