@@ -207,7 +207,7 @@ def test_two_gloo_processes_equal_one_process(tmp_path):
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available in this build")
     mp.spawn(_worker, args=(WORLD, str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=WORLD, join=True)
-    per_rank = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    per_rank = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
     ref = _cases(_data(), 0, 1, slice(0, 5), slice(0, N_TEXT))
     assert set(ref) == set(per_rank[0]) - {"_gather", "_reduce", "_ddp"}
     for case, want in ref.items():

@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from ..config import RunConfig, save_config, to_dict
+from ..config import RunConfig, save_config
 from ..data.batching import Batch, ClipDataset, Collate, MixedBatchSampler, split_by_supervision
 from ..data.phrases import PhraseClusters
 from ..data.types import Clip
@@ -292,7 +292,7 @@ def validate(model: FineLAPModel, clips: Sequence[Clip], cfg: RunConfig, max_cli
     clips = list(clips)[:max_clips] if max_clips else list(clips)
     ds = ClipDataset(clips, model.sample_rate, clip_seconds=cfg.audio.max_seconds, random_crop=False)
     coll = Collate(model.timeline, phrases_per_clip=1)
-    embeds, frames, masks, kept = [], [], [], []
+    embeds, frames, kept = [], [], []
     bs = cfg.data.eval_batch_size
     for i in range(0, len(ds), bs):
         items = [ds[j] for j in range(i, min(len(ds), i + bs))]
@@ -304,7 +304,8 @@ def validate(model: FineLAPModel, clips: Sequence[Clip], cfg: RunConfig, max_cli
         embeds.append(a.audio_embeds)
         for j in range(batch.size):
             frames.append(a.frame_embeds[j][a.frame_mask[j]])
-        kept.extend(c for c in clips[i : i + bs] if c.key in set(batch.keys))
+        loaded = set(batch.keys)
+        kept.extend(c for c in clips[i : i + bs] if c.key in loaded)
     out: dict[str, float] = {}
     if not kept:
         return out
@@ -669,4 +670,4 @@ def _plot_curves(csv_path: Path, png: Path) -> None:
         log(f"finelap train: could not draw training curves ({e})")
 
 
-__all__ = ["train", "forward_backward", "validate", "lr_lambda", "ema_update", "step_texts", "losses_from_reps", "to_dict"]
+__all__ = ["train", "forward_backward", "validate", "lr_lambda", "ema_update", "step_texts", "losses_from_reps"]
