@@ -162,13 +162,18 @@ def train_preset(preset: str, data: dict[str, Any], args: argparse.Namespace, ou
         f"train.max_minutes={args.minutes}",
         "train.max_steps=1000000",
         f"train.warmup_steps={args.warmup}",
+        f"train.lr={args.lr}",
+        f"train.schedule={args.schedule}",
         "train.eval_every=0",
         "train.ckpt_every=0",
         f"train.out_dir={run_dir}",
         *([f"train.num_threads={args.threads}"] if args.threads else []),
-        *args.overrides,
     ]
-    cfg = load_run_config(REPO / "configs" / f"{preset}.yaml", overrides)
+    config = REPO / "configs" / f"{preset}.yaml"
+    cfg = load_run_config(config, [*overrides, *args.overrides])
+    crops = cfg.audio.clip_seconds < cfg.audio.max_seconds  # SLAP trains on whole clips: never crop it
+    if crops and args.crop_seconds:  # the user's own overrides still win
+        cfg = load_run_config(config, [*overrides, f"audio.clip_seconds={args.crop_seconds}", *args.overrides])
     t0 = time.time()
     final = train(cfg, progress=False)
     wall = time.time() - t0
@@ -179,6 +184,7 @@ def train_preset(preset: str, data: dict[str, Any], args: argparse.Namespace, ou
     info = {
         "train_seconds": round(wall, 1),
         "batch_size": cfg.data.batch_size,
+        "clip_seconds": cfg.audio.clip_seconds if crops else None,
         "loss_terms": cfg.loss.terms(),
         # the last logged row (every train.log_every steps; a budget stop may fall between rows)
         "last_logged_step": int(float(last["step"])) if last else None,
@@ -251,17 +257,20 @@ def markdown(result: dict[str, Any]) -> str:
         f"Equal budget: {result['minutes_per_preset']} min of training per preset on {result['device']}, seed "
         f"{result['seed']}, the same data. Test fold {result['test_fold']}"
         + (f" (first {result['eval_limit']} clips/soundscapes only)" if result["eval_limit"] else "")
-        + f". Prompt template: `{result['prompt_template']}`.",
+        + f". Prompt template: `{result['prompt_template']}`. LR {result.get('lr')} ({result.get('schedule')}, "
+        f"{result.get('warmup_steps')} warm-up steps); presets that crop train on {result.get('crop_seconds')}-s crops, "
+        "slap on whole clips.",
         "",
-        "| preset | steps | " + " | ".join(t for _, t, _ in HEADLINE) + " | SED frame AUROC | grounding frame AUROC |",
-        "|---|---:|" + "---:|" * (len(HEADLINE) + 2),
+        "| preset | steps | " + " | ".join(t for _, t, _ in HEADLINE)
+        + " | SED frame AUROC | grounding frame AUROC | zero-shot top-5 | last train loss |",
+        "|---|---:|" + "---:|" * (len(HEADLINE) + 4),
     ]
     for name, r in rows.items():
         if "error" in r:
-            lines.append(f"| {name} | error: {r['error']} |" + " |" * (len(HEADLINE) + 2))
+            lines.append(f"| {name} | error: {r['error']} |" + " |" * (len(HEADLINE) + 4))
             continue
         cells = [_fmt(r.get("steps"))] + [_fmt(r.get(k)) for k, _, _ in HEADLINE]
-        cells += [_fmt(r.get("sed_frame_AUROC")), _fmt(r.get("grounding_frame_AUROC"))]
+        cells += [_fmt(r.get(k)) for k in ("sed_frame_AUROC", "grounding_frame_AUROC", "zeroshot_top5", "last_logged_train_loss")]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += [
         "",
@@ -291,7 +300,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--val-soundscapes", type=int, default=200)
     ap.add_argument("--workers", type=int, default=2, help="synth worker processes")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--warmup", type=int, default=200, help="train.warmup_steps")
+    ap.add_argument("--warmup", type=int, default=30, help="train.warmup_steps")
+    ap.add_argument("--lr", type=float, default=2e-3, help="train.lr for every preset")
+    ap.add_argument("--schedule", default="constant",
+                    help="train.schedule; constant by default: steps per budget differ by preset, so a decay "
+                         "defined in steps would end at a different point of each preset's budget")
+    ap.add_argument("--crop-seconds", type=float, default=5.0,
+                    help="audio.clip_seconds for presets that crop (all but slap, which trains on whole clips); "
+                         "ESC-50 clips are 5 s; 0 keeps the config's value")
     ap.add_argument("--threads", type=int, default=None, help="torch threads for training (default: torch's)")
     ap.add_argument("--eval-device", default="auto", help="device for evaluation (auto: cuda if available)")
     ap.add_argument("--eval-limit", type=int, default=None, help="evaluate on the first N test clips/soundscapes only")
@@ -349,23 +365,28 @@ def main(argv: list[str] | None = None) -> int:
             row = {"error": f"{type(e).__name__}: {e}"}
         row["total_seconds"] = round(time.time() - t0, 1)
         rows[preset] = row
-    result = to_jsonable({
-        "benchmark": "ablation",
-        "minutes_per_preset": args.minutes,
-        "seed": args.seed,
-        "device": "cuda" if torch.cuda.is_available() else "cpu",
-        "torch_threads": args.threads or torch.get_num_threads(),
-        "train_folds": args.train_folds,
-        "test_fold": args.test_fold,
-        "eval_limit": args.eval_limit,
-        "prompt_template": template,
-        "synth_seconds": data["synth_seconds"],
-        "data_dir": data["data_dir"],
-        "overrides": args.overrides,
-        "presets": rows,
-    })  # fmt: skip
-    write_json_atomic(out / "ablation.json", result)
-    write_text_atomic(out / "ablation.md", markdown(result))
+        result = to_jsonable({
+            "benchmark": "ablation",
+            "minutes_per_preset": args.minutes,
+            "seed": args.seed,
+            "device": "cuda" if torch.cuda.is_available() else "cpu",
+            "torch_threads": args.threads or torch.get_num_threads(),
+            "lr": args.lr,
+            "schedule": args.schedule,
+            "warmup_steps": args.warmup,
+            "crop_seconds": args.crop_seconds,
+            "train_folds": args.train_folds,
+            "test_fold": args.test_fold,
+            "eval_limit": args.eval_limit,
+            "prompt_template": template,
+            "synth_seconds": data["synth_seconds"],
+            "data_dir": data["data_dir"],
+            "overrides": args.overrides,
+            "presets": rows,
+        })  # fmt: skip
+        # after every preset, so that an interrupted run keeps the finished rows
+        write_json_atomic(out / "ablation.json", result)
+        write_text_atomic(out / "ablation.md", markdown(result))
     print(json.dumps(result, indent=2))
     return 0 if all("error" not in r for r in rows.values()) else 1
 
