@@ -339,3 +339,20 @@ def test_broken_section_module_is_not_silently_ignored(tmp_path: Path, monkeypat
     monkeypatch.setitem(C._SECTIONS, "model", ("fl_broken_cfg_mod", "ModelConfig"))
     with pytest.raises(ModuleNotFoundError, match="fl_dependency_that_is_missing"):
         resolve_run_config({})
+
+
+def test_audio_config_mel_fields_match_mel_config() -> None:
+    """AudioConfig repeats MelConfig's front-end fields (config.py stays torch-free): same defaults,
+    and mel_config() carries every shared field over."""
+    import dataclasses
+
+    from finelap.audio import MelConfig
+
+    mel = {f.name: f.default for f in dataclasses.fields(MelConfig)}
+    audio = {f.name: f.default for f in dataclasses.fields(C.AudioConfig)}
+    shared = set(mel) & set(audio)
+    assert {"sample_rate", "n_fft", "win_length", "hop_length", "n_mels", "fmin", "fmax"} <= shared
+    assert {k: audio[k] for k in shared} == {k: mel[k] for k in shared}
+    custom = C.AudioConfig(sample_rate=22050, n_fft=1024, win_length=1024, hop_length=256, n_mels=80, fmin=0.0, fmax=11025.0)
+    got = custom.mel_config()
+    assert {k: getattr(got, k) for k in shared} == {k: getattr(custom, k) for k in shared}

@@ -382,7 +382,12 @@ def _positive(path: str, **values: float | int | None) -> None:
 
 @dataclass
 class AudioConfig:
-    """Audio front-end (the fields of `finelap.audio.MelConfig`) plus crop lengths, in seconds."""
+    """Audio front-end (the fields of `finelap.audio.MelConfig`) plus crop lengths, in seconds.
+
+    The mel fields repeat MelConfig's rather than inherit them because this module must not import
+    torch (config errors surface before the heavy imports); tests/test_config.py checks that names
+    and defaults stay equal.
+    """
 
     sample_rate: int = 16000
     n_fft: int = 512
@@ -406,11 +411,10 @@ class AudioConfig:
             raise ConfigError(f"audio.clip_seconds ({self.clip_seconds}) exceeds audio.max_seconds ({self.max_seconds})")
 
     def mel_config(self) -> "Any":
-        """The `finelap.audio.MelConfig` for these parameters."""
+        """The `finelap.audio.MelConfig` for these parameters (every MelConfig field this class has)."""
         from .audio import MelConfig
 
-        return MelConfig(sample_rate=self.sample_rate, n_fft=self.n_fft, win_length=self.win_length,
-                         hop_length=self.hop_length, n_mels=self.n_mels, fmin=self.fmin, fmax=self.fmax)
+        return MelConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(MelConfig) if hasattr(self, f.name)})
 
 
 STREAMS = ("captions", "events")  # caption-only clips / clips with strong (frame-level) labels
