@@ -21,7 +21,8 @@ Protocol (the same for every preset; only objectives and heads differ, see confi
    - grounding PSDS: each (soundscape, event label) pair is one query, the label's natural phrase
      from the soundscapes' phrase bank (e.g. "a car horn honking") used verbatim, its ground
      truth the segments of that label's events in that soundscape.
-4. Output: <out>/ablation.json and <out>/ablation.md (one row per preset), JSON on stdout.
+4. Output: <out>/ablation.json, <out>/ablation.md (one row per preset) and <out>/ablation.png (grouped
+   bars), rewritten after every preset; JSON on stdout.
 Extra `key=value` arguments are config overrides for every preset (e.g. data.batch_size=16).
 """
 from __future__ import annotations
@@ -283,6 +284,18 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def plot(result: dict[str, Any], path: Path) -> None:
+    """Grouped bars of the headline metrics plus the frame AUROCs, one bar per preset."""
+    from finelap.eval.plots import plot_comparison
+
+    rows = {k: v for k, v in result["presets"].items() if "error" not in v}
+    if rows:
+        metrics = [(k, t) for k, t, _ in HEADLINE] + [("sed_frame_AUROC", "SED frame AUROC"),
+                                                      ("grounding_frame_AUROC", "grounding frame AUROC")]
+        plot_comparison(rows, metrics, path, title=f"Presets at {result['minutes_per_preset']} min each "
+                                                   f"({result['device']}), test fold {result['test_fold']}")
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -387,6 +400,7 @@ def main(argv: list[str] | None = None) -> int:
         # after every preset, so that an interrupted run keeps the finished rows
         write_json_atomic(out / "ablation.json", result)
         write_text_atomic(out / "ablation.md", markdown(result))
+        plot(result, out / "ablation.png")
     print(json.dumps(result, indent=2))
     return 0 if all("error" not in r for r in rows.values()) else 1
 

@@ -223,6 +223,13 @@ def test_similarity_heatmap_confusion_ap_psd_roc(tmp_path):
     _assert_png(P.plot_psd_roc(curves, tmp_path / "roc.png"))
 
 
+def test_comparison_bars(tmp_path):
+    res = {"clap": {"top1": 0.3, "psds": None}, "finelap": {"top1": 0.25, "psds": 0.12}, "flam": {"top1": float("nan")}}
+    _assert_png(P.plot_comparison(res, [("top1", "zero-shot top-1"), ("psds", "PSDS1")], tmp_path / "cmp.png"))
+    with pytest.raises(ValueError, match="at least one"):
+        P.plot_comparison({}, [("top1", "top-1")], tmp_path / "x.png")
+
+
 def test_training_curves(tmp_path):
     csv_path = tmp_path / "metrics.csv"
     csv_path.write_text(

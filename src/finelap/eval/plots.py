@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import math
+import textwrap
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -23,6 +24,7 @@ __all__ = [
     "plot_confusion",
     "plot_per_class_ap",
     "plot_psd_roc",
+    "plot_comparison",
     "plot_timeline",
     "plot_similarity_heatmap",
     "plot_training_curves",
@@ -141,6 +143,39 @@ def plot_per_class_ap(
     ax.set_xlabel("average precision")
     ax.set_title(title or f"Per-class average precision ({n} classes)")
     ax.grid(axis="x", alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_comparison(
+    results: Mapping[str, Mapping[str, float | None]], metrics: Sequence[tuple[str, str]], path: str | Path, title: str = ""
+) -> Path:
+    """Grouped bars comparing models (or methods) on several metrics in [0, 1].
+
+    results: {model name: {metric key: value}}; a missing/None/NaN value is drawn as "n/a".
+    metrics: [(metric key, axis title), ...], one group of bars per metric, one bar per model.
+    """
+    plt = _plt()
+    names = list(results)
+    if not names or not metrics:
+        raise ValueError("need at least one model and one metric to compare")
+    vals = np.array([[np.nan if results[n].get(k) is None else float(results[n][k]) for k, _ in metrics] for n in names])
+    m, k = vals.shape
+    width = 0.8 / m
+    fig, ax = plt.subplots(figsize=(max(6.0, k * max(1.4, 0.3 * m) + 1.5), 4.2))
+    x = np.arange(k)
+    for i, (name, color) in enumerate(zip(names, _colors(m))):
+        xs = x - 0.4 + width * (i + 0.5)
+        ax.bar(xs, np.nan_to_num(vals[i]), width * 0.92, color=color, label=name)
+        for xi, v in zip(xs, vals[i]):
+            ax.text(xi, (0.0 if np.isnan(v) else v) + 0.01, "n/a" if np.isnan(v) else f"{v:.2f}",
+                    ha="center", va="bottom", fontsize=7, rotation=90)  # fmt: skip
+    ax.set_xticks(x, [textwrap.fill(_short(t, 40), 14) for _, t in metrics], fontsize=9)
+    top = np.nanmax(vals) if np.isfinite(vals).any() else 1.0
+    ax.set_ylim(0, min(1.05, max(0.1, top * 1.25 + 0.05)))
+    ax.set_ylabel("score")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, ncol=min(m, 5), loc="upper right")
+    ax.set_title(title or f"{m} models on {k} metrics")
     return _save(fig, path)
 
 
