@@ -398,6 +398,23 @@ def test_text_cache_hits_and_invalidation(tiny_text_dir, monkeypatch):
     assert list(small._cache) == ["piano", "rain"]
 
 
+def test_text_cache_state_round_trip(tiny_text_dir, monkeypatch):
+    """A restored cache serves the same tensors (LRU order kept) without re-encoding."""
+    enc = tiny_text(tiny_text_dir, freeze=True)
+    assert enc.cache_state() is None
+    a = enc.embed_cached(["a dog", "piano", "rain"])
+    enc.embed_cached(["a dog"])  # now most recently used
+    state = enc.cache_state()
+    assert state["texts"] == ["piano", "rain", "a dog"] and state["pooled"].shape == (3, enc.hidden_size)
+    other = tiny_text(tiny_text_dir, freeze=True)
+    other.load_cache_state(state)
+    monkeypatch.setattr(other, "encode", lambda texts: pytest.fail(f"re-encoded {texts}"))
+    assert torch.equal(other.embed_cached(["a dog", "piano", "rain"]), a)
+    with pytest.raises(ValueError, match="2 texts"):
+        other.load_cache_state({"texts": ["x", "y"], "pooled": torch.zeros(3, enc.hidden_size)})
+    assert other.cache_state() is None  # a failed load leaves an empty (never a stale) cache
+
+
 def test_text_freeze(tiny_text_dir):
     enc = tiny_text(tiny_text_dir, freeze=True)
     enc.train()

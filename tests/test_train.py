@@ -97,6 +97,34 @@ def test_resume_is_bitwise_identical(tmp_path):
     assert steps == [1, 2, 3, 4]
 
 
+def test_checkpoints_leave_out_the_frozen_bundled_text_tower(tmp_path):
+    """The bundled all-MiniLM-L6-v2 ships with every install: a frozen one is not stored (the
+    checkpoint shrinks ~10x), resume is still bitwise, and loading restores the package's weights."""
+    from finelap.models.build import checkpoint_state, load_pretrained
+
+    extra = {"model.text.path": "null", "train.ema_decay": "0.9"}
+    cfg, _ = _setup(tmp_path, out="straight", **extra)
+    final_a = train(cfg, progress=False)
+    cfg_b, _ = _setup(tmp_path, out="resumed", **extra)
+    train(cfg_b, progress=False, stop_after=2)
+    final_b = train(cfg_b, resume=True, progress=False)
+    for name in ("model.safetensors", "ema.safetensors"):
+        a, b = load_file(final_a / name), load_file(final_b / name)
+        assert a and not [k for k in a if k.startswith("text.model.")], name
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    assert (final_a / "model.safetensors").stat().st_size < 10e6  # the tower alone is ~90 MB
+
+    fresh = build_model(cfg)
+    model, _, _ = load_pretrained(final_a)
+    loaded, ref, stored = model.state_dict(), fresh.state_dict(), load_file(final_a / "ema.safetensors")
+    text_keys = [k for k in ref if k.startswith("text.model.")]
+    assert text_keys and all(torch.equal(loaded[k], ref[k]) for k in text_keys)
+    assert all(torch.equal(loaded[k], stored[k]) for k in stored)  # use_ema=True: the EMA weights
+    # a tower that trains (or is not the bundled one) is always stored
+    fresh.text.unfreeze()
+    assert set(text_keys) <= set(checkpoint_state(fresh))
+
+
 def test_sigterm_saves_and_exits_cleanly(tmp_path):
     man = tiny_dataset(tmp_path / "data", n=8)
     ov = tiny_overrides(tmp_path, man, out="sig")

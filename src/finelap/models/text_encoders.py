@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -182,6 +182,31 @@ class HFTextEncoder(nn.Module):
     def clear_cache(self) -> None:
         self._cache.clear()
         self._cache_key = None
+
+    def cache_state(self) -> dict[str, Any] | None:
+        """The pooled-embedding cache for a training checkpoint: {"texts": [...] in LRU order,
+        "pooled": (N, H) CPU tensor}, or None when empty.
+
+        A resumed run needs it to be bitwise identical to an uninterrupted one: a text's embedding
+        depends in the last bits on which other texts shared its batch (padding length, thread
+        partition of the matmuls), so re-encoding after a restart would differ by ~1e-6.
+        """
+        if not self._cache:
+            return None
+        texts = list(self._cache)
+        return {"texts": texts, "pooled": torch.stack([self._cache[t] for t in texts]).cpu()}
+
+    def load_cache_state(self, state: Mapping[str, Any] | None) -> None:
+        """Replace the cache with `cache_state()`'s output (valid for the current weights)."""
+        self.clear_cache()
+        if not state:
+            return
+        texts, pooled = list(state["texts"]), state["pooled"]
+        if pooled.shape != (len(texts), self.hidden_size):
+            raise ValueError(f"text cache holds {tuple(pooled.shape)} embeddings for {len(texts)} texts of width {self.hidden_size}")
+        self._cache_key = self._params_signature()
+        for t, e in zip(texts, pooled.to(self.device)):
+            self._cache[t] = e
 
     def embed_cached(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
         """Pooled embeddings (N, H) for phrase banks and class prompts.

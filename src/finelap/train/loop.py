@@ -30,7 +30,7 @@ from ..data.types import Clip
 from ..errors import ConfigError, FinelapError
 from ..losses.compose import LossConfig, LossInputs, compute_losses
 from ..losses.frame import FrameLabels
-from ..models.build import build_model
+from ..models.build import build_model, checkpoint_state, complete_state
 from ..models.model import FineLAPModel, param_groups
 from ..utils import log
 from . import dist
@@ -446,12 +446,14 @@ def train(cfg: RunConfig, resume: str | bool | None = None, progress: bool = Tru
     if resume:
         src = run_dir if resume is True else Path(resume)
         ckpt = load_checkpoint(src)
-        model.load_state_dict(ckpt.state_dict)
+        model.load_state_dict(complete_state(model, ckpt.state_dict))
         if ema is not None and ckpt.ema_state:
-            ema = {k: v.to(device) for k, v in ckpt.ema_state.items()}
+            ema = {k: v.to(device) for k, v in complete_state(model, ckpt.ema_state).items()}
         step = restore_training_state(ckpt, opt, sched)
         if slap is not None:
             slap.load_state_dict((ckpt.trainer_state or {}).get("slap"), model)
+        if _frozen_text(model):  # after load_state_dict, which invalidates the cache
+            model.text.load_cache_state((ckpt.trainer_state or {}).get("text_cache"))
         if rank == 0:
             log(f"finelap train: resumed from {ckpt.path} at step {step}")
 
@@ -585,13 +587,28 @@ def _validate_with(model, ema, val_clips, cfg) -> dict[str, float]:
         model.load_state_dict(backup)
 
 
+def _frozen_text(model) -> bool:
+    return bool(getattr(model.text, "frozen", False)) and hasattr(model.text, "cache_state")
+
+
+def _trainer_state(model, slap) -> dict | None:
+    """SLAP's teacher and the frozen text tower's embedding cache (needed for a bitwise resume)."""
+    state = {}
+    if slap is not None:
+        state["slap"] = slap.state_dict()
+    if _frozen_text(model):
+        state["text_cache"] = model.text.cache_state()
+    return state or None
+
+
 def _save(path, model, ema, opt, sched, cfg, step, clusters, rank, slap=None) -> Path:
     if rank == 0:
         extra = {"phrase_clusters": clusters.to_json()} if clusters is not None else None
         save_checkpoint(
-            path, model, cfg, step=step, optimizer=opt, scheduler=sched, ema_state=ema,
+            path, checkpoint_state(model), cfg, step=step, optimizer=opt, scheduler=sched,
+            ema_state=checkpoint_state(model, ema) if ema is not None else None,
             preprocessing={"frame_rate_hz": model.frame_rate_hz, "prompt_template": cfg.eval.prompt_template},
-            extra_json=extra, trainer_state={"slap": slap.state_dict()} if slap is not None else None,
+            extra_json=extra, trainer_state=_trainer_state(model, slap),
         )  # fmt: skip
     dist.barrier()
     return path
