@@ -164,3 +164,13 @@ def test_wrong_checkpoint_version_is_one_line(files, capsys, tmp_path):
     (ck / "config.json").write_text(json.dumps(meta))
     rc, _, err = run(capsys, "ground", files["a.wav"], "a dog", "--checkpoint", ck)
     assert rc == 2 and len(err.strip().splitlines()) == 1 and "format 42 is newer" in err
+
+
+def test_uncalibrated_checkpoint_warns_in_one_line(files, capsys):
+    """The fixture checkpoint has no frame objective: the default threshold draws one warning line."""
+    rc, _, err = run(capsys, "detect", files["a.wav"], "--labels", "dog", "--checkpoint", files["ckpt"])
+    assert rc == 0
+    lines = [l for l in err.splitlines() if "warning" in l]
+    assert len(lines) == 1 and lines[0].startswith("finelap detect: warning: ") and "without a frame objective" in lines[0]
+    rc, _, err = run(capsys, "detect", files["a.wav"], "--labels", "dog", "--threshold", "0.3", "--checkpoint", files["ckpt"])
+    assert rc == 0 and "warning" not in err

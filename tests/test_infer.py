@@ -8,7 +8,9 @@ actually responds to its input (otherwise every comparison below would be vacuou
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import pytest
@@ -42,7 +44,8 @@ def test_signal(seconds: float, seed: int = 0) -> np.ndarray:
 test_signal.__test__ = False  # a helper, not a test
 
 
-def make_checkpoint(root: Path, name: str = "ckpt", flam: bool = False, local: bool = True, **eval_overrides) -> Path:
+def make_checkpoint(root: Path, name: str = "ckpt", flam: bool = False, local: bool = True, overrides: Sequence[str] = (),
+                    **eval_overrides) -> Path:  # fmt: skip
     """Tiny model -> save_checkpoint, like a training run would. clip 2 s, max 4 s (long-audio
     averaging kicks in above 4 s)."""
     text = tiny_text_dir(root / "text")
@@ -62,7 +65,7 @@ def make_checkpoint(root: Path, name: str = "ckpt", flam: bool = False, local: b
         ov.append("model.frame_head_window=3")
     if flam:
         ov.append("model.text_conditioned_scale_bias=true")
-    ov += [f"eval.{k}={v}" for k, v in eval_overrides.items()]
+    ov += [f"eval.{k}={v}" for k, v in eval_overrides.items()] + list(overrides)
     cfg = load_run_config(None, ov)
     torch.manual_seed(0)
     model = build_model(cfg)
@@ -275,6 +278,21 @@ def test_detect_uses_checkpoint_defaults(root):
     p = Pipeline.from_pretrained(ck)
     assert p.detect(test_signal(2.0), ["dog"]) == []  # every event is shorter than min_event_s
     assert len(p.detect(test_signal(2.0), ["dog"], min_duration_s=0.0)) == 1  # threshold 0: one event
+
+
+def test_frame_scores_without_a_frame_objective_warn_once_on_default_threshold(root):
+    clip_only = Pipeline.from_pretrained(make_checkpoint(root, "ckpt_clip_only", overrides=["loss.frame=null"]))
+    assert not clip_only.frame_trained
+    with pytest.warns(UserWarning, match=r"without a frame objective .*at most 0\.50"):
+        clip_only.detect(test_signal(2.0), ["dog"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        clip_only.detect(test_signal(2.0), ["dog"])  # once per pipeline
+        fresh = Pipeline.from_pretrained(make_checkpoint(root, "ckpt_clip_only2", overrides=["loss.frame=null"]))
+        fresh.detect(test_signal(2.0), ["dog"], threshold=0.3)  # an explicit threshold is the user's choice
+        framed = Pipeline.from_pretrained(make_checkpoint(root, "ckpt_framed", overrides=["loss.frame=finelap"]))
+        assert framed.frame_trained
+        framed.detect(test_signal(2.0), ["dog"])
 
 
 def test_ground_equals_single_label_detect_without_template(pipe):

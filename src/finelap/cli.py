@@ -9,6 +9,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
+from pathlib import Path
+from typing import Any
 
 # name -> (module, one-line help). Order is the order shown in --help.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -41,6 +44,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warnings(command: str, default: Any) -> Any:
+    """finelap's own warnings as one line (`finelap detect: warning: ...`); others unchanged."""
+    package_dir = str(Path(__file__).resolve().parent)
+
+    def show(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001 (warnings API)
+        if str(Path(filename).resolve()).startswith(package_dir) or "/finelap/" in str(filename):
+            print(f"finelap {command}: warning: {message}", file=sys.stderr)
+        else:
+            default(message, category, filename, lineno, file, line)
+
+    return show
+
+
 def main(argv: list[str] | None = None) -> int:
     from .errors import FinelapError
 
@@ -51,7 +67,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     mod = importlib.import_module(args._module)
     try:
-        return int(mod.run(args) or 0)
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warnings(args.command, warnings.showwarning)
+            return int(mod.run(args) or 0)
     except FinelapError as e:
         print(f"finelap {args.command}: error: {e}", file=sys.stderr)
         return 2

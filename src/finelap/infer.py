@@ -31,6 +31,7 @@ import hashlib
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence, Union
@@ -269,6 +270,30 @@ class Pipeline:
     def has_calibration(self) -> bool:
         """True when the model has FLAM per-text frame biases (calibrated probabilities available)."""
         return bool(self.model.cfg.text_conditioned_scale_bias)
+
+    @property
+    def frame_trained(self) -> bool:
+        """True when the checkpoint was trained with a frame objective (finelap, flam). Otherwise
+        (clap, mgaclap, slap) frame probabilities come from an untrained scale/bias: they rank frames
+        (PSDS, AUROC) but a fixed threshold such as 0.5 means nothing."""
+        loss = getattr(self.config, "loss", None)
+        return (loss.get("frame") if isinstance(loss, dict) else getattr(loss, "frame", None)) is not None
+
+    def _warn_uncalibrated(self, threshold: float) -> None:
+        if self.frame_trained or getattr(self, "_warned_uncalibrated", False):
+            return
+        self._warned_uncalibrated = True
+        ceiling = ""
+        if not self.has_calibration:
+            scale, bias = self.model.frame_scale_bias()
+            ceiling = f" (here at most {torch.sigmoid(scale + bias).item():.2f})"
+        warnings.warn(
+            f"{getattr(self.checkpoint, 'path', 'this model')} was trained without a frame objective "
+            f"(preset {getattr(self.config, 'preset', '?')}): its frame "
+            f"probabilities are not calibrated{ceiling}, so the default threshold {threshold:g} is arbitrary; "
+            "pass a threshold chosen on validation data",
+            stacklevel=4,  # the caller of detect/ground
+        )
 
     @property
     def embedder_id(self) -> str:
@@ -682,6 +707,8 @@ class Pipeline:
         )
         if not 0 <= vals[0] <= 1:
             raise ConfigError(f"threshold must be in [0, 1] (a probability), got {vals[0]}")
+        if threshold is None:
+            self._warn_uncalibrated(vals[0])
         if min(vals[1:]) < 0:
             raise ConfigError(f"median filter, minimum duration and merge gap must be >= 0 seconds, got {vals[1:]}")
         return vals
