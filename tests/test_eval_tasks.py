@@ -371,6 +371,25 @@ def test_sed_matches_direct_metric_calls(tmp_path):
     assert r["segment_F1"] == M.segment_f1(dfs, gt, dur, 0.5)["segment_F1_macro"]
 
 
+def test_sed_psds_variants(tmp_path):
+    """Extra PSDS settings: PSDS1's own parameters reproduce PSDS1; alpha_st = 0 equals a direct
+    metrics.psds call and can only raise the value (it drops the penalty on the class spread)."""
+    clips = _sed_clips(tmp_path)
+    fns = _oracle_frame_scores(clips, 10.0, shift_s=0.3)
+    variants = {"same": dict(M.PSDS1_PARAMS), "no_st": {**M.PSDS1_PARAMS, "alpha_st": 0.0}}
+    r = evaluate_sed(fns, clips, psds_variants=variants)
+    assert r["psds_variants"]["same"] == r["PSDS1"]
+    dfs = {c.key: M.scores_to_dataframe(
+        fns.frame_scores(c.audio, [make_prompt(TEMPLATE, "dog"), make_prompt(TEMPLATE, "siren")]).scores,
+        Timeline(10.0), ["dog", "siren"], 4.0) for c in clips}  # fmt: skip
+    gt = {c.key: [(e.onset, e.offset, e.label) for e in c.events] for c in clips}
+    direct = M.psds(dfs, gt, {k: 4.0 for k in dfs}, **variants["no_st"]).value
+    assert r["psds_variants"]["no_st"] == direct >= r["PSDS1"]
+    assert "psds_variants" not in evaluate_sed(fns, clips)
+    with pytest.raises(FinelapError, match="psds_variants\\['bad'\\].*alpha"):
+        evaluate_sed(fns, clips, psds_variants={"bad": {"alpha": 1.0}})
+
+
 def test_sed_shifted_scores_score_worse(tmp_path):
     clips = _sed_clips(tmp_path)
     good = evaluate_sed(_oracle_frame_scores(clips), clips)

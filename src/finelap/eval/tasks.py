@@ -518,6 +518,7 @@ def evaluate_sed(
     postprocess: PostProcess | None = None,
     template: str | None = None,
     n_examples: int = 3,
+    psds_variants: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Sound event detection with DCASE protocols (sed_scores_eval).
 
@@ -526,6 +527,11 @@ def evaluate_sed(
     classes: the event classes (default: every event label found, sorted). Each is queried with
         `template` (default: the Evaluatable's prompt template). Events of other labels are ignored.
     postprocess: seconds-based post-processing for detections and thresholded metrics.
+    psds_variants: extra PSDS settings to report next to PSDS1/PSDS2, {name: keyword arguments of
+        `metrics.psds`} (dtc, gtc, cttc, alpha_ct, alpha_st, max_efpr; unset ones take psds's
+        defaults), e.g. {"PSDS1_alpha_st0": {**PSDS1_PARAMS, "alpha_st": 0.0}} to see PSDS1
+        without its penalty on the spread of the per-class TPRs. Returned as ``psds_variants``
+        {name: value}.
 
     Per file, frame_scores gives (T, C) probabilities; with the Timeline's frame edges they become
     sed_scores_eval score DataFrames. Returns
@@ -538,6 +544,11 @@ def evaluate_sed(
       ``n_items``, ``classes``, ``classes_without_events``, ``skipped``.
     """
     fns.require("frame_scores", task="SED")
+    variants = {str(k): dict(v) for k, v in (psds_variants or {}).items()}
+    for name, kw in variants.items():
+        unknown = sorted(set(kw) - {"dtc", "gtc", "cttc", "alpha_ct", "alpha_st", "max_efpr"})
+        if unknown:
+            raise FinelapError(f"psds_variants[{name!r}]: unknown PSDS parameter(s) {unknown}")
     pp = postprocess or PostProcess()
     template = template if template is not None else fns.prompt_template
     make_prompt(template, "x")
@@ -611,6 +622,7 @@ def evaluate_sed(
 
     p1 = M.psds1(raw_e, gt, durations)
     p2 = M.psds2(raw_e, gt, durations)
+    extra_psds = {name: M.psds(raw_e, gt, durations, **kw).value for name, kw in variants.items()}
     ef = M.collar_f1(act_e, gt, threshold=0.5)
     sf = M.segment_f1(act_e, gt, durations, threshold=0.5, segment_length=1.0)
     try:
@@ -633,6 +645,7 @@ def evaluate_sed(
         "segment_precision_macro": sf["segment_precision_macro"],
         "segment_recall_macro": sf["segment_recall_macro"],
         "psds_params": {"PSDS1": dict(p1.params), "PSDS2": dict(p2.params)},
+        **({"psds_variants": extra_psds} if variants else {}),
         "per_class": {
             c: {
                 "PSDS1": p1.per_class.get(c),
