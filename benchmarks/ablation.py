@@ -40,6 +40,9 @@ REPO = Path(__file__).resolve().parents[1]
 ESC = REPO.parent / "shared" / "data" / "esc50-dev"
 DEFAULT_PRESETS = ["clap", "finelap", "flam", "mgaclap", "slap"]
 
+# what train_preset reports (kept from the previous ablation.json by --eval-only)
+TRAIN_KEYS = ("train_seconds", "batch_size", "clip_seconds", "loss_terms", "last_logged_step", "last_logged_train_loss")
+
 # (json key, column title, evaluator result key)
 HEADLINE = [
     ("zeroshot_top1", "zero-shot top-1", "top1_accuracy"),
@@ -52,6 +55,7 @@ SECONDARY = [
     ("audio_to_text_R@1", "audio_to_text_R@1"),
     ("text_to_audio_R@10", "text_to_audio_R@10"),
     ("sed_PSDS2", "PSDS2"),
+    ("sed_PSDS1_alpha_st0", "PSDS1_alpha_st0"),
     ("sed_frame_AUROC", "frame_AUROC"),
     ("grounding_frame_AUROC", "grounding_frame_AUROC"),
     ("grounding_event_F1", "grounding_event_F1"),
@@ -196,6 +200,7 @@ def train_preset(preset: str, data: dict[str, Any], args: argparse.Namespace, ou
 
 def evaluate_preset(final: Path, preset: str, data: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     from finelap.data.manifests import read_manifest
+    from finelap.eval.metrics import PSDS1_PARAMS
     from finelap.eval.tasks import Evaluatable, evaluate_grounding, evaluate_retrieval, evaluate_sed, evaluate_zeroshot
     from finelap.infer import Pipeline
 
@@ -215,8 +220,12 @@ def evaluate_preset(final: Path, preset: str, data: dict[str, Any], args: argpar
     res = {
         "zeroshot": evaluate_zeroshot(fns, test_clips, labels=data["classes"]),
         "retrieval": evaluate_retrieval(fns, scapes),
-        "sed": evaluate_sed(fns, scapes, classes=data["classes"]),
+        # PSDS1 with alpha_st = 0 as a diagnostic: PSDS1 subtracts the spread of the per-class TPRs
+        # (alpha_st = 1), which zeroes it whenever few classes are detected at all
+        "sed": evaluate_sed(fns, scapes, classes=data["classes"],
+                            psds_variants={"PSDS1_alpha_st0": {**PSDS1_PARAMS, "alpha_st": 0.0}}),
     }
+    res["sed"].update(res["sed"].pop("psds_variants"))
     items, _ = grounding_items(scapes, data["scapes"] / "phrase_bank.json")
     res["grounding"] = evaluate_grounding(fns, items)
     out: dict[str, Any] = {}
@@ -233,6 +242,8 @@ def evaluate_preset(final: Path, preset: str, data: dict[str, Any], args: argpar
         n_soundscapes=res["retrieval"]["n_items"],
         n_captions=res["retrieval"]["n_captions"],
         n_sed_events=res["sed"]["n_events"],
+        sed_classes_with_PSDS1_above_0=sum(1 for v in res["sed"]["per_class"].values() if (v.get("PSDS1") or 0) > 0),
+        n_sed_classes=len(res["sed"]["per_class"]),
         n_grounding_queries=res["grounding"]["n_queries"],
         skipped_files=sum(len(r.get("skipped", [])) for r in res.values()),
     )
@@ -263,22 +274,25 @@ def markdown(result: dict[str, Any]) -> str:
         "slap on whole clips.",
         "",
         "| preset | steps | " + " | ".join(t for _, t, _ in HEADLINE)
-        + " | SED frame AUROC | grounding frame AUROC | zero-shot top-5 | last train loss |",
-        "|---|---:|" + "---:|" * (len(HEADLINE) + 4),
+        + " | SED frame AUROC | grounding frame AUROC | zero-shot top-5 | PSDS1, alpha_st = 0 | last train loss |",
+        "|---|---:|" + "---:|" * (len(HEADLINE) + 5),
     ]
     for name, r in rows.items():
         if "error" in r:
-            lines.append(f"| {name} | error: {r['error']} |" + " |" * (len(HEADLINE) + 4))
+            lines.append(f"| {name} | error: {r['error']} |" + " |" * (len(HEADLINE) + 5))
             continue
         cells = [_fmt(r.get("steps"))] + [_fmt(r.get(k)) for k, _, _ in HEADLINE]
-        cells += [_fmt(r.get(k)) for k in ("sed_frame_AUROC", "grounding_frame_AUROC", "zeroshot_top5", "last_logged_train_loss")]
+        cells += [_fmt(r.get(k)) for k in ("sed_frame_AUROC", "grounding_frame_AUROC", "zeroshot_top5", "sed_PSDS1_alpha_st0",
+                                           "last_logged_train_loss")]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += [
         "",
         "Protocol: zero-shot top-1 over the class names on the test-fold clips; text-to-audio R@1 with each "
         "soundscape caption as a query; SED PSDS1 (dtc = gtc = 0.7, alpha_ct = 0, alpha_st = 1, max eFPR 100) "
         "with one prompt per class; grounding PSDS (dtc = gtc = 0.5) with one query per (soundscape, event label), "
-        "the label's phrase-bank phrase. FLAM's frame scores are logit-adjusted (p / (p + sigmoid(beta))).",
+        "the label's phrase-bank phrase. FLAM's frame scores are logit-adjusted (p / (p + sigmoid(beta))). "
+        "'PSDS1, alpha_st = 0' is a diagnostic, not a DCASE metric: PSDS1's detection criteria without its "
+        "penalty on the spread of the per-class TPRs.",
         "",
     ]
     return "\n".join(lines)
@@ -355,11 +369,15 @@ def main(argv: list[str] | None = None) -> int:
 
     rows: dict[str, dict[str, Any]] = {}
     template = None
+    previous: dict[str, Any] = {}  # --eval-only keeps the training facts of the run being re-evaluated
+    if args.eval_only and (out / "ablation.json").exists():
+        previous = json.loads((out / "ablation.json").read_text()).get("presets", {})
     for preset in args.presets:
         t0 = time.time()
         try:
             if args.eval_only:
-                final, info = out / preset / "final", {}
+                final = out / preset / "final"
+                info = {k: v for k, v in previous.get(preset, {}).items() if k in TRAIN_KEYS}
             else:
                 print(f"ablation: {preset}: training for {args.minutes} min", file=sys.stderr, flush=True)
                 final, info = train_preset(preset, data, args, out)
