@@ -220,8 +220,8 @@ def evaluate_preset(final: Path, preset: str, data: dict[str, Any], args: argpar
     res = {
         "zeroshot": evaluate_zeroshot(fns, test_clips, labels=data["classes"]),
         "retrieval": evaluate_retrieval(fns, scapes),
-        # PSDS1 with alpha_st = 0 as a diagnostic: PSDS1 subtracts the spread of the per-class TPRs
-        # (alpha_st = 1), which zeroes it whenever few classes are detected at all
+        # PSDS1 with alpha_st = 0 as a diagnostic: it tells a low PSDS1 caused by uneven classes
+        # (alpha_st = 1 subtracts the spread of the per-class TPRs) from one caused by poor localisation
         "sed": evaluate_sed(fns, scapes, classes=data["classes"],
                             psds_variants={"PSDS1_alpha_st0": {**PSDS1_PARAMS, "alpha_st": 0.0}}),
     }

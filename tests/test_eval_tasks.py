@@ -354,17 +354,22 @@ def test_sed_oracle_scores_perfectly(tmp_path, rate):
     assert r["postprocess"] == PostProcess().to_dict() and r["prompt_template"] == TEMPLATE
 
 
-def test_sed_matches_direct_metric_calls(tmp_path):
-    """The evaluator's PSDS equals metrics.psds1 on DataFrames built by hand from the same scores."""
-    clips = _sed_clips(tmp_path)
-    fns = _oracle_frame_scores(clips, 10.0, shift_s=0.3)
-    r = evaluate_sed(fns, clips)
+def _direct_sed_inputs(fns, clips):
+    """Score DataFrames, ground truth and durations built by hand from fns, for direct metric calls."""
     dfs, gt = {}, {}
     for c in clips:
         fs = fns.frame_scores(c.audio, [make_prompt(TEMPLATE, "dog"), make_prompt(TEMPLATE, "siren")])
         dfs[c.key] = M.scores_to_dataframe(fs.scores, fs.timeline, ["dog", "siren"], 4.0)
         gt[c.key] = [(e.onset, e.offset, e.label) for e in c.events]
-    dur = {k: 4.0 for k in dfs}
+    return dfs, gt, {k: 4.0 for k in dfs}
+
+
+def test_sed_matches_direct_metric_calls(tmp_path):
+    """The evaluator's PSDS equals metrics.psds1 on DataFrames built by hand from the same scores."""
+    clips = _sed_clips(tmp_path)
+    fns = _oracle_frame_scores(clips, 10.0, shift_s=0.3)
+    r = evaluate_sed(fns, clips)
+    dfs, gt, dur = _direct_sed_inputs(fns, clips)
     assert r["PSDS1"] == M.psds1(dfs, gt, dur).value
     assert r["PSDS2"] == M.psds2(dfs, gt, dur).value
     assert r["event_F1"] == M.collar_f1(dfs, gt, 0.5)["event_F1_macro"]
@@ -379,11 +384,7 @@ def test_sed_psds_variants(tmp_path):
     variants = {"same": dict(M.PSDS1_PARAMS), "no_st": {**M.PSDS1_PARAMS, "alpha_st": 0.0}}
     r = evaluate_sed(fns, clips, psds_variants=variants)
     assert r["psds_variants"]["same"] == r["PSDS1"]
-    dfs = {c.key: M.scores_to_dataframe(
-        fns.frame_scores(c.audio, [make_prompt(TEMPLATE, "dog"), make_prompt(TEMPLATE, "siren")]).scores,
-        Timeline(10.0), ["dog", "siren"], 4.0) for c in clips}  # fmt: skip
-    gt = {c.key: [(e.onset, e.offset, e.label) for e in c.events] for c in clips}
-    direct = M.psds(dfs, gt, {k: 4.0 for k in dfs}, **variants["no_st"]).value
+    direct = M.psds(*_direct_sed_inputs(fns, clips), **variants["no_st"]).value
     assert r["psds_variants"]["no_st"] == direct >= r["PSDS1"]
     assert "psds_variants" not in evaluate_sed(fns, clips)
     with pytest.raises(FinelapError, match="psds_variants\\['bad'\\].*alpha"):

@@ -546,7 +546,7 @@ def evaluate_sed(
     fns.require("frame_scores", task="SED")
     variants = {str(k): dict(v) for k, v in (psds_variants or {}).items()}
     for name, kw in variants.items():
-        unknown = sorted(set(kw) - {"dtc", "gtc", "cttc", "alpha_ct", "alpha_st", "max_efpr"})
+        unknown = sorted(set(kw) - set(M.PSDS1_PARAMS))  # PSDS1_PARAMS names every psds setting
         if unknown:
             raise FinelapError(f"psds_variants[{name!r}]: unknown PSDS parameter(s) {unknown}")
     pp = postprocess or PostProcess()
