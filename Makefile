@@ -14,10 +14,12 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 
 # torch first, pinned: an unpinned resolve pulls the CUDA build.
-$(STAMP): pyproject.toml | $(BIN)/python
+$(STAMP): pyproject.toml Makefile | $(BIN)/python
 	$(BIN)/pip install -q "setuptools<81" wheel
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e ".[test,scale]" "setuptools<81" "pandas<3"
+	@# the pretrained aisfx audio tower: finelap reads only its weight file (the package pins numpy 1.23 / librosa 0.9)
+	$(BIN)/pip install -q --no-deps aisfx==0.1.2
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -490,6 +490,10 @@ class TrainConfig:
     keep_last: int = 3  # step checkpoints kept on disk (the final one is always kept)
     out_dir: str = "runs/finelap"
     num_threads: int | None = None  # torch intra-op threads; None: torch default
+    # frozen pretrained audio towers: "auto" caches each input's encoder frames on disk (in
+    # $FINELAP_CACHE/features, default ~/.cache/finelap/features) so later epochs cost only the heads;
+    # "memory" keeps them in RAM only; "off" recomputes; any other value is the cache folder
+    feature_cache: str = "auto"
 
     def __post_init__(self) -> None:
         _positive("train", max_steps=self.max_steps, lr=self.lr, max_minutes=self.max_minutes,

@@ -234,6 +234,8 @@ class FineLAPModel(nn.Module):
                 cfg.frame_scale_init, cfg.frame_bias_init, cfg.frame_scale_bias_learnable, cfg.max_logit_scale
             )
         self.codebook = CodebookAggregator(d, cfg.codebook_size, cfg.codebook_temperature) if cfg.codebook_size else None
+        # set by the trainer for frozen pretrained towers (models.feature_cache): encoder frames computed once per input
+        self.feature_cache: Any = None
 
     # ------------------------------------------------------------------ properties
     @property
@@ -253,7 +255,10 @@ class FineLAPModel(nn.Module):
         self, wave: torch.Tensor, lengths: torch.Tensor | None = None, mask_frames: torch.Tensor | None = None
     ) -> AudioOutput:
         """wave (B, N) at `sample_rate`, lengths (B,) -> AudioOutput (T = timeline.num_frames_for_samples(N))."""
-        feats = self.audio(wave, lengths, mask_frames)
+        if self.feature_cache is not None and mask_frames is None and getattr(self.audio, "frozen", False):
+            feats = self.feature_cache.encode(self.audio, wave, lengths)
+        else:
+            feats = self.audio(wave, lengths, mask_frames)
         x, m = feats.frames, feats.frame_mask
         if self.la_block is not None:
             x = self.la_block(x, m)

@@ -409,6 +409,18 @@ class _Stop:
             signal.signal(s, h)
 
 
+def _feature_cache(model: FineLAPModel, cfg: RunConfig) -> Any:
+    """A FeatureCache for a frozen pretrained audio tower (see train.feature_cache), else None."""
+    from ..models.feature_cache import FeatureCache, supports_feature_cache
+    from ..models.pretrained import cache_dir
+
+    mode = cfg.train.feature_cache
+    if mode == "off" or not supports_feature_cache(model.audio):
+        return None
+    folder = None if mode == "memory" else (cache_dir() / "features" if mode == "auto" else Path(mode))
+    return FeatureCache(folder)
+
+
 def train(cfg: RunConfig, resume: str | bool | None = None, progress: bool = True, stop_after: int | None = None) -> Path:
     """Train `cfg`; returns the final checkpoint directory. `resume`: True (the run's latest
     checkpoint), a checkpoint/run directory, or None. `stop_after`: interrupt at this step as a
@@ -429,6 +441,7 @@ def train(cfg: RunConfig, resume: str | bool | None = None, progress: bool = Tru
     model = build_model(cfg)
     attach_slap_modules(model, cfg)
     model = model.to(device)
+    model.feature_cache = _feature_cache(model, cfg)
     train_clips = _load_clips(cfg.data.train, "train")
     val_clips = _load_clips(cfg.data.val, "val") if cfg.data.val else []
     clusters = build_clusters(model, train_clips, cfg)
@@ -571,6 +584,9 @@ def train(cfg: RunConfig, resume: str | bool | None = None, progress: bool = Tru
             log(f"finelap train: skipped {len(skipped)} unreadable clip loads ({len(uniq)} files), e.g. {uniq[:3]}")
             (run_dir / "skipped_files.txt").write_text("\n".join(uniq) + "\n")
         _plot_curves(log_path, run_dir / "training_curves.png")
+        if model.feature_cache is not None:
+            st = model.feature_cache.stats()
+            log(f"finelap train: feature cache: {st['hits']} hits ({st['disk_hits']} from disk), {st['misses']} computed")
         log(f"finelap train: stopped at step {step} ({stop_reason}); checkpoint: {final}")
     dist.barrier()
     return final

@@ -1,0 +1,130 @@
+"""Feature cache for frozen audio towers: each input's encoder frames are computed once.
+
+With a frozen pretrained tower (e.g. `aisfx`), the tower's output for a given waveform never
+changes, so training pays for it once per distinct input and later epochs cost only the heads.
+Entries are keyed by the waveform's content (blake2b of its float32 samples, after the dataset's
+decoding, resampling, mixing and cropping) and by the encoder's `cache_key()` (architecture
+options + weights), so soundscapes mixed in the waveform domain are cached per mix, a random crop
+is cached per crop, and a changed tower never reads stale features.
+
+Exactness: encoders used with the cache must give each item of a padded batch exactly the frames
+of a single-item pass (finelap's own towers do; tests check it), so cached and uncached training
+see identical features and identical losses.
+
+Storage: an in-memory dict plus, when `folder` is set, one safetensors file per entry under
+`folder/<encoder key>/<2 hex>/<key>.safetensors` (written atomically; a damaged file is recomputed).
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .audio_encoders import AudioEncoder, AudioFeatures, lengths_to_mask
+
+__all__ = ["FeatureCache", "supports_feature_cache"]
+
+
+def supports_feature_cache(encoder: AudioEncoder) -> bool:
+    """True for a frozen encoder that can name its features (`cache_key()`)."""
+    return bool(getattr(encoder, "frozen", False)) and callable(getattr(encoder, "cache_key", None))
+
+
+class FeatureCache:
+    """encode(encoder, wave (B, N), lengths (B,)) -> AudioFeatures, computing only unseen inputs."""
+
+    def __init__(self, folder: str | Path | None = None, max_items: int | None = None) -> None:
+        self.folder = Path(folder) if folder is not None else None
+        self.max_items = max_items
+        self._mem: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self.hits = 0
+        self.misses = 0
+        self.disk_hits = 0
+
+    def stats(self) -> dict[str, int]:
+        return {"hits": self.hits, "misses": self.misses, "disk_hits": self.disk_hits, "entries": len(self._mem)}
+
+    # ------------------------------------------------------------------ keys and storage
+    @staticmethod
+    def _key(enc_key: str, wave: torch.Tensor) -> str:
+        h = hashlib.blake2b(digest_size=16)
+        h.update(enc_key.encode())
+        h.update(str(wave.numel()).encode())
+        h.update(wave.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        return h.hexdigest()
+
+    def _path(self, enc_key: str, key: str) -> Path | None:
+        return None if self.folder is None else self.folder / enc_key / key[:2] / f"{key}.safetensors"
+
+    def _get(self, enc_key: str, key: str) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        hit = self._mem.get(key)
+        if hit is not None:
+            return hit
+        p = self._path(enc_key, key)
+        if p is None or not p.is_file():
+            return None
+        from safetensors.torch import load_file
+
+        try:
+            d = load_file(str(p))
+        except Exception:  # damaged entry: recompute it
+            return None
+        entry = (d["frames"], d.get("cls"))
+        self._remember(key, entry)
+        self.disk_hits += 1
+        return entry
+
+    def _remember(self, key: str, entry: tuple[torch.Tensor, torch.Tensor | None]) -> None:
+        if self.max_items is not None and len(self._mem) >= self.max_items:
+            self._mem.pop(next(iter(self._mem)))
+        self._mem[key] = entry
+
+    def _put(self, enc_key: str, key: str, entry: tuple[torch.Tensor, torch.Tensor | None]) -> None:
+        self._remember(key, entry)
+        p = self._path(enc_key, key)
+        if p is None:
+            return
+        from safetensors.torch import save_file
+
+        from ..utils import atomic_path
+
+        tensors = {"frames": entry[0].contiguous()}
+        if entry[1] is not None:
+            tensors["cls"] = entry[1].contiguous()
+        try:
+            with atomic_path(p) as tmp:
+                save_file(tensors, str(tmp))
+        except OSError:  # a full or read-only disk costs speed, never the run
+            pass
+
+    # ------------------------------------------------------------------ encode
+    @torch.no_grad()
+    def encode(self, encoder: AudioEncoder, wave: torch.Tensor, lengths: torch.Tensor | None = None) -> AudioFeatures:
+        wave, lengths = encoder._check(wave, lengths)
+        enc_key = encoder.cache_key()  # type: ignore[attr-defined]
+        b, n = wave.shape
+        keys = [self._key(enc_key, wave[i, : int(lengths[i])]) for i in range(b)]
+        entries: list[Any] = [self._get(enc_key, k) for k in keys]
+        todo = [i for i, e in enumerate(entries) if e is None]
+        self.hits += b - len(todo)
+        self.misses += len(todo)
+        if todo:
+            n_max = max(1, max(int(lengths[i]) for i in todo))
+            sub = wave[todo, :n_max]
+            out = encoder(sub, lengths[todo])
+            for j, i in enumerate(todo):
+                v = int(out.frame_mask[j].sum())
+                entry = (out.frames[j, :v].detach().clone(), None if out.cls is None else out.cls[j].detach().clone())
+                self._put(enc_key, keys[i], entry)
+                entries[i] = entry
+        t = encoder.num_frames(n)
+        d = entries[0][0].shape[-1]
+        frames = wave.new_zeros(b, t, d)
+        valid = torch.tensor([e[0].shape[0] for e in entries], dtype=torch.long, device=wave.device)
+        for i, e in enumerate(entries):
+            frames[i, : e[0].shape[0]] = e[0].to(frames.dtype)
+        has_cls = all(e[1] is not None for e in entries)
+        cls = torch.stack([e[1] for e in entries]).to(frames.dtype) if has_cls else None
+        return AudioFeatures(frames=frames, frame_mask=lengths_to_mask(valid, t), frame_rate_hz=encoder.frame_rate_hz, cls=cls)
