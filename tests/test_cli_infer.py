@@ -61,11 +61,11 @@ def test_classify_table_and_json(files, pipe, capsys):
     rc, out, _ = run(capsys, "classify", files["a.wav"], "--labels", "dog;rain;siren", "--json", "--top-k", "3",
                      "--checkpoint", files["ckpt"])  # fmt: skip
     res = json.loads(out)["results"][0]
-    preds = [(p["label"], p["prob"]) for p in res["predictions"]]
+    preds = res["predictions"]
     api = pipe.classify(str(files["a.wav"]), ["dog", "rain", "siren"], top_k=3)
-    assert [l for l, _ in preds] == [l for l, _ in api]
-    np.testing.assert_allclose([p for _, p in preds], [p for _, p in api], rtol=1e-6)
-    assert sum(p for _, p in preds) == pytest.approx(1.0, abs=1e-5)
+    assert [p["label"] for p in preds] == [p["label"] for p in api]
+    np.testing.assert_allclose([p["score"] for p in preds], [p["score"] for p in api], rtol=1e-6)
+    assert sum(p["score"] for p in preds) == pytest.approx(1.0, abs=1e-5)
 
 
 def test_detect_writes_dcase_tsv_scores_and_plots(files, pipe, capsys, tmp_path):
@@ -79,9 +79,9 @@ def test_detect_writes_dcase_tsv_scores_and_plots(files, pipe, capsys, tmp_path)
     with open(out_tsv, newline="") as f:
         rows = list(csv.DictReader(f, delimiter="\t"))
     assert rows and list(rows[0]) == ["filename", "onset", "offset", "event_label"]
-    api = pipe.detect([str(files["a.wav"]), str(files["b.flac"])], labels, threshold=thr)
+    api = pipe.detect([str(files["a.wav"]), str(files["b.flac"])], labels, threshold=thr)  # one list per file
     assert [(r["filename"], float(r["onset"]), float(r["offset"]), r["event_label"]) for r in rows] == [
-        (r["filename"], r["onset"], r["offset"], r["event_label"]) for r in api
+        (name, r["onset"], r["offset"], r["label"]) for name, file_rows in zip(("a.wav", "b.flac"), api) for r in file_rows
     ]
     for name, dur in (("a", 4.0), ("b", 2.5)):
         with open(scores_dir / f"{name}.tsv", newline="") as f:
@@ -89,9 +89,11 @@ def test_detect_writes_dcase_tsv_scores_and_plots(files, pipe, capsys, tmp_path)
         assert srows[0] == ["onset", "offset", "dog", "rain"]
         assert float(srows[1][0]) == 0.0 and float(srows[-1][1]) == pytest.approx(dur)
         assert (tmp_path / f"det_{name}.png").read_bytes()[:8] == PNG  # one plot per input
-    # without --out: printed with confidence; --json: machine-readable
+    # without --out: printed with their score; --json: machine-readable, the API's dicts plus the file name
     rc, out, _ = run(capsys, "detect", files["a.wav"], "--labels", "dog;rain", "--threshold", thr, "--json", "--checkpoint", files["ckpt"])
-    assert rc == 0 and json.loads(out)["events"] == pipe.detect(str(files["a.wav"]), labels, threshold=thr)
+    events = json.loads(out)["events"]
+    assert rc == 0 and all(e.pop("filename") == "a.wav" for e in events)
+    assert events == pipe.detect(str(files["a.wav"]), labels, threshold=thr)
     rc, out, _ = run(capsys, "detect", files["a.wav"], "--labels", "dog", "--threshold", "1.0", "--checkpoint", files["ckpt"])
     assert rc == 0 and "no events above threshold 1" in out
 
@@ -106,6 +108,7 @@ def test_ground_prints_segments_json_and_plot(files, pipe, capsys, tmp_path):
     q = json.loads(out)["queries"]
     assert q[0]["text"] == "a dog barking"
     assert q[0]["segments"] == pipe.ground(str(files["a.wav"]), "a dog barking", threshold=thr)
+    assert q[0]["segments"] and set(q[0]["segments"][0]) == {"onset", "offset", "score", "label"}
     assert png.read_bytes()[:8] == PNG
     rc, out, _ = run(capsys, "ground", files["a.wav"], "a dog barking", "rain", "--threshold", "1.0", "--checkpoint", files["ckpt"])
     assert rc == 0 and out.count("no segment above the threshold") == 2
