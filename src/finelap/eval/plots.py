@@ -362,7 +362,12 @@ def timeline_figure(
     lo, hi = float(np.nanmin(s)) if s.size else 0.0, float(np.nanmax(s)) if s.size else 1.0
     if log_scale:
         ax_s.set_yscale("log")
-        ax_s.set_ylim(max(floor, min(lo, float(np.min(thr)) if thr is not None else lo)) * 0.8, 1.2)
+        y0 = max(floor, min(lo, float(np.min(thr)) if thr is not None else lo)) * 0.8
+        ax_s.set_ylim(y0, 1.2)
+        # plain numbers (0.01, 0.1, 1) read faster than powers of ten
+        ticks = [t for t in (1e-4, 1e-3, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0) if t >= y0]
+        ax_s.set_yticks(ticks, [f"{t:g}" for t in ticks])
+        ax_s.minorticks_off()
     elif lo >= 0.0 and hi <= 1.0:  # probabilities: fixed axis, comparable across plots
         ax_s.set_ylim(-0.02, 1.02)
     ax_s.set_ylabel(score_label + (" (log)" if log_scale else ""))
@@ -534,6 +539,8 @@ def training_curves_figure(csv_path: str | Path, title: str = "") -> Any:
     panel, each with its title: total loss, clip loss terms, frame loss terms, auxiliary terms,
     other train/* columns, learning rate, validation metrics (each only if present)."""
     plt = _plt()
+    import matplotlib.ticker  # noqa: F401 (matplotlib.ticker.FuncFormatter below)
+
     csv_path = Path(csv_path)
     curves = _read_curves(csv_path)
     losses = {k: v for k, v in curves.items() if k.startswith("train/")}
@@ -566,7 +573,8 @@ def training_curves_figure(csv_path: str | Path, title: str = "") -> Any:
             x, y = data
             ax.plot(x, y, color="tab:purple", lw=1.4, label="lr")
             ax.set_ylabel("learning rate")
-            ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+            # tick labels like 5e-04 instead of a "1e-3" offset text that collides with the title
+            ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:.2g}"))
         else:
             for (k, (x, y)), col in zip(sorted(data.items()), _colors(len(data))):
                 ax.plot(x, y, color=col, marker="o", ms=4, lw=1.4, label=k[len("val/"):])
