@@ -1,5 +1,9 @@
 """Mix labelled single-event clips into 10-s soundscapes with exact strong labels and captions.
 
+Examples:
+  finelap synth --pool demo_out/pool/manifest.jsonl --out demo_out/soundscapes --splits train=600,val=60,test=100
+  finelap synth --pool esc50/meta/esc50.csv --out esc_scenes --split-folds train=1,2,3 val=4 test=5 --workers 2
+
 The pool is an ESC-50 style CSV (with --audio-dir), a folder per class, or a JSONL manifest whose
 clips have `labels` or single events. Writes FLAC + manifest.jsonl + DCASE strong.tsv/durations.tsv
 per split (or WebDataset shards), splits.json, phrase_bank.json, stats.json and stats.png. Event
