@@ -334,7 +334,10 @@ def test_index_update_reuses_the_recorded_checkpoint_and_folder(files, capsys, t
     lib.mkdir()
     shutil.copy(files["a.wav"], lib / "a.wav")
     idx = tmp_path / "lib.idx"
-    rc, out, err = run(capsys, "index", "build", lib, "--out", idx, "--checkpoint", files["ckpt"], "--no-ema")
+    ck = tmp_path / "ckpt_ema"  # a checkpoint with EMA weights, indexed with the raw ones (--no-ema)
+    shutil.copytree(files["ckpt"], ck)
+    shutil.copy(ck / "model.safetensors", ck / "ema.safetensors")
+    rc, out, err = run(capsys, "index", "build", lib, "--out", idx, "--checkpoint", ck, "--no-ema")
     assert rc == 0, err
     assert json.loads(out)["added"] == 1
     shutil.copy(files["b.flac"], lib / "b.flac")
@@ -343,5 +346,8 @@ def test_index_update_reuses_the_recorded_checkpoint_and_folder(files, capsys, t
     counts = json.loads(out)
     assert counts["added"] == 1 and counts["unchanged"] == 1
     assert "recorded in the index" in err
+    rc, out, err = run(capsys, "search", "a dog barking", "--index", idx, "--top-k", "1", "--json")  # the raw weights too
+    assert rc == 0, err
+    assert len(json.loads(out)) == 1
     rc, _, err = run(capsys, "index", "update", tmp_path / "no.idx")
     assert rc == 2 and len(err.strip().splitlines()) == 1

@@ -37,7 +37,9 @@ def run(args: argparse.Namespace) -> int:
     ckpt = args.checkpoint or (idx.embedder_info or {}).get("checkpoint")
     if not ckpt:
         raise FinelapError(f"{args.index}: the index does not record its checkpoint; pass --checkpoint")
-    pipe = Pipeline.from_pretrained(ckpt, device=args.device)
+    # the weights the index was embedded with (EMA or raw), unless another checkpoint is given
+    use_ema = True if args.checkpoint else (idx.embedder_info or {}).get("use_ema") is not False
+    pipe = Pipeline.from_pretrained(ckpt, device=args.device, use_ema=use_ema)
     hits = idx.search(args.query, k=args.top_k, embedder=pipe, spans=not args.no_spans)
     if args.json:
         print(json.dumps([h.to_dict() for h in hits], indent=2, default=str))

@@ -341,7 +341,7 @@ def timeline_figure(
         extra = " (no reference event)" if ground_truth is not None and not ground_truth[k] else ""
         return _short(names[k], 40) + extra
 
-    floor = 1e-4  # log axis: probabilities below this are drawn at it (log(0) has no place)
+    floor = 1e-6  # log axis: probabilities below this are drawn at it (log(0) has no place)
     shown = np.clip(s, floor, None) if log_scale else s
     handles = []
     for k in range(q):
@@ -365,7 +365,7 @@ def timeline_figure(
         y0 = max(floor, min(lo, float(np.min(thr)) if thr is not None else lo)) * 0.8
         ax_s.set_ylim(y0, 1.2)
         # plain numbers (0.01, 0.1, 1) read faster than powers of ten
-        ticks = [t for t in (1e-4, 1e-3, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0) if t >= y0]
+        ticks = [t for t in (1e-6, 1e-5, 1e-4, 1e-3, 0.01, 0.03, 0.1, 0.3, 1.0) if t >= y0]
         ax_s.set_yticks(ticks, [f"{t:g}" for t in ticks])
         ax_s.minorticks_off()
     elif lo >= 0.0 and hi <= 1.0:  # probabilities: fixed axis, comparable across plots
