@@ -400,8 +400,6 @@ def timeline_figure(
         ax_l.set_ylim(-0.55, q - 0.45)
         ax_l.grid(axis="x", alpha=0.25)
         ax_l.set_xlabel("time (s)")
-        if ground_truth is not None and detections is not None:
-            ax_l.set_ylabel("ref. / det.", fontsize=8)
     else:
         ax_s.set_xlabel("time (s)")
     ax_spec.set_xlim(start, end)
