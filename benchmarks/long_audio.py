@@ -95,8 +95,8 @@ def seam_deviation(pipe, path: Path, seconds: float = 180.0) -> dict:
 
     wave = load_audio(path, pipe.sample_rate, duration_s=seconds)
     texts = ["a dog barking"]
-    streamed = pipe.frame_scores(wave, texts, calibrated=False)
-    fe_stream = pipe.embed_frames(wave).embeds
+    streamed = pipe.frame_scores(wave, texts, calibrated=False, sample_rate=pipe.sample_rate)
+    fe_stream = pipe.embed_frames(wave, sample_rate=pipe.sample_rate).embeds
     with torch.inference_mode():
         a = pipe.model.encode_audio(torch.from_numpy(wave)[None])
         t = pipe.model.encode_text(texts)

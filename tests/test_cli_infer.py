@@ -61,11 +61,11 @@ def test_classify_table_and_json(files, pipe, capsys):
     rc, out, _ = run(capsys, "classify", files["a.wav"], "--labels", "dog;rain;siren", "--json", "--top-k", "3",
                      "--checkpoint", files["ckpt"])  # fmt: skip
     res = json.loads(out)["results"][0]
-    preds = [(p["label"], p["prob"]) for p in res["predictions"]]
+    preds = res["predictions"]
     api = pipe.classify(str(files["a.wav"]), ["dog", "rain", "siren"], top_k=3)
-    assert [l for l, _ in preds] == [l for l, _ in api]
-    np.testing.assert_allclose([p for _, p in preds], [p for _, p in api], rtol=1e-6)
-    assert sum(p for _, p in preds) == pytest.approx(1.0, abs=1e-5)
+    assert [p["label"] for p in preds] == [p["label"] for p in api]
+    np.testing.assert_allclose([p["score"] for p in preds], [p["score"] for p in api], rtol=1e-6)
+    assert sum(p["score"] for p in preds) == pytest.approx(1.0, abs=1e-5)
 
 
 def test_detect_writes_dcase_tsv_scores_and_plots(files, pipe, capsys, tmp_path):
@@ -79,9 +79,9 @@ def test_detect_writes_dcase_tsv_scores_and_plots(files, pipe, capsys, tmp_path)
     with open(out_tsv, newline="") as f:
         rows = list(csv.DictReader(f, delimiter="\t"))
     assert rows and list(rows[0]) == ["filename", "onset", "offset", "event_label"]
-    api = pipe.detect([str(files["a.wav"]), str(files["b.flac"])], labels, threshold=thr)
+    api = pipe.detect([str(files["a.wav"]), str(files["b.flac"])], labels, threshold=thr)  # one list per file
     assert [(r["filename"], float(r["onset"]), float(r["offset"]), r["event_label"]) for r in rows] == [
-        (r["filename"], r["onset"], r["offset"], r["event_label"]) for r in api
+        (name, r["onset"], r["offset"], r["label"]) for name, file_rows in zip(("a.wav", "b.flac"), api) for r in file_rows
     ]
     for name, dur in (("a", 4.0), ("b", 2.5)):
         with open(scores_dir / f"{name}.tsv", newline="") as f:
@@ -89,9 +89,11 @@ def test_detect_writes_dcase_tsv_scores_and_plots(files, pipe, capsys, tmp_path)
         assert srows[0] == ["onset", "offset", "dog", "rain"]
         assert float(srows[1][0]) == 0.0 and float(srows[-1][1]) == pytest.approx(dur)
         assert (tmp_path / f"det_{name}.png").read_bytes()[:8] == PNG  # one plot per input
-    # without --out: printed with confidence; --json: machine-readable
+    # without --out: printed with their score; --json: machine-readable, the API's dicts plus the file name
     rc, out, _ = run(capsys, "detect", files["a.wav"], "--labels", "dog;rain", "--threshold", thr, "--json", "--checkpoint", files["ckpt"])
-    assert rc == 0 and json.loads(out)["events"] == pipe.detect(str(files["a.wav"]), labels, threshold=thr)
+    events = json.loads(out)["events"]
+    assert rc == 0 and all(e.pop("filename") == "a.wav" for e in events)
+    assert events == pipe.detect(str(files["a.wav"]), labels, threshold=thr)
     rc, out, _ = run(capsys, "detect", files["a.wav"], "--labels", "dog", "--threshold", "1.0", "--checkpoint", files["ckpt"])
     assert rc == 0 and "no events above threshold 1" in out
 
@@ -106,6 +108,7 @@ def test_ground_prints_segments_json_and_plot(files, pipe, capsys, tmp_path):
     q = json.loads(out)["queries"]
     assert q[0]["text"] == "a dog barking"
     assert q[0]["segments"] == pipe.ground(str(files["a.wav"]), "a dog barking", threshold=thr)
+    assert q[0]["segments"] and set(q[0]["segments"][0]) == {"onset", "offset", "score", "label"}
     assert png.read_bytes()[:8] == PNG
     rc, out, _ = run(capsys, "ground", files["a.wav"], "a dog barking", "rain", "--threshold", "1.0", "--checkpoint", files["ckpt"])
     assert rc == 0 and out.count("no segment above the threshold") == 2
@@ -174,3 +177,177 @@ def test_uncalibrated_checkpoint_warns_in_one_line(files, capsys):
     assert len(lines) == 1 and lines[0].startswith("finelap detect: warning: ") and "without a frame objective" in lines[0]
     rc, _, err = run(capsys, "detect", files["a.wav"], "--labels", "dog", "--threshold", "0.3", "--checkpoint", files["ckpt"])
     assert rc == 0 and "warning" not in err
+
+
+# ============================================================================ help, flags, labels
+
+
+def _subparsers():
+    import argparse
+
+    from finelap.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return parser, sub.choices
+
+
+def test_help_shows_examples_defaults_once_and_every_flag_has_help(capsys):
+    import argparse
+    import importlib
+
+    from finelap.cli import COMMANDS
+
+    parser, subs = _subparsers()
+    for name, (module, _) in COMMANDS.items():
+        doc = importlib.import_module(module).__doc__
+        with pytest.raises(SystemExit):
+            main([name, "--help"])
+        out = capsys.readouterr().out
+        # the whole docstring, line by line (examples keep their line breaks)
+        example_lines = [ln.strip() for ln in doc.splitlines() if ln.strip().startswith("finelap ")]
+        assert example_lines, f"{name}: its docstring has no example"
+        for ln in example_lines:
+            assert ln in out, f"{name} --help lacks the example {ln!r}"
+        assert "(default: None)" not in out and "(default: False)" not in out
+        for action in subs[name]._actions:
+            if isinstance(action, argparse._HelpAction) or action.help == argparse.SUPPRESS:
+                continue
+            assert action.help, f"{name} {action.option_strings or action.dest}: no help text"
+            formatted = subs[name].formatter_class("x")._get_help_string(action)
+            shown = formatted % {"default": action.default} if "%(default)" in formatted else formatted
+            assert shown.count("default") <= 1, f"{name} {action.option_strings}: {shown!r}"
+            if "default" in action.help:  # the help says it already: nothing appended
+                assert formatted == action.help
+    # a default the help text does not mention is shown once, by the formatter
+    main_help = subs["classify"].format_help()
+    assert "labels shown per file (default: 5)" in " ".join(main_help.split())
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    top = capsys.readouterr().out
+    assert "build, update or inspect" in top  # and `index update` exists:
+    assert subs["index"].parse_args(["update", "x.idx"]).action == "update"
+
+
+def test_flag_names_are_unified_and_old_spellings_still_work(capsys):
+    _, subs = _subparsers()
+    flags = {name: {o for a in p._actions for o in a.option_strings} for name, p in subs.items()}
+    assert {"--no-plots"} <= flags["synth"] & flags["eval"]
+    assert {"--top-k", "-k"} <= flags["classify"] & flags["search"]
+    assert "--data" in flags["eval"]
+    for name in ("synth", "corpus", "train", "embed", "detect", "eval", "index"):
+        assert "--out" in flags[name], name
+    # the old --no-plot of synth still parses, into the same option, and is not advertised
+    a = subs["synth"].parse_args(["--pool", "p.csv", "--out", "o", "--no-plot"])
+    assert a.no_plots is True
+    assert "--no-plot " not in subs["synth"].format_help() and "--no-plots" in subs["synth"].format_help()
+
+
+@pytest.mark.parametrize(
+    "text, labels",
+    [
+        ("dog;rain;siren", ["dog", "rain", "siren"]),
+        ("dog, rain ,siren", ["dog", "rain", "siren"]),
+        ('dog barking;"rain, heavy"', ["dog barking", "rain, heavy"]),
+        ('"a ""quoted"" word", b', ['a "quoted" word', "b"]),
+        ("dog;rain;", ["dog", "rain"]),
+    ],
+)
+def test_label_strings(text, labels):
+    from finelap.infer import parse_labels
+
+    assert parse_labels(text) == labels
+
+
+def test_labels_flag_counts_and_reads_files(files, pipe, capsys, tmp_path):
+    rc, out, err = run(capsys, "classify", files["a.wav"], "--labels", 'dog barking;"rain, heavy",siren', "--json",
+                       "--checkpoint", files["ckpt"])  # fmt: skip
+    assert rc == 0
+    assert "3 labels: dog barking; rain, heavy; siren" in err.splitlines()
+    assert sorted(p["label"] for p in json.loads(out)["results"][0]["predictions"]) == ["dog barking", "rain, heavy", "siren"]
+    lf = tmp_path / "labels.txt"
+    lf.write_text("rain, heavy  # commas are kept in a file\n\ndog\n")
+    rc, out, err = run(capsys, "classify", files["a.wav"], "--labels", f"@{lf}", "--json", "--checkpoint", files["ckpt"])
+    assert rc == 0 and "2 labels: rain, heavy; dog" in err
+    rc, _, err = run(capsys, "classify", files["a.wav"], "--labels", 'dog;"rain', "--checkpoint", files["ckpt"])
+    assert rc == 2 and "unclosed double quote" in err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["classify", "{dir}/missing.wav", "--labels", "dog"], "missing.wav: file not found"),
+        (["classify", "{a}", "--labels", "dog;dog"], "duplicate label 'dog'"),
+        (["classify", "{a}", "--labels", "@{dir}/nolabels.txt"], "label file not found"),
+        (["detect", "{a}", "--labels", "dog", "--threshold", "1.5"], "threshold must be in [0, 1]"),
+        (["detect", "{a}", "--labels", "dog", "--plot", "{dir}/p.png", "--reference", "{dir}/nope.tsv"], "reference TSV not found"),
+        (["ground", "{dir}/missing.wav", "a dog"], "missing.wav: file not found"),
+        (["caption", "{a}"], "not trained with a caption decoder"),
+        (["eval", "sed", "--data", "{dir}/nope.jsonl", "--out", "{dir}/x.json"], "nope.jsonl: file not found"),
+        (["eval", "zeroshot", "--data", "{a}", "--labels", ";", "--out", "{dir}/x.json"], "empty label list"),
+    ],
+)
+def test_user_errors_are_reported_before_the_model_loads(files, capsys, monkeypatch, argv, message):
+    import finelap.models.build as build
+
+    def no_model(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(build, "load_pretrained", no_model)
+    fill = {"dir": files["dir"], "a": files["a.wav"]}
+    argv = [a.format(**fill) for a in argv] + ["--checkpoint", str(files["ckpt"])]
+    rc, _, err = run(capsys, *argv)
+    assert rc == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    with pytest.raises(AssertionError, match="model was loaded"):  # the patch is where models load
+        main(["classify", str(files["a.wav"]), "--labels", "dog", "--checkpoint", str(files["ckpt"])])
+
+
+def test_plot_reference_overlay_comes_from_the_tsv_rows_of_that_file(files, pipe, capsys, monkeypatch, tmp_path):
+    ref = tmp_path / "strong.tsv"
+    ref.write_text("filename\tonset\toffset\tevent_label\n"
+                   "audio/a.wav\t0.5\t1.25\tdog\n"
+                   "a.wav\t2.0\t3.0\tDog\n"
+                   "b.flac\t0.1\t0.2\tdog\n"
+                   "a.wav\t1.0\t2.0\tcar horn\n")  # fmt: skip
+    seen = []
+    orig = Pipeline.plot
+
+    def spy(self, *a, **kw):
+        seen.append(kw)
+        return orig(self, *a, **kw)
+
+    monkeypatch.setattr(Pipeline, "plot", spy)
+    png = tmp_path / "d.png"
+    rc, _, err = run(capsys, "detect", files["a.wav"], "--labels", "dog;rain", "--threshold", "0.99", "--plot", png,
+                     "--reference", ref, "--log-scale", "--checkpoint", files["ckpt"])  # fmt: skip
+    assert rc == 0, err
+    assert seen[0]["reference"] == [[(0.5, 1.25), (2.0, 3.0)], []] and seen[0]["log_scale"] is True
+    assert "'car horn', not among the queries" in err and png.stat().st_size > 0
+    rc, _, err = run(capsys, "ground", files["a.wav"], "a dog", "--plot", png, "--reference", ref, "--checkpoint", files["ckpt"])
+    assert rc == 0 and seen[1]["reference"] == [[]] and seen[1]["log_scale"] is False
+
+
+def test_index_update_reuses_the_recorded_checkpoint_and_folder(files, capsys, tmp_path):
+    import shutil
+
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    shutil.copy(files["a.wav"], lib / "a.wav")
+    idx = tmp_path / "lib.idx"
+    ck = tmp_path / "ckpt_ema"  # a checkpoint with EMA weights, indexed with the raw ones (--no-ema)
+    shutil.copytree(files["ckpt"], ck)
+    shutil.copy(ck / "model.safetensors", ck / "ema.safetensors")
+    rc, out, err = run(capsys, "index", "build", lib, "--out", idx, "--checkpoint", ck, "--no-ema")
+    assert rc == 0, err
+    assert json.loads(out)["added"] == 1
+    shutil.copy(files["b.flac"], lib / "b.flac")
+    rc, out, err = run(capsys, "index", "update", idx)
+    assert rc == 0, err
+    counts = json.loads(out)
+    assert counts["added"] == 1 and counts["unchanged"] == 1
+    assert "recorded in the index" in err
+    rc, out, err = run(capsys, "search", "a dog barking", "--index", idx, "--top-k", "1", "--json")  # the raw weights too
+    assert rc == 0, err
+    assert len(json.loads(out)) == 1
+    rc, _, err = run(capsys, "index", "update", tmp_path / "no.idx")
+    assert rc == 2 and len(err.strip().splitlines()) == 1

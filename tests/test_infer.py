@@ -115,10 +115,10 @@ def one_pass_probs(pipe: Pipeline, wave: np.ndarray, texts: list[str]) -> tuple[
 def test_embed_shapes_norms_and_similarity(pipe, tmp_path):
     wav = tmp_path / "a.wav"
     sf.write(wav, test_signal(1.5, seed=3), SR)
-    a = pipe.embed_audio([str(wav), test_signal(3.0), test_signal(0.3, seed=1)])
+    a = pipe.embed_audio([str(wav), test_signal(3.0), test_signal(0.3, seed=1)], sample_rate=SR)
     assert a.shape == (3, 16) and a.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(a, axis=1), 1.0, atol=1e-5)
-    assert pipe.embed_audio(test_signal(1.0)).shape == (1, 16)  # a single input is one row
+    assert pipe.embed_audio(test_signal(1.0), sample_rate=SR).shape == (1, 16)  # a single input is one row
     t = pipe.embed_text(["a dog barking", "rain"])
     assert t.shape == (2, 16)
     np.testing.assert_allclose(np.linalg.norm(t, axis=1), 1.0, atol=1e-5)
@@ -130,8 +130,8 @@ def test_embed_shapes_norms_and_similarity(pipe, tmp_path):
 
 def test_embeddings_respond_to_input_and_batching_does_not_change_them(pipe):
     xs = [test_signal(3.0, seed=1), test_signal(1.0, seed=2), test_signal(0.01, seed=3)]
-    batched = pipe.embed_audio(xs, batch_size=3)
-    single = np.concatenate([pipe.embed_audio(x) for x in xs])
+    batched = pipe.embed_audio(xs, batch_size=3, sample_rate=SR)
+    single = np.concatenate([pipe.embed_audio(x, sample_rate=SR) for x in xs])
     np.testing.assert_allclose(batched, single, atol=1e-5)
     assert np.abs(batched[0] - batched[1]).max() > 1e-3  # the untrained model is not constant
 
@@ -140,9 +140,9 @@ def test_determinism(ckpt):
     x = test_signal(9.0, seed=4)
     p1 = Pipeline.from_pretrained(ckpt, window_s=5.0)
     p2 = Pipeline.from_pretrained(ckpt, window_s=5.0)
-    np.testing.assert_array_equal(p1.embed_audio(x), p1.embed_audio(x))
-    np.testing.assert_array_equal(p1.embed_audio(x), p2.embed_audio(x))
-    np.testing.assert_array_equal(p1.frame_scores(x, ["dog"]).scores, p2.frame_scores(x, ["dog"]).scores)
+    np.testing.assert_array_equal(p1.embed_audio(x, sample_rate=SR), p1.embed_audio(x, sample_rate=SR))
+    np.testing.assert_array_equal(p1.embed_audio(x, sample_rate=SR), p2.embed_audio(x, sample_rate=SR))
+    np.testing.assert_array_equal(p1.frame_scores(x, ["dog"], sample_rate=SR).scores, p2.frame_scores(x, ["dog"], sample_rate=SR).scores)
 
 
 def test_long_audio_clip_embedding_is_fixed_window_average(pipe):
@@ -154,12 +154,12 @@ def test_long_audio_clip_embedding_is_fixed_window_average(pipe):
         embs = [pipe.model.encode_audio(torch.from_numpy(x[a * SR : b * SR])[None]).audio_embeds[0].double() for a, b, _ in windows]
     ref = sum(w * e for (_, _, w), e in zip(windows, embs))
     ref = (ref / ref.norm()).float().numpy()
-    np.testing.assert_allclose(pipe.embed_audio(x)[0], ref, atol=1e-5)
+    np.testing.assert_allclose(pipe.embed_audio(x, sample_rate=SR)[0], ref, atol=1e-5)
     # up to max_seconds: one pass over the whole input
     y = x[: 4 * SR]
     with torch.inference_mode():
         whole = pipe.model.encode_audio(torch.from_numpy(y)[None]).audio_embeds[0].numpy()
-    np.testing.assert_allclose(pipe.embed_audio(y)[0], whole, atol=1e-5)
+    np.testing.assert_allclose(pipe.embed_audio(y, sample_rate=SR)[0], whole, atol=1e-5)
 
 
 # ============================================================================ frame scores, long audio
@@ -168,11 +168,11 @@ def test_long_audio_clip_embedding_is_fixed_window_average(pipe):
 def test_long_audio_frames_equal_one_pass(pipe):
     x = test_signal(23.0, seed=6)[: 23 * SR - 77]  # not a multiple of anything
     texts = ["a dog barking", "rain falling"]
-    fs = pipe.frame_scores(x, texts)  # 5 s windows + 2 s margins: 5 windows
+    fs = pipe.frame_scores(x, texts, sample_rate=SR)  # 5 s windows + 2 s margins: 5 windows
     ref, ref_frames = one_pass_probs(pipe, x, texts)
     assert fs.scores.shape == ref.shape == (pipe.timeline.num_frames_for_samples(len(x)), 2)
     np.testing.assert_allclose(fs.scores, ref, rtol=1e-4, atol=1e-6)
-    frames = pipe.embed_frames(x).embeds
+    frames = pipe.embed_frames(x, sample_rate=SR).embeds
     np.testing.assert_allclose(frames, ref_frames, atol=1e-5)
     # non-vacuous: frames differ along time much more than the tolerance
     assert np.abs(ref_frames - ref_frames.mean(0)).max() > 0.1
@@ -186,9 +186,9 @@ def test_parallel_windows_equal_sequential_and_restore_threads(ckpt):
     seq = Pipeline.from_pretrained(ckpt, window_s=3.0, workers=1)
     par = Pipeline.from_pretrained(ckpt, window_s=3.0, workers=3)
     threads = torch.get_num_threads()
-    np.testing.assert_allclose(par.frame_scores(x, ["dog"]).scores, seq.frame_scores(x, ["dog"]).scores, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(par.frame_scores(x, ["dog"], sample_rate=SR).scores, seq.frame_scores(x, ["dog"], sample_rate=SR).scores, rtol=1e-5, atol=1e-7)
     xs = [test_signal(s, seed=k) for k, s in enumerate((1.0, 2.0, 3.0, 5.0))]
-    np.testing.assert_allclose(par.embed_audio(xs, batch_size=1), seq.embed_audio(xs, batch_size=1), atol=1e-6)
+    np.testing.assert_allclose(par.embed_audio(xs, batch_size=1, sample_rate=SR), seq.embed_audio(xs, batch_size=1, sample_rate=SR), atol=1e-6)
     assert torch.get_num_threads() == threads  # the workers' thread setting does not leak
 
 
@@ -196,30 +196,30 @@ def test_long_file_is_streamed_from_disk_and_equals_array(pipe, tmp_path, monkey
     x = test_signal(13.0, seed=7)
     path = tmp_path / "long.flac"
     sf.write(path, x, SR)
-    from_array = pipe.frame_scores(sf.read(path, dtype="float32")[0], ["dog"])
+    from_array = pipe.frame_scores(sf.read(path, dtype="float32")[0], ["dog"], sample_rate=SR)
     monkeypatch.setattr(infer, "_IN_MEMORY_S", 5.0)  # force the window-by-window file reader
     src = pipe._open(path)
     assert src.wave is None  # really streamed
     from_file = pipe.frame_scores(path, ["dog"])
     np.testing.assert_allclose(from_file.scores, from_array.scores, rtol=1e-5, atol=1e-7)
-    np.testing.assert_allclose(pipe.embed_audio(path), pipe.embed_audio(sf.read(path, dtype="float32")[0]), atol=1e-5)
+    np.testing.assert_allclose(pipe.embed_audio(path), pipe.embed_audio(sf.read(path, dtype="float32")[0], sample_rate=SR), atol=1e-5)
 
 
 def test_audio_shorter_than_one_frame(pipe, tmp_path):
     x = test_signal(1.0)[:100]  # 100 samples: less than one 40 ms frame
-    fs = pipe.frame_scores(x, ["dog", "rain"])
+    fs = pipe.frame_scores(x, ["dog", "rain"], sample_rate=SR)
     assert fs.scores.shape == (1, 2) and np.isfinite(fs.scores).all()
-    assert pipe.embed_audio(x).shape == (1, 16)
+    assert pipe.embed_audio(x, sample_rate=SR).shape == (1, 16)
     path = tmp_path / "tiny.wav"
     sf.write(path, x[:50], SR)
     rows = pipe.detect(path, ["dog"], threshold=0.0)
-    assert rows == [{"filename": "tiny.wav", "onset": 0.0, "offset": round(50 / SR, 3), "event_label": "dog",
-                     "confidence": pytest.approx(float(pipe.frame_scores(path, ["the sound of dog"]).scores.max()))}]  # fmt: skip
+    assert rows == [{"onset": 0.0, "offset": round(50 / SR, 3), "label": "dog",
+                     "score": pytest.approx(float(pipe.frame_scores(path, ["the sound of dog"]).scores.max()))}]  # fmt: skip
 
 
 def test_frame_scores_dataframe_is_sed_scores_eval_format(pipe):
     x = test_signal(2.5)
-    fs = pipe.frame_scores(x, ["dog", "rain"])
+    fs = pipe.frame_scores(x, ["dog", "rain"], sample_rate=SR)
     df = fs.to_dataframe()
     assert list(df.columns) == ["onset", "offset", "dog", "rain"]
     assert df["onset"].iloc[0] == 0.0 and df["offset"].iloc[-1] == pytest.approx(2.5)
@@ -255,12 +255,12 @@ def test_detect_rows_match_naive_thresholding(pipe, tmp_path):
     rows = pipe.detect(str(path), labels, threshold=thr)
     assert rows, "median threshold must give detections"
     for r in rows:
-        assert set(r) == {"filename", "onset", "offset", "event_label", "confidence"}
-        assert r["filename"] == "scene.wav" and r["event_label"] in labels
+        assert set(r) == {"onset", "offset", "score", "label"}
+        assert r["label"] in labels
         assert 0.0 <= r["onset"] < r["offset"] <= 6.0
-        assert r["confidence"] > thr
+        assert r["score"] > thr
     for k, lab in enumerate(labels):
-        got = [(r["onset"], r["offset"], r["confidence"]) for r in rows if r["event_label"] == lab]
+        got = [(r["onset"], r["offset"], r["score"]) for r in rows if r["label"] == lab]
         want = _naive_segments(ref[:, k], thr, 0.04, 6.0)
         assert [g[:2] for g in got] == [w[:2] for w in want]
         np.testing.assert_allclose([g[2] for g in got], [w[2] for w in want], rtol=1e-5)
@@ -276,54 +276,119 @@ def test_detect_rows_match_naive_thresholding(pipe, tmp_path):
 def test_detect_uses_checkpoint_defaults(root):
     ck = make_checkpoint(root, "ckpt_defaults", sed_threshold=0.0, min_event_s=100.0)
     p = Pipeline.from_pretrained(ck)
-    assert p.detect(test_signal(2.0), ["dog"]) == []  # every event is shorter than min_event_s
-    assert len(p.detect(test_signal(2.0), ["dog"], min_duration_s=0.0)) == 1  # threshold 0: one event
+    assert p.detect(test_signal(2.0), ["dog"], sample_rate=SR) == []  # every event is shorter than min_event_s
+    assert len(p.detect(test_signal(2.0), ["dog"], min_duration_s=0.0, sample_rate=SR)) == 1  # threshold 0: one event
 
 
 def test_frame_scores_without_a_frame_objective_warn_once_on_default_threshold(root):
     clip_only = Pipeline.from_pretrained(make_checkpoint(root, "ckpt_clip_only", overrides=["loss.frame=null"]))
     assert not clip_only.frame_trained
     with pytest.warns(UserWarning, match=r"without a frame objective .*at most 0\.50"):
-        clip_only.detect(test_signal(2.0), ["dog"])
+        clip_only.detect(test_signal(2.0), ["dog"], sample_rate=SR)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        clip_only.detect(test_signal(2.0), ["dog"])  # once per pipeline
+        clip_only.detect(test_signal(2.0), ["dog"], sample_rate=SR)  # once per pipeline
         fresh = Pipeline.from_pretrained(make_checkpoint(root, "ckpt_clip_only2", overrides=["loss.frame=null"]))
-        fresh.detect(test_signal(2.0), ["dog"], threshold=0.3)  # an explicit threshold is the user's choice
+        fresh.detect(test_signal(2.0), ["dog"], threshold=0.3, sample_rate=SR)  # an explicit threshold is the user's choice
         framed = Pipeline.from_pretrained(make_checkpoint(root, "ckpt_framed", overrides=["loss.frame=finelap"]))
         assert framed.frame_trained
-        framed.detect(test_signal(2.0), ["dog"])
+        framed.detect(test_signal(2.0), ["dog"], sample_rate=SR)
 
 
 def test_ground_equals_single_label_detect_without_template(pipe):
     x = test_signal(5.0, seed=9)
-    fs = pipe.frame_scores(x, ["a dog barking"])
+    fs = pipe.frame_scores(x, ["a dog barking"], sample_rate=SR)
     thr = float(np.quantile(fs.scores, 0.6))
-    segs = pipe.ground(x, "a dog barking", threshold=thr)
-    rows = pipe.detect(x, ["a dog barking"], threshold=thr, template="{}")
-    assert segs and [(s["onset"], s["offset"], s["confidence"]) for s in segs] == [(r["onset"], r["offset"], r["confidence"]) for r in rows]
+    segs = pipe.ground(x, "a dog barking", threshold=thr, sample_rate=SR)
+    rows = pipe.detect(x, ["a dog barking"], threshold=thr, template="{}", sample_rate=SR)
+    assert segs and segs == rows  # same dicts, label = the phrase
 
 
 def test_classify_probabilities(pipe):
     x = test_signal(2.0, seed=10)
     labels = ["dog", "rain", "cat", "car horn"]
-    full = pipe.classify(x, labels, top_k=None)
-    assert sorted(l for l, _ in full) == sorted(labels)
-    probs = [p for _, p in full]
+    full = pipe.classify(x, labels, top_k=None, sample_rate=SR)
+    assert all(set(r) == {"label", "score"} for r in full)
+    assert sorted(r["label"] for r in full) == sorted(labels)
+    probs = [r["score"] for r in full]
     assert sum(probs) == pytest.approx(1.0, abs=1e-5) and probs == sorted(probs, reverse=True)
     # parity: softmax of scaled cosines with the checkpoint's template
-    logits = pipe.similarity(x, [f"the sound of {l}" for l in labels], logits=True)[0]
+    logits = pipe.similarity(x, [f"the sound of {l}" for l in labels], logits=True, sample_rate=SR)[0]
     ref = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
-    np.testing.assert_allclose([dict(full)[l] for l in labels], ref, rtol=1e-4)
-    assert pipe.classify(x, labels, top_k=2) == full[:2]
-    assert pipe.classify(x, "dog;rain;cat;car horn", top_k=None) == full  # ';'-separated string
-    multi = dict(pipe.classify(x, labels, top_k=None, multi_label=True))
+    by_label = {r["label"]: r["score"] for r in full}
+    np.testing.assert_allclose([by_label[l] for l in labels], ref, rtol=1e-4)
+    assert pipe.classify(x, labels, top_k=2, sample_rate=SR) == full[:2]
+    assert pipe.classify(x, "dog;rain;cat;car horn", top_k=None, sample_rate=SR) == full  # ';'-separated string
+    multi = {r["label"]: r["score"] for r in pipe.classify(x, labels, top_k=None, multi_label=True, sample_rate=SR)}
     np.testing.assert_allclose([multi[l] for l in labels], 1 / (1 + np.exp(-logits)), rtol=1e-4)
-    batch = pipe.classify([x, x], labels, top_k=1)
-    assert len(batch) == 2 and batch[0] == batch[1] and batch[0][0][0] == full[0][0]
-    assert batch[0][0][1] == pytest.approx(full[0][1], rel=1e-5)
-    other = pipe.classify(x, labels, template="{}", top_k=None)
+    batch = pipe.classify([x, x], labels, top_k=1, sample_rate=SR)
+    assert len(batch) == 2 and batch[0] == batch[1] and batch[0][0]["label"] == full[0]["label"]
+    assert batch[0][0]["score"] == pytest.approx(full[0]["score"], rel=1e-5)
+    other = pipe.classify(x, labels, template="{}", top_k=None, sample_rate=SR)
     assert other != full  # the template matters
+
+
+# ============================================================================ input types
+
+
+def test_multichannel_arrays_are_one_downmixed_clip(pipe):
+    """A stereo (frames, 2) array is one clip (it used to be a batch of 48,000 one-sample rows),
+    downmixed to the channel mean, whichever axis holds the channels."""
+    left, right = test_signal(3.0, seed=20), test_signal(3.0, seed=21)
+    stereo = np.stack([left, right], axis=1)  # (frames, 2), as soundfile reads it
+    mono = (left + right) / 2
+    labels = ["dog", "rain", "siren"]
+    got = pipe.classify(stereo, labels, sample_rate=SR)
+    assert len(got) == 3 and all(set(r) == {"label", "score"} for r in got)  # one clip, not 48,000
+    want = pipe.classify(mono, labels, sample_rate=SR)
+    assert [r["label"] for r in got] == [r["label"] for r in want]
+    np.testing.assert_allclose([r["score"] for r in got], [r["score"] for r in want], rtol=1e-5)
+    ref = pipe.embed_audio(mono, sample_rate=SR)
+    np.testing.assert_allclose(pipe.embed_audio(stereo, sample_rate=SR), ref, atol=1e-6)
+    np.testing.assert_allclose(pipe.embed_audio(stereo.T.copy(), sample_rate=SR), ref, atol=1e-6)  # (2, frames)
+    np.testing.assert_allclose(pipe.embed_audio(torch.from_numpy(stereo), sample_rate=SR), ref, atol=1e-6)
+    fs = pipe.frame_scores(stereo, ["dog"], sample_rate=SR)
+    np.testing.assert_allclose(fs.scores, pipe.frame_scores(mono, ["dog"], sample_rate=SR).scores, rtol=1e-5, atol=1e-7)
+    # (6, 4): both dimensions could be channels; stated, it is (samples, channels)
+    tiny = np.stack([test_signal(1.0, seed=k)[:6] for k in range(4)], axis=1)  # (6, 4)
+    with pytest.raises(FinelapError, match="channel_axis"):
+        pipe.embed_audio(tiny, sample_rate=SR)
+    np.testing.assert_allclose(pipe.embed_audio(tiny, sample_rate=SR, channel_axis=1),
+                               pipe.embed_audio(tiny.mean(axis=1), sample_rate=SR), atol=1e-6)  # fmt: skip
+    # a batch of clips is a list: one result per clip, in order
+    batch = pipe.classify([stereo, mono], labels, sample_rate=SR)
+    assert len(batch) == 2 and [r["label"] for r in batch[0]] == [r["label"] for r in want]
+    with pytest.raises(FinelapError, match="as a list"):
+        pipe.embed_audio(np.stack([stereo, stereo]), sample_rate=SR)  # 3-D
+
+
+def test_arrays_need_a_sample_rate_and_hf_dicts_carry_it(pipe):
+    x = test_signal(2.0, seed=22)
+    with pytest.raises(FinelapError, match=r"audio_0: an audio array needs its sample rate: pass sample_rate="):
+        pipe.classify(x, ["dog"])
+    with pytest.raises(FinelapError, match="sample rate"):
+        pipe.frame_scores(x, ["dog"])
+    ref = pipe.embed_audio(x, sample_rate=SR)
+    for key in ("array", "raw"):
+        np.testing.assert_allclose(pipe.embed_audio({key: x, "sampling_rate": SR}), ref, atol=1e-6)
+    # at another rate: resampled to the model's, as the array with sample_rate= is
+    from finelap.audio import resample
+
+    x8 = resample(x, SR, 8000)
+    d8 = pipe.embed_audio({"array": x8, "sampling_rate": 8000})
+    np.testing.assert_allclose(d8, pipe.embed_audio(x8, sample_rate=8000), atol=1e-6)
+    assert np.abs(d8 - pipe.embed_audio(x8, sample_rate=SR)).max() > 1e-3  # the rate is really used
+    rows = pipe.detect({"array": x, "sampling_rate": SR}, ["dog"], threshold=0.0, min_duration_s=0.0)
+    assert rows == pipe.detect(x, ["dog"], threshold=0.0, min_duration_s=0.0, sample_rate=SR)
+    batch = pipe.detect([{"array": x, "sampling_rate": SR}, x[: SR // 2]], ["dog"], threshold=0.0, min_duration_s=0.0,
+                        sample_rate=SR)  # fmt: skip
+    assert len(batch) == 2 and batch[0] == rows and batch[1][0]["offset"] == pytest.approx(0.5)
+    with pytest.raises(FinelapError, match="'sampling_rate'"):
+        pipe.embed_audio({"array": x})
+    with pytest.raises(FinelapError, match="says sampling_rate=8000 but sample_rate=16000"):
+        pipe.embed_audio({"array": x8, "sampling_rate": 8000}, sample_rate=SR)
+    with pytest.raises(FinelapError, match="holds numbers"):
+        pipe.embed_audio([0.0, 0.1, 0.2], sample_rate=SR)
 
 
 # ============================================================================ FLAM calibration
@@ -334,7 +399,7 @@ def test_flam_calibrated_probabilities(root):
     assert p.has_calibration
     x = test_signal(7.0, seed=11)
     texts = ["a dog barking", "rain falling", "a cat meowing"]
-    auto = p.frame_scores(x, texts)
+    auto = p.frame_scores(x, texts, sample_rate=SR)
     assert auto.calibrated
     with torch.inference_mode():
         a = p.model.encode_audio(torch.from_numpy(x)[None])
@@ -345,7 +410,7 @@ def test_flam_calibrated_probabilities(root):
     sig = lambda z: 1 / (1 + np.exp(-z))  # noqa: E731
     prob = sig(logits)
     np.testing.assert_allclose(auto.scores, prob / (prob + sig(beta)), rtol=1e-4)  # p / (p + sigmoid(beta))
-    plain = p.frame_scores(x, texts, calibrated=False)
+    plain = p.frame_scores(x, texts, calibrated=False, sample_rate=SR)
     assert not plain.calibrated
     np.testing.assert_allclose(plain.scores, prob, rtol=1e-4)
     # search-index hook: the same numbers from stored embeddings
@@ -356,7 +421,7 @@ def test_flam_calibrated_probabilities(root):
 def test_calibrated_requires_per_text_bias(pipe):
     assert not pipe.has_calibration
     with pytest.raises(ConfigError, match="per-text"):
-        pipe.frame_scores(test_signal(1.0), ["dog"], calibrated=True)
+        pipe.frame_scores(test_signal(1.0), ["dog"], calibrated=True, sample_rate=SR)
 
 
 # ============================================================================ bad input
@@ -365,28 +430,28 @@ def test_calibrated_requires_per_text_bias(pipe):
 def test_bad_inputs(pipe, tmp_path):
     x = test_signal(1.0)
     with pytest.raises(FinelapError, match="empty label list"):
-        pipe.classify(x, [])
+        pipe.classify(x, [], sample_rate=SR)
     with pytest.raises(FinelapError, match="empty label list"):
-        pipe.detect(x, ";")
+        pipe.detect(x, ";", sample_rate=SR)
     with pytest.raises(FinelapError, match="duplicate label 'dog'"):
         parse_labels(["dog", "rain", "dog"])
     with pytest.raises(FinelapError, match="empty text"):
-        pipe.ground(x, "  ")
+        pipe.ground(x, "  ", sample_rate=SR)
     missing = tmp_path / "nope.wav"
     with pytest.raises(AudioError, match="nope.wav: file not found"):
-        pipe.embed_audio([x, str(missing)])
+        pipe.embed_audio([x, str(missing)], sample_rate=SR)
     corrupt = tmp_path / "corrupt.wav"
     corrupt.write_bytes(b"RIFF\x00\x00\x00\x00WAVEjunkjunk")
     with pytest.raises(AudioError, match="corrupt.wav: corrupt or unreadable"):
         pipe.detect(corrupt, ["dog"])
     with pytest.raises(FinelapError, match="empty audio"):
-        pipe.embed_audio(np.zeros(0, np.float32))
+        pipe.embed_audio(np.zeros(0, np.float32), sample_rate=SR)
     with pytest.raises(FinelapError, match="NaN"):
-        pipe.frame_scores(np.full(100, np.nan, np.float32), ["dog"])
+        pipe.frame_scores(np.full(100, np.nan, np.float32), ["dog"], sample_rate=SR)
     with pytest.raises(ConfigError, match="template"):
-        pipe.classify(x, ["dog"], template="no placeholder")
+        pipe.classify(x, ["dog"], template="no placeholder", sample_rate=SR)
     with pytest.raises(ConfigError, match="threshold"):
-        pipe.detect(x, ["dog"], threshold=2.0)
+        pipe.detect(x, ["dog"], threshold=2.0, sample_rate=SR)
 
 
 def test_embed_files_reports_bad_files_instead_of_raising(pipe, tmp_path):
@@ -428,14 +493,14 @@ def test_hear_api(ckpt, monkeypatch):
     audio = torch.from_numpy(np.stack([test_signal(2.0, seed=s) for s in range(3)]))
     scene = get_scene_embeddings(audio, model)
     assert isinstance(scene, torch.Tensor) and scene.shape == (3, 16) and scene.dtype == torch.float32
-    np.testing.assert_allclose(scene.numpy(), model.pipeline.embed_audio(audio.numpy()), atol=1e-6)
+    np.testing.assert_allclose(scene.numpy(), model.pipeline.embed_audio(list(audio.numpy()), sample_rate=SR), atol=1e-6)
     emb, ts = get_timestamp_embeddings(audio, model)
     t = model.pipeline.timeline.num_frames_for_samples(2 * SR)
     assert emb.shape == (3, t, 16) and ts.shape == (3, t)
     np.testing.assert_allclose(ts[0, :3].numpy(), [20.0, 60.0, 100.0])  # frame centres in ms (40 ms frames)
     assert torch.equal(ts[0], ts[2])
     for i in range(3):  # batched equals per sound
-        np.testing.assert_allclose(emb[i].numpy(), model.pipeline.embed_frames(audio[i].numpy()).embeds, atol=1e-5)
+        np.testing.assert_allclose(emb[i].numpy(), model.pipeline.embed_frames(audio[i].numpy(), sample_rate=SR).embeds, atol=1e-5)
     # longer than one streaming window: streamed per sound, still equal to one pass (local model)
     long = torch.from_numpy(np.stack([test_signal(8.0, seed=s) for s in range(2)]))
     emb_l, ts_l = get_timestamp_embeddings(long, model)
@@ -458,7 +523,7 @@ def test_display_mel_stream_equals_one_pass_log_mel(pipe):
     from finelap.audio import LogMel
 
     x = test_signal(70.0, seed=12)
-    src = pipe._open(x)
+    src = pipe._open(x, SR)
     db, tl, cfg = display_mel_stream(src, SR, max_columns=50)  # pool 141 frames, 2 chunks
     with torch.inference_mode():
         full = LogMel(cfg)(torch.from_numpy(x)).numpy()
@@ -470,7 +535,7 @@ def test_display_mel_stream_equals_one_pass_log_mel(pipe):
 
 def test_plot_writes_png(pipe, tmp_path):
     x = test_signal(3.0)
-    fs = pipe.frame_scores(x, ["dog", "rain"])
-    out = pipe.plot(x, fs, tmp_path / "p.png", segments=[[(0.5, 1.0)], []], threshold=0.5)
+    fs = pipe.frame_scores(x, ["dog", "rain"], sample_rate=SR)
+    out = pipe.plot(x, fs, tmp_path / "p.png", segments=[[(0.5, 1.0)], []], threshold=0.5, sample_rate=SR)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert isinstance(fs, FrameScores)

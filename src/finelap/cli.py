@@ -23,22 +23,39 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "detect": ("finelap.commands.detect", "sound event detection: when each label happens (DCASE TSV, plots)"),
     "ground": ("finelap.commands.ground", "find where a phrase happens in an audio file"),
     "eval": ("finelap.commands.eval", "evaluate a checkpoint: retrieval, zeroshot, sed or grounding (JSON + Markdown + PNGs)"),
-    "index": ("finelap.commands.index", "build or update a text-searchable index over a folder of audio"),
+    "index": ("finelap.commands.index", "build, update or inspect a text-searchable index over a folder of audio"),
     "search": ("finelap.commands.search", "search an index with words: ranked files with their best time span"),
     "caption": ("finelap.commands.caption", "describe audio files in words (checkpoints with a caption decoder, preset slap)"),
 }
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The command's docstring as written (its examples keep their lines), and each flag's
+    default printed once: appended as "(default: X)" unless the help text already says what the
+    default is, or there is nothing to say (None, False, a flag without a value)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_ = action.help or ""
+        if "default" in help_ or "%(default)" in help_:
+            return help_
+        if action.default in (None, False, argparse.SUPPRESS) or isinstance(action, argparse._HelpAction):
+            return help_
+        if action.option_strings or action.nargs in (argparse.OPTIONAL, argparse.ZERO_OR_MORE):
+            return help_ + " (default: %(default)s)"
+        return help_
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(prog="finelap", description="Fine-grained language-audio pretraining.")
+    parser = argparse.ArgumentParser(prog="finelap", description="Fine-grained language-audio pretraining.",
+                                     epilog="`finelap COMMAND --help` shows a command's options and examples.")  # fmt: skip
     parser.add_argument("--version", action="version", version=f"finelap {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_) in COMMANDS.items():
         mod = importlib.import_module(module)
-        p = sub.add_parser(name, help=help_, description=(mod.__doc__ or help_).strip().split("\n\n")[0],
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        # the whole module docstring: what the command does, its examples and its output
+        p = sub.add_parser(name, help=help_, description=(mod.__doc__ or help_).strip(), formatter_class=HelpFormatter)
         mod.add_arguments(p)
         p.set_defaults(_module=module)
     return parser

@@ -74,7 +74,11 @@ def _check(audio: Any, model: HearModel) -> torch.Tensor:
 def get_scene_embeddings(audio: torch.Tensor, model: HearModel) -> torch.Tensor:
     """audio (n_sounds, n_samples) at model.sample_rate -> (n_sounds, scene_embedding_size) float32."""
     audio = _check(audio, model)
-    emb = model.pipeline.embed_audio(audio.detach().float().cpu().numpy())
+    rows = audio.detach().float().cpu().numpy()
+    # HEAR's (n_sounds, n_samples) is a batch of mono sounds: Pipeline takes a batch as a list
+    # (a 2-D array there is one multichannel clip), at the model's rate by HEAR's contract
+    pipe = model.pipeline
+    emb = pipe.embed_audio(list(rows), sample_rate=pipe.sample_rate)
     return torch.from_numpy(emb).to(audio.device)
 
 

@@ -2,13 +2,19 @@
 
     pipe = finelap.Pipeline.from_pretrained("runs/finelap/final")
     pipe.embed_audio(["a.wav", "b.flac"])                 # (2, D) clip embeddings, L2-normalised
-    pipe.classify("a.wav", ["dog", "rain", "siren"])      # [("dog", 0.81), ("rain", 0.12), ...]
-    pipe.detect("street.flac", ["dog", "car horn"])       # DCASE rows with confidence
-    pipe.ground("park.wav", "a dog barking")              # [{"onset", "offset", "confidence"}]
+    pipe.classify("a.wav", ["dog", "rain", "siren"])      # [{"label": "dog", "score": 0.81}, ...]
+    pipe.detect("street.flac", ["dog", "car horn"])       # [{"onset", "offset", "score", "label"}, ...]
+    pipe.ground("park.wav", "a dog barking")              # [{"onset", "offset", "score", "label"}, ...]
     fs = pipe.frame_scores("park.wav", ["a dog barking"]) # FrameScores: (T, N) probabilities in seconds
 
-Audio is a path, a 1-D array (at `sample_rate`, default the model's), or a list of either; a 2-D
-array/tensor is a batch of rows. Everything is deterministic:
+Results are dicts, as Hugging Face pipelines return them. One clip is:
+- a path (any format soundfile reads; resampled to the model's rate);
+- an array or tensor with its rate, `sample_rate=` (required: raw samples have no default rate):
+  (samples,) mono, or (samples, channels) / (channels, samples), downmixed to mono (channel
+  mean); the channel axis is the dimension of at most 8, or `channel_axis=` says which;
+- an HF-style dict {"array" (or "raw"): samples, "sampling_rate": Hz}, e.g. a `datasets` row.
+A batch is a list (or tuple) of clips, and gives a list of results, one per clip; a 2-D array
+is one multichannel clip, never a batch. Everything is deterministic:
 
 - clip embeddings of audio longer than `audio.max_seconds` are the coverage-weighted mean of the
   clip embeddings of fixed `audio.clip_seconds` windows on a grid starting at 0 (the last window is
@@ -34,7 +40,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence, Union
+from typing import Any, Callable, Iterator, Mapping, Sequence, Union
 
 import numpy as np
 import torch
@@ -45,7 +51,11 @@ from .errors import AudioError, ConfigError, FinelapError
 
 __all__ = ["Pipeline", "FrameScores", "FrameEmbeddings", "AudioInput", "parse_labels", "find_audio_files", "display_mel_stream"]
 
-AudioInput = Union[str, os.PathLike, np.ndarray, torch.Tensor]
+# One clip: a path, an array (samples,) / (samples, channels) / (channels, samples) with its
+# sample rate, or an HF-style {"array" or "raw": samples, "sampling_rate": Hz} dict.
+AudioInput = Union[str, os.PathLike, np.ndarray, torch.Tensor, Mapping[str, Any]]
+# Multichannel arrays: the channel axis is the dimension of at most this many entries.
+_MAX_CHANNELS = 8
 
 # Files up to this long are decoded whole; longer ones are read window by window from disk.
 _IN_MEMORY_S = 600.0
@@ -108,12 +118,43 @@ class _Source:
 # ----------------------------------------------------------------------------- helpers
 
 
+def split_labels(text: str) -> list[str]:
+    """Split a label string on ';' and ',' outside double quotes, CSV style: `dog;rain, heavy`
+    -> ["dog", "rain", "heavy"]; `dog;"rain, heavy"` -> ["dog", "rain, heavy"]; `""` inside
+    quotes is a literal quote. Items are stripped; empty items are kept (the caller decides).
+
+    Raises FinelapError for an unclosed quote."""
+    items: list[str] = []
+    cur: list[str] = []
+    quoted = False
+    i = 0
+    while i < len(text):
+        c = text[i]
+        if c == '"':
+            if quoted and text[i + 1 : i + 2] == '"':  # "" inside quotes: a literal quote
+                cur.append('"')
+                i += 1
+            else:
+                quoted = not quoted
+        elif c in ";," and not quoted:
+            items.append("".join(cur).strip())
+            cur = []
+        else:
+            cur.append(c)
+        i += 1
+    if quoted:
+        raise FinelapError(f"unclosed double quote in the label list {text!r}")
+    items.append("".join(cur).strip())
+    return items
+
+
 def parse_labels(labels: str | Sequence[str]) -> list[str]:
-    """Labels from a list or a ';'-separated string ("dog;rain;siren"), stripped.
+    """Labels from a list (used as given, stripped) or a string in `--labels` syntax: separated
+    by ';' or ',', double quotes keep a separator inside a label ("dog;\"rain, heavy\"").
 
     Raises FinelapError for an empty list, an empty label or a duplicate.
     """
-    items = labels.split(";") if isinstance(labels, str) else list(labels)
+    items = split_labels(labels) if isinstance(labels, str) else list(labels)
     out = [str(x).strip() for x in items]
     if isinstance(labels, str):
         out = [x for x in out if x]  # "dog;rain;" is forgiving on the command line
@@ -128,6 +169,53 @@ def parse_labels(labels: str | Sequence[str]) -> list[str]:
             raise FinelapError(f"duplicate label {x!r} in the label list")
         seen.add(x)
     return out
+
+
+def _unpack_audio_dict(item: Mapping[str, Any], sample_rate: int | None, name: str) -> tuple[Any, int]:
+    """(samples, rate) of an HF-style {"array" | "raw": samples, "sampling_rate": Hz} dict (what
+    `datasets.Audio` yields and HF audio pipelines take). A `sample_rate` argument must agree."""
+    keys = [k for k in ("array", "raw") if k in item]
+    if len(keys) != 1 or "sampling_rate" not in item:
+        raise FinelapError(f"{name}: an audio dict needs 'array' (or 'raw') and 'sampling_rate' keys, got {sorted(map(str, item))}")
+    rate = item["sampling_rate"]
+    if isinstance(rate, (float, np.floating)) and float(rate).is_integer():
+        rate = int(rate)
+    if sample_rate is not None and rate != sample_rate:
+        raise FinelapError(f"{name}: the dict says sampling_rate={rate} but sample_rate={sample_rate} was passed")
+    x = item[keys[0]]
+    if isinstance(x, (list, tuple)):
+        x = np.asarray(x, dtype=np.float32)
+    return x, rate
+
+
+def _downmix(x: np.ndarray, channel_axis: int | None, name: str) -> np.ndarray:
+    """(samples,) unchanged; (samples, channels) or (channels, samples) -> channel mean (samples,).
+
+    The channel axis is `channel_axis` when given, else the one dimension of at most
+    _MAX_CHANNELS; an ambiguous shape (both dimensions small, e.g. (6, 4), or both large, e.g.
+    (2000, 3000)) is an error that asks for `channel_axis`."""
+    if x.ndim == 1:
+        if channel_axis is not None:
+            raise FinelapError(f"{name}: channel_axis={channel_axis} given for a 1-D (mono) array")
+        return x
+    if x.ndim != 2:
+        raise FinelapError(f"{name}: audio array must be (samples,) or 2-D (samples, channels) / (channels, samples), got shape {x.shape}")
+    if channel_axis is None:
+        small = [d for d in (0, 1) if x.shape[d] <= _MAX_CHANNELS]
+        if len(small) != 1:
+            raise FinelapError(
+                f"{name}: cannot tell which axis of shape {x.shape} holds the channels (expected one dimension "
+                f"of at most {_MAX_CHANNELS}); pass channel_axis=0 for (channels, samples) or 1 for (samples, channels)"
+            )
+        channel_axis = small[0]
+    if channel_axis not in (0, 1, -1, -2):
+        raise FinelapError(f"{name}: channel_axis must be 0 or 1 for a 2-D array, got {channel_axis}")
+    return x.mean(axis=channel_axis, dtype=np.float64).astype(np.float32)
+
+
+def _event(onset: float, offset: float, score: float, label: str) -> dict[str, Any]:
+    """One detected event as `detect`/`ground` return it (seconds rounded to ms)."""
+    return {"onset": round(float(onset), 3), "offset": round(float(offset), 3), "score": float(score), "label": str(label)}
 
 
 def _apply_template(labels: Sequence[str], template: str) -> list[str]:
@@ -335,26 +423,38 @@ class Pipeline:
 
     # ------------------------------------------------------------------ inputs
     def _as_list(self, inputs: Any) -> tuple[list[Any], bool]:
-        """(items, is_batch). A path or 1-D array is one item; a list or a 2-D array is a batch."""
-        if isinstance(inputs, (str, os.PathLike)):
+        """(items, is_batch). One clip (a path, a {"array"/"raw", "sampling_rate"} dict, or a 1-D
+        or 2-D array: mono, or multichannel to downmix) is one item; a list or tuple of clips is
+        a batch. Arrays of 3 or more dimensions are refused: a batch is a list."""
+        if isinstance(inputs, (str, os.PathLike, Mapping)):
             return [inputs], False
-        if isinstance(inputs, torch.Tensor):
-            inputs = inputs.detach().cpu().numpy()
-        if isinstance(inputs, np.ndarray):
-            if inputs.ndim == 1:
-                return [inputs], False
-            if inputs.ndim == 2:
-                return list(inputs), True
-            raise FinelapError(f"audio array must be 1-D (samples) or 2-D (batch, samples), got shape {inputs.shape}")
+        if isinstance(inputs, (np.ndarray, torch.Tensor)):
+            if inputs.ndim > 2:
+                raise FinelapError(
+                    f"audio array must be (samples,) or (samples, channels) / (channels, samples), got shape "
+                    f"{tuple(inputs.shape)}; pass a batch of clips as a list of arrays"
+                )
+            return [inputs], False
         if isinstance(inputs, (list, tuple)):
             if not inputs:
                 raise FinelapError("no audio inputs given (empty list)")
+            if all(isinstance(x, (int, float, np.number)) and not isinstance(x, bool) for x in inputs):
+                raise FinelapError(
+                    "a list is a batch of clips, but this one holds numbers: pass the samples as a numpy array "
+                    "(with sample_rate=...)"
+                )
             return list(inputs), True
-        raise FinelapError(f"audio must be a path, an array or a list of them, got {type(inputs).__name__}")
+        raise FinelapError(f"audio must be a path, an array, a {{'array', 'sampling_rate'}} dict or a list of them, got {type(inputs).__name__}")
 
-    def _open(self, item: Any, sample_rate: int | None = None, index: int = 0) -> _Source:
+    def _open(self, item: Any, sample_rate: int | None = None, index: int = 0, channel_axis: int | None = None) -> _Source:
         """A readable source at the model's sample rate. Files longer than 10 minutes are read
-        window by window from disk; shorter ones are decoded once."""
+        window by window from disk; shorter ones are decoded once.
+
+        item: a path; an array (samples,) or (samples, channels) / (channels, samples) recorded
+        at `sample_rate` (required: there is no default rate for raw samples); or an HF-style
+        dict {"array" or "raw": samples, "sampling_rate": Hz}. Multichannel audio is downmixed
+        to mono (channel mean); the channel axis is `channel_axis` (0 or 1; -1 = last) or, when
+        None, the one dimension of at most 8."""
         sr = self.sample_rate
         if isinstance(item, _Source):
             return item
@@ -371,21 +471,29 @@ class Pipeline:
             read, n = file_reader(path, sr)
             return _Source(str(path), n, read)
         name = f"audio_{index}"
+        if isinstance(item, Mapping):
+            item, sample_rate = _unpack_audio_dict(item, sample_rate, name)
         if isinstance(item, torch.Tensor):
             item = item.detach().cpu().numpy()
         if not isinstance(item, np.ndarray):
-            raise FinelapError(f"{name}: expected a path or an array, got {type(item).__name__}")
-        if item.ndim != 1:
-            raise FinelapError(f"{name}: audio array must be 1-D (mono samples), got shape {item.shape}")
+            raise FinelapError(f"{name}: expected a path, an array or an {{'array', 'sampling_rate'}} dict, got {type(item).__name__}")
+        if sample_rate is None:
+            raise FinelapError(
+                f"{name}: an audio array needs its sample rate: pass sample_rate=<Hz> (this model runs at {sr} Hz) "
+                f"or {{'array': x, 'sampling_rate': <Hz>}}"
+            )
+        if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, np.integer)) or sample_rate <= 0:
+            raise FinelapError(f"{name}: sample_rate must be a positive integer (Hz), got {sample_rate!r}")
         try:
             x = to_float32(item)
         except TypeError as e:
             raise FinelapError(f"{name}: {e}") from None
+        x = _downmix(x, channel_axis, name)
         if len(x) == 0:
             raise FinelapError(f"{name}: empty audio (0 samples)")
         if not np.isfinite(x).all():
             raise FinelapError(f"{name}: audio contains NaN or Inf samples")
-        if sample_rate is not None and int(sample_rate) != sr:
+        if int(sample_rate) != sr:
             x = resample(x, int(sample_rate), sr)
         x = np.ascontiguousarray(x, dtype=np.float32)
         return _Source(name, len(x), lambda s, e, w=x: w[s:e], x)
@@ -436,17 +544,18 @@ class Pipeline:
                 acc[i] += w * emb[k]
         return F.normalize(acc, dim=-1).float().numpy()
 
-    def embed_audio(self, inputs: AudioInput | Sequence[AudioInput], sample_rate: int | None = None, batch_size: int = 16) -> np.ndarray:
-        """Clip embeddings (N, D) float32, L2-normalised, one row per input (a single input gives
-        (1, D)). Long audio: deterministic window average (module docstring). Files are decoded
-        a group at a time, so memory stays bounded for long lists."""
+    def embed_audio(self, inputs: AudioInput | Sequence[AudioInput], sample_rate: int | None = None, batch_size: int = 16,
+                    channel_axis: int | None = None) -> np.ndarray:  # fmt: skip
+        """Clip embeddings (N, D) float32, L2-normalised, one row per clip (a single clip gives
+        (1, D); a batch is a list). Long audio: deterministic window average (module docstring).
+        Files are decoded a group at a time, so memory stays bounded for long lists."""
         items, _ = self._as_list(inputs)
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         out = np.empty((len(items), self.embed_dim), dtype=np.float32)
         group = max(batch_size * 4, 16)
         for g in range(0, len(items), group):
-            sources = [self._open(x, sample_rate, g + k) for k, x in enumerate(items[g : g + group])]
+            sources = [self._open(x, sample_rate, g + k, channel_axis) for k, x in enumerate(items[g : g + group])]
             out[g : g + len(sources)] = self._embed_sources(sources, batch_size)
         return out
 
@@ -510,9 +619,9 @@ class Pipeline:
         for chunk in self._map(work, groups):
             yield from chunk
 
-    def embed_frames(self, audio: AudioInput, sample_rate: int | None = None) -> FrameEmbeddings:
-        """Frame embeddings (T, D) of one input, any length (streamed), with their seconds."""
-        src = self._open(audio, sample_rate)
+    def embed_frames(self, audio: AudioInput, sample_rate: int | None = None, channel_axis: int | None = None) -> FrameEmbeddings:
+        """Frame embeddings (T, D) of one clip, any length (streamed), with their seconds."""
+        src = self._open(audio, sample_rate, channel_axis=channel_axis)
         t = self.timeline.num_frames_for_samples(src.n_samples)
         out = np.empty((t, self.embed_dim), dtype=np.float32)
         filled = 0
@@ -544,7 +653,7 @@ class Pipeline:
                     out[b : b + wave.shape[0]] = self.model.encode_audio(wave.to(dev), lengths.to(dev)).frame_embeds.float().cpu().numpy()
             return out
         for i in range(x.shape[0]):
-            out[i] = self.embed_frames(x[i]).embeds
+            out[i] = self.embed_frames(x[i], sample_rate=self.sample_rate).embeds
         return out
 
     # ------------------------------------------------------------------ text
@@ -585,10 +694,10 @@ class Pipeline:
     _clip_scale_bias = clip_scale_bias  # used by `finelap eval`
 
     def similarity(self, audio: AudioInput | Sequence[AudioInput], texts: Sequence[str], logits: bool = False,
-                   sample_rate: int | None = None, batch_size: int = 16) -> np.ndarray:  # fmt: skip
+                   sample_rate: int | None = None, batch_size: int = 16, channel_axis: int | None = None) -> np.ndarray:  # fmt: skip
         """(N_audio, N_text) cosine similarity of clip and text embeddings; `logits=True` applies
         the model's clip logit scale and bias (scale * cos + bias)."""
-        a = torch.from_numpy(self.embed_audio(audio, sample_rate, batch_size))
+        a = torch.from_numpy(self.embed_audio(audio, sample_rate, batch_size, channel_axis))
         t = torch.from_numpy(self.embed_text(texts))
         sim = a @ t.T
         if logits:
@@ -605,18 +714,20 @@ class Pipeline:
         multi_label: bool = False,
         sample_rate: int | None = None,
         batch_size: int = 16,
-    ) -> list[tuple[str, float]] | list[list[tuple[str, float]]]:
-        """Zero-shot classification: [(label, prob)] sorted by prob, best first, top_k of them
-        (None: all). Single-label: softmax over scaled cosines (sums to 1 over all labels);
-        multi_label: independent sigmoid(scale * cos + bias). Prompts are `template` (default: the
-        checkpoint's prompt template) filled with each label. One input -> one list; a batch ->
-        a list of lists."""
+        channel_axis: int | None = None,
+    ) -> list[dict[str, Any]] | list[list[dict[str, Any]]]:
+        """Zero-shot classification: [{"label", "score"}] sorted by score (a probability), best
+        first, top_k of them (None: all), as HF audio-classification pipelines return them.
+        Single-label: softmax over scaled cosines (sums to 1 over all labels); multi_label:
+        independent sigmoid(scale * cos + bias). Prompts are `template` (default: the
+        checkpoint's prompt template) filled with each label. One clip -> one list; a batch (a
+        list of clips) -> a list of lists."""
         labels = parse_labels(labels)
         items, is_batch = self._as_list(audio)
         prompts = _apply_template(labels, self.prompt_template if template is None else template)
         if top_k is not None and top_k < 1:
             raise ConfigError(f"top_k must be >= 1, got {top_k}")
-        a = torch.from_numpy(self.embed_audio(items, sample_rate, batch_size))
+        a = torch.from_numpy(self.embed_audio(items, sample_rate, batch_size, channel_axis))
         t = self._text(prompts).text_embeds.float().cpu()
         s, b = self.clip_scale_bias()
         z = s * (a @ t.T)
@@ -625,7 +736,7 @@ class Pipeline:
         results = []
         for row in p.numpy():
             order = sorted(range(len(labels)), key=lambda j: (-row[j], j))[:k]
-            results.append([(labels[j], float(row[j])) for j in order])
+            results.append([{"label": labels[j], "score": float(row[j])} for j in order])
         return results if is_batch else results[0]
 
     # ------------------------------------------------------------------ frame-level questions
@@ -657,8 +768,9 @@ class Pipeline:
         calibrated: bool | None = None,
         sample_rate: int | None = None,
         template: str = "{}",
+        channel_axis: int | None = None,
     ) -> FrameScores:
-        """Per-frame probabilities (T, N) of N texts for one input of any length (streamed, memory
+        """Per-frame probabilities (T, N) of N texts for one clip of any length (streamed, memory
         bounded). `template` wraps each text ("{}": as given). Text embeddings are computed once;
         only the (T, N) scores are kept, never the frame embeddings of the whole file."""
         if isinstance(texts, str):
@@ -666,7 +778,7 @@ class Pipeline:
         texts = parse_labels(list(texts))
         cal = self._use_calibration(calibrated)
         text = self._text(_apply_template(texts, template))
-        return self._frame_scores(self._open(audio, sample_rate), texts, text, cal)
+        return self._frame_scores(self._open(audio, sample_rate, channel_axis=channel_axis), texts, text, cal)
 
     def _frame_scores(self, src: _Source, texts: list[str], text: Any, cal: bool) -> FrameScores:
         t = self.timeline.num_frames_for_samples(src.n_samples)
@@ -753,29 +865,25 @@ class Pipeline:
         template: str | None = None,
         calibrated: bool | None = None,
         sample_rate: int | None = None,
-        names: Sequence[str] | None = None,
-    ) -> list[dict[str, Any]]:
-        """Sound event detection: DCASE rows {filename, onset, offset, event_label, confidence}
-        (seconds, 3 decimals), over all inputs, sorted by file then onset. Prompts: `template`
-        (default: the checkpoint's) filled with each label. filename: the file's base name, or
-        `names[i]`, or "audio_<i>" for arrays."""
+        channel_axis: int | None = None,
+    ) -> list[dict[str, Any]] | list[list[dict[str, Any]]]:
+        """Sound event detection: [{"onset", "offset", "score", "label"}] per clip (seconds, 3
+        decimals; score: the highest probability inside the event), sorted by onset. One clip ->
+        one list; a batch (a list of clips) -> a list of lists, in input order. Prompts:
+        `template` (default: the checkpoint's) filled with each label."""
         labels = parse_labels(labels)
-        items, _ = self._as_list(audio)
-        if names is not None and len(names) != len(items):
-            raise FinelapError(f"got {len(names)} names for {len(items)} audio inputs")
+        items, is_batch = self._as_list(audio)
         tmpl = self.prompt_template if template is None else template
         prompts = _apply_template(labels, tmpl)  # validated before any audio is decoded
         self.resolve_postprocessing(threshold, median_filter_s, min_duration_s, merge_gap_s)
         cal = self._use_calibration(calibrated)
         text = self._text(prompts)  # once for all files
-        rows: list[dict[str, Any]] = []
+        results: list[list[dict[str, Any]]] = []
         for i, item in enumerate(items):
-            src = self._open(item, sample_rate, i)
-            fs = self._frame_scores(src, labels, text, cal)
-            name = names[i] if names is not None else (Path(src.name).name if isinstance(item, (str, os.PathLike)) else src.name)
-            for on, off, lab, conf in self.segments_from_scores(fs, threshold, median_filter_s, min_duration_s, merge_gap_s):
-                rows.append({"filename": name, "onset": round(on, 3), "offset": round(off, 3), "event_label": lab, "confidence": conf})
-        return rows
+            fs = self._frame_scores(self._open(item, sample_rate, i, channel_axis), labels, text, cal)
+            segs = self.segments_from_scores(fs, threshold, median_filter_s, min_duration_s, merge_gap_s)
+            results.append([_event(on, off, conf, lab) for on, off, lab, conf in segs])
+        return results if is_batch else results[0]
 
     def ground(
         self,
@@ -788,15 +896,18 @@ class Pipeline:
         template: str = "{}",
         calibrated: bool | None = None,
         sample_rate: int | None = None,
-    ) -> list[dict[str, float]]:
-        """Where in `audio` does `text` happen: [{onset, offset, confidence}] in seconds, sorted by
-        onset. The phrase is used as given (template "{}"); post-processing as in `detect`."""
+        channel_axis: int | None = None,
+    ) -> list[dict[str, Any]]:
+        """Where in one clip does `text` happen: [{"onset", "offset", "score", "label"}] in
+        seconds, sorted by onset (label: the phrase). The phrase is used as given (template
+        "{}"); post-processing as in `detect`."""
         if not isinstance(text, str) or not text.strip():
             raise FinelapError("empty text query: give a phrase such as 'a dog barking'")
         self.resolve_postprocessing(threshold, median_filter_s, min_duration_s, merge_gap_s)
-        fs = self.frame_scores(audio, [text.strip()], calibrated=calibrated, sample_rate=sample_rate, template=template)
+        fs = self.frame_scores(audio, [text.strip()], calibrated=calibrated, sample_rate=sample_rate, template=template,
+                               channel_axis=channel_axis)  # fmt: skip
         segs = self.segments_from_scores(fs, threshold, median_filter_s, min_duration_s, merge_gap_s)
-        return [{"onset": round(on, 3), "offset": round(off, 3), "confidence": c} for on, off, _, c in segs]
+        return [_event(on, off, c, lab) for on, off, lab, c in segs]
 
     # ------------------------------------------------------------------ search-index contract
     def embed_files(self, paths: Sequence[str | os.PathLike], *, with_frames: bool = False, batch_size: int = 16) -> Iterator[Any]:
@@ -839,19 +950,24 @@ class Pipeline:
         scores: FrameScores,
         path: str | os.PathLike,
         segments: Sequence[Sequence[tuple[float, float]]] | None = None,
-        threshold: float | None = None,
+        threshold: float | Sequence[float] | None = None,
         title: str = "",
         sample_rate: int | None = None,
+        reference: Sequence[Sequence[tuple[float, float]]] | None = None,
+        log_scale: bool = False,
+        channel_axis: int | None = None,
     ) -> Path:
-        """PNG: spectrogram with one probability curve per query and the detected spans shaded
-        (`segments`: one list of (onset, offset) per query). Long audio is read window by window."""
+        """PNG: spectrogram with one probability curve per query, the threshold, the detected
+        spans shaded (`segments`: one list of (onset, offset) per query) and, when given, the
+        reference events (`reference`: one list per query) in a lane below. `log_scale`: a log
+        probability axis. Long audio is read window by window. See `eval.plots.plot_timeline`."""
         from .eval.plots import plot_timeline
 
-        src = self._open(audio, sample_rate)
+        src = self._open(audio, sample_rate, channel_axis=channel_axis)
         mel, mel_tl, mel_cfg = display_mel_stream(src, self.sample_rate)
         return plot_timeline(
             mel, scores.scores, scores.timeline, scores.texts, path,
             audio_timeline=mel_tl, sample_rate=self.sample_rate, mel_config=mel_cfg,
-            detections=segments, threshold=threshold, duration_s=scores.duration_s,
-            title=title or f"{Path(scores.name).name}: frame probabilities",
+            detections=segments, ground_truth=reference, threshold=threshold, duration_s=scores.duration_s,
+            title=title or f"{Path(scores.name).name}: frame probabilities", log_scale=log_scale,
         )  # fmt: skip

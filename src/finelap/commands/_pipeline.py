@@ -8,9 +8,18 @@ from pathlib import Path
 from typing import Any, Sequence
 
 
-def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True, metavar="DIR",
-                   help="checkpoint directory (or a run directory: its latest checkpoint)")
+LABELS_HELP = ("labels separated by ';' or ',' (double quotes keep a separator inside a label: "
+               "'dog barking;\"rain, heavy\"'), or @FILE with one label per line")
+
+
+def add_hidden_alias(p: argparse.ArgumentParser, old: str, dest: str, **kwargs: Any) -> None:
+    """An old spelling of a flag that still works but is not shown in --help."""
+    p.add_argument(old, dest=dest, help=argparse.SUPPRESS, **kwargs)
+
+
+def add_model_arguments(p: argparse.ArgumentParser, required: bool = True, checkpoint_help: str | None = None) -> None:
+    p.add_argument("--checkpoint", required=required, metavar="DIR",
+                   help=checkpoint_help or "checkpoint directory (or a run directory: its latest checkpoint)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights even if the checkpoint has EMA weights")
     p.add_argument("--threads", type=int, default=None, metavar="N", help="torch CPU threads (default: torch's choice)")
@@ -28,6 +37,18 @@ def add_post_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--merge-gap", type=float, default=None, metavar="S", help="merge segments closer than this (default: checkpoint's)")
     p.add_argument("--calibrated", choices=("auto", "yes", "no"), default="auto",
                    help="FLAM logit-adjusted probabilities (auto: when the checkpoint has per-text biases)")  # fmt: skip
+
+
+def check_post_arguments(args: argparse.Namespace) -> None:
+    """Range checks of the post-processing flags, before the model loads (the checkpoint's
+    defaults, used for flags left out, are checked again by the Pipeline)."""
+    from ..errors import ConfigError
+
+    if args.threshold is not None and not 0 <= args.threshold <= 1:
+        raise ConfigError(f"threshold must be in [0, 1] (a probability), got {args.threshold}")
+    for flag, value in (("--median-filter", args.median_filter), ("--min-duration", args.min_duration), ("--merge-gap", args.merge_gap)):
+        if value is not None and value < 0:
+            raise ConfigError(f"{flag} must be >= 0 seconds, got {value}")
 
 
 def calibrated(args: argparse.Namespace) -> bool | None:
@@ -63,7 +84,8 @@ def load_pipeline(args: argparse.Namespace) -> Any:
 
 
 def read_labels(value: str) -> list[str]:
-    """--labels "dog;rain;siren", or "@labels.txt" (one label per line; '#' starts a comment)."""
+    """--labels "dog;rain;siren" (';' or ',' separate; double quotes keep a separator inside a
+    label), or "@labels.txt" (one label per line, commas kept; '#' starts a comment)."""
     from ..errors import DataFormatError
     from ..infer import parse_labels
 
@@ -77,6 +99,61 @@ def read_labels(value: str) -> list[str]:
             raise DataFormatError(path, "empty label list (no labels in the file)")
         return parse_labels(labels)
     return parse_labels(value)
+
+
+def log_labels(labels: Sequence[str]) -> None:
+    """One stderr line saying how many labels were parsed (a mis-split list is seen at once).
+    Called once every input is checked and the model loaded, so a user error stays the only line."""
+    from ..utils import log
+
+    shown = "; ".join(labels[:8]) + (f"; ... ({len(labels) - 8} more)" if len(labels) > 8 else "")
+    log(f"{len(labels)} label{'s' if len(labels) != 1 else ''}: {shown}")
+
+
+def add_plot_arguments(p: argparse.ArgumentParser, what: str) -> None:
+    """--plot, --reference, --log-scale for the detect/ground commands."""
+    p.add_argument("--plot", default=None, metavar="PNG", help=f"spectrogram + probability curves + threshold + {what}")
+    p.add_argument("--reference", default=None, metavar="TSV",
+                   help="with --plot: draw the reference events of this DCASE strong-label TSV "
+                        "(filename, onset, offset, event_label; rows of other files are ignored)")  # fmt: skip
+    p.add_argument("--log-scale", action="store_true", help="with --plot: probabilities on a log axis")
+
+
+def read_reference(path: str | None) -> dict[str, list[Any]] | None:
+    """A DCASE strong-label TSV as {file base name: [Event]} (None: no --reference). Read before
+    the model loads, so a bad file is reported at once."""
+    if path is None:
+        return None
+    from ..data.manifests import read_strong_tsv
+    from ..errors import DataFormatError
+
+    p = Path(path)
+    if not p.is_file():
+        raise DataFormatError(p, "reference TSV not found")
+    out: dict[str, list[Any]] = {}
+    for name, events in read_strong_tsv(p).items():
+        out.setdefault(Path(name).name, []).extend(events)
+    return out
+
+
+def reference_segments(reference: dict[str, list[Any]] | None, audio: Path, queries: Sequence[str], source: str
+                       ) -> list[list[tuple[float, float]]] | None:  # fmt: skip
+    """Per query, the (onset, offset) of the reference events of `audio` whose label is the
+    query (compared case-insensitively). Says in one line what could not be matched."""
+    if reference is None:
+        return None
+    from ..utils import log
+
+    events = reference.get(audio.name)
+    if events is None:
+        log(f"reference: {source} has no row for {audio.name}; plotted without reference events")
+        events = []
+    key = lambda s: " ".join(str(s).lower().split())  # noqa: E731
+    segs = [[(float(e.onset), float(e.offset)) for e in events if key(e.label) == key(q)] for q in queries]
+    unmatched = sorted({e.label for e in events} - {e.label for e in events if key(e.label) in {key(q) for q in queries}})
+    if unmatched:
+        log(f"reference: {audio.name} also has events of {', '.join(repr(u) for u in unmatched[:5])}, not among the queries")
+    return segs
 
 
 def check_audio_files(paths: Sequence[str]) -> list[Path]:

@@ -26,6 +26,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, metavar="N", help="torch CPU threads (default: torch's choice)")
 
 
+def has_caption_decoder(checkpoint: str) -> bool | None:
+    """Whether a checkpoint has a caption decoder, from its config.json and the names in its
+    weight file's header (no tensor is read): True, False, or None when it cannot tell (the
+    loader then reports what is wrong with the checkpoint)."""
+    import json
+    from pathlib import Path
+
+    from ..train.checkpoint import CONFIG_FILE, MODEL_FILE, _resolve_dir
+
+    try:
+        path = _resolve_dir(Path(checkpoint))
+        meta = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
+        loss = (meta.get("config") or {}).get("loss") or {}
+        if isinstance(loss, dict) and loss.get("caption"):
+            return True
+        from safetensors import safe_open
+
+        with safe_open(str(path / MODEL_FILE), framework="pt") as f:
+            return any(k.startswith("caption_decoder.") for k in f.keys())
+    except Exception:  # missing / corrupt / not a checkpoint: the loader's error says which
+        return None
+
+
 def run(args: argparse.Namespace) -> int:
     import json
 
@@ -46,6 +69,8 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     files = check_audio_files(args.audio)  # every input is checked before the model loads
+    if has_caption_decoder(args.checkpoint) is False:  # a user error that needs no model: say it at once
+        raise CheckpointError(f"{args.checkpoint}: this checkpoint was not trained with a caption decoder (preset slap)")
     # The lead's `models.build.load_pretrained` does not attach SLAP modules (yet); this loader
     # builds the model, attaches the caption decoder from the stored weights, then loads them.
     model, run_cfg, ckpt = load_pretrained(args.checkpoint, use_ema=not args.no_ema, map_location=args.device)

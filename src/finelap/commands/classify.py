@@ -2,7 +2,11 @@
 
 Examples:
   finelap classify a.wav b.wav --labels "dog;rain;siren" --checkpoint runs/finelap/final
+  finelap classify a.wav --labels 'dog barking, "rain, heavy", siren' --checkpoint CKPT
   finelap classify clips/*.flac --labels @labels.txt --top-k 3 --json --checkpoint CKPT
+
+--labels: separated by ';' or ','; double quotes keep a separator inside a label; @FILE reads
+one label per line. The number of labels parsed is printed on stderr.
 
 Each label becomes a prompt through the checkpoint's prompt template (e.g. "the sound of {}"),
 unless --template is given. Probabilities are a softmax over the labels (they sum to 1), or
@@ -12,13 +16,13 @@ from __future__ import annotations
 
 import argparse
 
-from ._pipeline import add_model_arguments
+from ._pipeline import LABELS_HELP, add_model_arguments
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("audio", nargs="+", metavar="AUDIO", help="audio files (wav, flac, ogg, ...)")
-    p.add_argument("--labels", required=True, help="';'-separated labels, e.g. \"dog;rain;siren\", or @FILE with one label per line")
-    p.add_argument("--top-k", type=int, default=5, help="labels shown per file")
+    p.add_argument("--labels", required=True, help=LABELS_HELP)
+    p.add_argument("-k", "--top-k", type=int, default=5, help="labels shown per file")
     p.add_argument("--template", default=None, help="prompt template with {} for the label (default: the checkpoint's)")
     p.add_argument("--multi-label", action="store_true", help="independent sigmoid probabilities instead of a softmax")
     p.add_argument("--batch-size", type=int, default=16, help="files encoded together")
@@ -30,23 +34,24 @@ def run(args: argparse.Namespace) -> int:
     import json
 
     from ..errors import ConfigError
-    from ._pipeline import check_audio_files, fmt_prob, fmt_table, load_pipeline, read_labels
+    from ._pipeline import check_audio_files, fmt_prob, fmt_table, load_pipeline, log_labels, read_labels
 
     labels = read_labels(args.labels)
     if args.top_k < 1:
         raise ConfigError(f"--top-k must be >= 1, got {args.top_k}")
-    files = check_audio_files(args.audio)
+    files = check_audio_files(args.audio)  # every user error is reported before the model loads
     pipe = load_pipeline(args)
+    log_labels(labels)  # after the checks and the load, so a user error stays the only line
     template = pipe.prompt_template if args.template is None else args.template
     results = pipe.classify([str(f) for f in files], labels, template=template, top_k=args.top_k,
                             multi_label=args.multi_label, batch_size=args.batch_size)  # fmt: skip
     if args.json:
-        out = [{"file": str(f), "predictions": [{"label": lab, "prob": p} for lab, p in preds]} for f, preds in zip(files, results)]
+        out = [{"file": str(f), "predictions": preds} for f, preds in zip(files, results)]  # [{"label", "score"}]
         print(json.dumps({"template": template, "multi_label": args.multi_label, "results": out}, indent=2))
         return 0
     kind = "sigmoid, multi-label" if args.multi_label else f"softmax over {len(labels)} labels"
     print(f"prompt template: {template!r} ({kind})")
     for f, preds in zip(files, results):
         print(f"\n{f}")
-        print(fmt_table([(i + 1, lab, fmt_prob(p)) for i, (lab, p) in enumerate(preds)], ("rank", "label", "probability")))
+        print(fmt_table([(i + 1, r["label"], fmt_prob(r["score"])) for i, r in enumerate(preds)], ("rank", "label", "score")))
     return 0

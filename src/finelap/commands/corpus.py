@@ -1,5 +1,10 @@
 """Build the built-in default sound pool: real-sound single-event clips rendered offline.
 
+Examples:
+  finelap corpus --out demo_out/pool
+  finelap corpus --list
+  finelap corpus --out pool_small --classes piano,dog --per-class 4
+
 Renders General MIDI instruments, drum hits and sound effects with fluidsynth and a GM soundfont
 (Debian: fluidsynth, fluid-soundfont-gm) and men's, women's and whispered speech with espeak-ng.
 Missing tools are reported with the apt-get command that installs them, and the pool is built

@@ -25,16 +25,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--audio-dir", default=None, help="audio folder for CSV/TSV/grounding file names")
     p.add_argument("--durations", default=None, help="DCASE durations TSV (filename, duration) for a strong-label TSV")
     p.add_argument("--folds", default=None, help="ESC-50 folds to evaluate, e.g. 5 or 4,5")
-    p.add_argument("--labels", default=None, help="class names, ';'-separated (default: from the data)")
+    p.add_argument("--labels", default=None, help="class names separated by ';' or ',' (quote to keep a comma), or @FILE "
+                   "with one per line (default: from the data)")
     p.add_argument("--template", default=None, help="prompt template with one {} (default: the checkpoint's)")
     p.add_argument("--threshold", type=float, default=None, help="detection threshold on probabilities (default: checkpoint's)")
-    p.add_argument("--median-filter", type=float, default=None, metavar="SECONDS", help="median filter window, seconds")
-    p.add_argument("--min-duration", type=float, default=None, metavar="SECONDS", help="drop detections shorter than this")
-    p.add_argument("--merge-gap", type=float, default=None, metavar="SECONDS", help="merge detections closer than this")
+    p.add_argument("--median-filter", type=float, default=None, metavar="S", help="median filter window in seconds (default: checkpoint's)")
+    p.add_argument("--min-duration", type=float, default=None, metavar="S", help="drop detections shorter than this (default: checkpoint's)")
+    p.add_argument("--merge-gap", type=float, default=None, metavar="S", help="merge detections closer than this (default: checkpoint's)")
     p.add_argument("--out", required=True, help="OUT.json; OUT.md and OUT_*.png are written next to it")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch-size", type=int, default=16, help="files encoded together")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights even when the checkpoint has EMA weights")
 
 
@@ -56,10 +57,20 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import FinelapError
     from ..eval.report import write_report
     from ..eval.tasks import TASKS, Evaluatable, PostProcess
-    from ..infer import Pipeline, parse_labels
+    from ..infer import Pipeline
     from ..utils import log
+    from ._pipeline import log_labels, read_labels
 
+    # user errors that need no model are reported before it loads
+    if not Path(args.data).exists():
+        raise FinelapError(f"{args.data}: file not found (--data)")
+    if args.task == "grounding" and Path(args.data).suffix.lower() != ".json":
+        raise FinelapError(f"{args.data}: grounding needs an AudioGrounding JSON file")
+    labels = read_labels(args.labels) if args.labels is not None else None
+    folds = _folds(args.folds)
     pipe = Pipeline.from_pretrained(args.checkpoint, device=args.device, use_ema=not args.no_ema)
+    if labels is not None:
+        log_labels(labels)
     fns = Evaluatable(
         embed_audio=lambda audio: pipe.embed_audio(list(audio), batch_size=args.batch_size),
         embed_text=pipe.embed_text,
@@ -82,11 +93,10 @@ def run(args: argparse.Namespace) -> int:
         items = read_grounding_json(data, audio_dir=args.audio_dir)
         result = TASKS["grounding"](fns, items, postprocess=pp, template=args.template)
     else:
-        clips = load_clips(data, audio_dir=args.audio_dir, durations=args.durations, folds=_folds(args.folds),
+        clips = load_clips(data, audio_dir=args.audio_dir, durations=args.durations, folds=folds,
                            check_audio=False)  # missing files are skipped and reported by the evaluator
         if not clips:
             raise FinelapError(f"{data}: no clips to evaluate")
-        labels = parse_labels(args.labels) if args.labels is not None else None
         if args.task == "retrieval":
             result = TASKS["retrieval"](fns, clips, template=args.template, batch_size=args.batch_size)
         elif args.task == "zeroshot":

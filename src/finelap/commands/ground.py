@@ -3,23 +3,26 @@
 Examples:
   finelap ground park.wav "a dog barking" --checkpoint CKPT
   finelap ground park.wav "a dog barking" "children laughing" --plot park.png --json --checkpoint CKPT
+  finelap ground test_000000.flac "a violin playing" --plot g.png --reference test/strong.tsv --log-scale --checkpoint CKPT
 
-Prints the segments (seconds) whose frame probability exceeds the threshold, with confidence
+Prints the segments (seconds) whose frame probability exceeds the threshold, with their score
 (the highest probability inside the segment). Phrases are used as written (--template to wrap
-them). Audio of any length is streamed.
+them). Audio of any length is streamed. --plot draws the spectrogram, one probability curve per
+phrase, the threshold and the segments found; --reference adds the events of this file from a
+DCASE strong-label TSV whose label is one of the phrases.
 """
 from __future__ import annotations
 
 import argparse
 
-from ._pipeline import add_model_arguments, add_post_arguments
+from ._pipeline import add_model_arguments, add_plot_arguments, add_post_arguments
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("audio", metavar="AUDIO", help="audio file (any length)")
     p.add_argument("text", nargs="+", metavar="TEXT", help="phrase(s) to find, e.g. \"a dog barking\"")
-    p.add_argument("--plot", default=None, metavar="PNG", help="spectrogram + probability curve per phrase + found segments")
-    p.add_argument("--template", default="{}", help="prompt template with {} for the phrase")
+    add_plot_arguments(p, "segments found")
+    p.add_argument("--template", default="{}", help="prompt template with {} for the phrase (default: {}, the phrase as written)")
     p.add_argument("--json", action="store_true", help="print JSON")
     add_post_arguments(p)
     add_model_arguments(p)
@@ -32,12 +35,14 @@ def run(args: argparse.Namespace) -> int:
 
     from ..errors import FinelapError
     from ..utils import log
-    from ._pipeline import calibrated, check_audio_files, fmt_prob, fmt_table, load_pipeline, post_kwargs
+    from ._pipeline import calibrated, check_audio_files, check_post_arguments, fmt_prob, fmt_table, load_pipeline, post_kwargs, read_reference, reference_segments
 
     texts = [t.strip() for t in args.text]
     if any(not t for t in texts):
         raise FinelapError("empty text query: give a phrase such as \"a dog barking\"")
-    (path,) = check_audio_files([args.audio])
+    (path,) = check_audio_files([args.audio])  # every user error is reported before the model loads
+    reference = read_reference(args.reference)
+    check_post_arguments(args)
     pipe = load_pipeline(args)
     post = post_kwargs(args)
     thr = pipe.resolve_postprocessing(**post)[0]
@@ -46,10 +51,11 @@ def run(args: argparse.Namespace) -> int:
     per_text = [[(on, off, c) for on, off, lab, c in segs if lab == t] for t in texts]
     if args.plot:
         png = pipe.plot(str(path), fs, args.plot, segments=[[(a, b) for a, b, _ in s] for s in per_text], threshold=thr,
-                        title=f"{path.name}: grounding")  # fmt: skip
+                        title=f"{path.name}: grounding", log_scale=args.log_scale,
+                        reference=reference_segments(reference, path, texts, args.reference))  # fmt: skip
         log(f"plot: {png}")
     if args.json:
-        out = [{"text": t, "segments": [{"onset": round(a, 3), "offset": round(b, 3), "confidence": c} for a, b, c in s]}
+        out = [{"text": t, "segments": [{"onset": round(a, 3), "offset": round(b, 3), "score": c, "label": t} for a, b, c in s]}
                for t, s in zip(texts, per_text)]  # fmt: skip
         print(json.dumps({"file": str(path), "duration": round(fs.duration_s, 3), "threshold": thr,
                           "calibrated": fs.calibrated, "queries": out}, indent=2))  # fmt: skip
@@ -58,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     for k, (t, s) in enumerate(zip(texts, per_text)):
         print(f"\n\"{t}\"")
         if s:
-            print(fmt_table([(f"{a:.3f}", f"{b:.3f}", fmt_prob(c)) for a, b, c in s], ("onset", "offset", "confidence")))
+            print(fmt_table([(f"{a:.3f}", f"{b:.3f}", fmt_prob(c)) for a, b, c in s], ("onset", "offset", "score")))
         else:
             j = int(np.argmax(fs.scores[:, k]))
             print(f"  no segment above the threshold (highest probability {fmt_prob(float(fs.scores[j, k]))} at {fs.times[j]:.2f} s)")

@@ -1,7 +1,11 @@
 """Search an index with a text query: files ranked by match, each with its best time span.
 
-Example:
-  finelap search "a door slams" --index sounds.idx -k 10
+Examples:
+  finelap search "a door slams" --index sounds.idx --top-k 10
+  finelap search "a dog barking" --index sounds.idx --no-spans --json
+
+The checkpoint is the one the index records (--checkpoint to override it). Each hit gives its
+rank, cosine score, best time span (indexes built with --frames) and file.
 """
 from __future__ import annotations
 
@@ -11,11 +15,11 @@ import argparse
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("query", help="what to look for, in words")
     p.add_argument("--index", required=True, help="index directory made by `finelap index build`")
-    p.add_argument("--checkpoint", default=None, help="checkpoint (default: the one the index was built with)")
-    p.add_argument("-k", "--top-k", type=int, default=10)
+    p.add_argument("--checkpoint", default=None, help="checkpoint directory (default: the one the index was built with)")
+    p.add_argument("-k", "--top-k", type=int, default=10, help="files shown")
     p.add_argument("--no-spans", action="store_true", help="rank files only; skip the best-span search")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -25,11 +29,17 @@ def run(args: argparse.Namespace) -> int:
     from ..infer import Pipeline
     from ..search import Index
 
+    if args.top_k < 1:
+        raise FinelapError(f"--top-k must be >= 1, got {args.top_k}")
+    if not args.query.strip():
+        raise FinelapError("empty query: give words such as \"a door slams\"")
     idx = Index.load(args.index)
     ckpt = args.checkpoint or (idx.embedder_info or {}).get("checkpoint")
     if not ckpt:
         raise FinelapError(f"{args.index}: the index does not record its checkpoint; pass --checkpoint")
-    pipe = Pipeline.from_pretrained(ckpt, device=args.device)
+    # the weights the index was embedded with (EMA or raw), unless another checkpoint is given
+    use_ema = True if args.checkpoint else (idx.embedder_info or {}).get("use_ema") is not False
+    pipe = Pipeline.from_pretrained(ckpt, device=args.device, use_ema=use_ema)
     hits = idx.search(args.query, k=args.top_k, embedder=pipe, spans=not args.no_spans)
     if args.json:
         print(json.dumps([h.to_dict() for h in hits], indent=2, default=str))

@@ -1,5 +1,9 @@
 """Mix labelled single-event clips into 10-s soundscapes with exact strong labels and captions.
 
+Examples:
+  finelap synth --pool demo_out/pool/manifest.jsonl --out demo_out/soundscapes --splits train=600,val=60,test=100
+  finelap synth --pool esc50/meta/esc50.csv --out esc_scenes --split-folds train=1,2,3 val=4 test=5 --workers 2
+
 The pool is an ESC-50 style CSV (with --audio-dir), a folder per class, or a JSONL manifest whose
 clips have `labels` or single events. Writes FLAC + manifest.jsonl + DCASE strong.tsv/durations.tsv
 per split (or WebDataset shards), splits.json, phrase_bank.json, stats.json and stats.png. Event
@@ -97,7 +101,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--folds", type=_folds, default=None, help="use only these ESC-50 folds of the pool, e.g. 1,2,3")
     p.add_argument("--split-folds", nargs="+", default=None, metavar="SPLIT=FOLDS",
                    help="take each split's sources from ESC-50 folds, e.g. train=1,2,3 val=4 test=5")
-    p.add_argument("--no-plot", action="store_true", help="skip stats.png")
+    p.add_argument("--no-plots", action="store_true", help="skip stats.png")
+    from ._pipeline import add_hidden_alias
+
+    add_hidden_alias(p, "--no-plot", dest="no_plots", action="store_true")  # the old spelling
 
 
 def run(args: argparse.Namespace) -> int:
@@ -126,6 +133,6 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--split-folds applies to an ESC-50 style CSV pool only")
     # missing/corrupt audio files are skipped and listed by the synthesiser, never fatal here
     clips = load_clips(pool_path, audio_dir=args.audio_dir, folds=args.folds, check_audio=False)
-    res = synthesize(clips, args.out, cfg, backgrounds=args.backgrounds, workers=args.workers, plot=not args.no_plot)
+    res = synthesize(clips, args.out, cfg, backgrounds=args.backgrounds, workers=args.workers, plot=not args.no_plots)
     print(res.summary())
     return 0

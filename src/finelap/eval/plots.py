@@ -26,6 +26,8 @@ __all__ = [
     "plot_psd_roc",
     "plot_comparison",
     "plot_timeline",
+    "timeline_figure",
+    "training_curves_figure",
     "plot_similarity_heatmap",
     "plot_training_curves",
     "display_mel",
@@ -297,12 +299,11 @@ def _check_scores(scores: np.ndarray, names: Sequence[str]) -> np.ndarray:
 # ----------------------------------------------------------------------------- timelines
 
 
-def plot_timeline(
+def timeline_figure(
     audio: np.ndarray,
     scores: np.ndarray,
     timeline: Timeline,
     queries: Sequence[str],
-    path: str | Path,
     *,
     audio_timeline: Timeline | None = None,
     sample_rate: int = 16000,
@@ -313,17 +314,10 @@ def plot_timeline(
     duration_s: float | None = None,
     title: str = "",
     score_label: str = "probability",
-) -> Path:
-    """Spectrogram on top, one score curve per query below, on one seconds axis.
-
-    audio: the wave (N,) at `sample_rate` (log-mel computed here), or a log-mel (n_mels, T_mel)
-        with its `audio_timeline` (and optionally `mel_config` to label frequencies).
-    scores: (T, Q) per-frame scores (probabilities) of the Q queries; `timeline` maps its frames
-        to seconds (each frame drawn as a flat step over its own span).
-    detections / ground_truth: per query, [(onset_s, offset_s), ...]. Detections are shaded under
-        the curves; both are also drawn as bars in a lane per query at the bottom.
-    threshold: decision threshold(s) drawn as dashed lines (scalar or one per query).
-    """
+    log_scale: bool = False,
+) -> Any:
+    """The figure of `plot_timeline` (a matplotlib Figure, not closed: the caller saves or closes
+    it). Axes: `fig.axes[0]` spectrogram, `[1]` scores, `[2]` the event lanes when drawn."""
     plt = _plt()
     names = [str(q) for q in queries]
     s = _check_scores(scores, names)
@@ -342,37 +336,66 @@ def plot_timeline(
     end = max(end, float(edges[-1])) if duration_s is None else end
     cols = _colors(q)
     thr = None if threshold is None else np.broadcast_to(np.asarray(threshold, dtype=np.float64), (q,))
+    # a query without any reference event in this file is a candidate false positive: say so
+    def label(k: int) -> str:
+        extra = " (no reference event)" if ground_truth is not None and not ground_truth[k] else ""
+        return _short(names[k], 40) + extra
+
+    floor = 1e-6  # log axis: probabilities below this are drawn at it (log(0) has no place)
+    shown = np.clip(s, floor, None) if log_scale else s
     handles = []
     for k in range(q):
-        h = ax_s.stairs(s[:, k], edges, color=cols[k], lw=1.6, baseline=None, label=_short(names[k], 40))
+        h = ax_s.stairs(shown[:, k], edges, color=cols[k], lw=1.6, baseline=None, label=label(k))
         handles.append(h)
         if detections is not None:
             for on, off in detections[k]:
                 ax_s.axvspan(on, off, color=cols[k], alpha=0.18, lw=0)
-        if thr is not None:
-            ax_s.axhline(thr[k], color=cols[k], ls="--", lw=0.9, alpha=0.8)
-    lo, hi = float(np.nanmin(s)) if s.size else 0.0, float(np.nanmax(s)) if s.size else 1.0
-    if lo >= 0.0 and hi <= 1.0:  # probabilities: fixed axis, comparable across plots
-        ax_s.set_ylim(-0.02, 1.02)
-    ax_s.set_ylabel(score_label)
-    ax_s.grid(alpha=0.25)
     extra = []
     if thr is not None:
-        extra.append(plt.Line2D([], [], color="gray", ls="--", lw=0.9, label="threshold"))
+        if np.all(thr == thr[0]):  # one threshold: one black line, named with its value in the legend
+            extra.append(ax_s.axhline(max(thr[0], floor) if log_scale else thr[0], color="black", ls="--", lw=1.0,
+                                      label=f"threshold {thr[0]:g}"))  # fmt: skip
+        else:  # per-class thresholds: each in its query's colour, each named in the legend
+            for k in range(q):
+                extra.append(ax_s.axhline(max(thr[k], floor) if log_scale else thr[k], color=cols[k], ls="--", lw=1.0,
+                                          label=f"threshold {thr[k]:g} ({_short(names[k], 20)})"))  # fmt: skip
+    lo, hi = float(np.nanmin(s)) if s.size else 0.0, float(np.nanmax(s)) if s.size else 1.0
+    if log_scale:
+        ax_s.set_yscale("log")
+        y0 = max(floor, min(lo, float(np.min(thr)) if thr is not None else lo)) * 0.8
+        ax_s.set_ylim(y0, 1.2)
+        # plain numbers (0.01, 0.1, 1) read faster than powers of ten
+        ticks = [t for t in (1e-6, 1e-5, 1e-4, 1e-3, 0.01, 0.03, 0.1, 0.3, 1.0) if t >= y0]
+        ax_s.set_yticks(ticks, [f"{t:g}" for t in ticks])
+        ax_s.minorticks_off()
+    elif lo >= 0.0 and hi <= 1.0:  # probabilities: fixed axis, comparable across plots
+        ax_s.set_ylim(-0.02, 1.02)
+    ax_s.set_ylabel(score_label + (" (log)" if log_scale else ""))
+    ax_s.grid(alpha=0.25)
+    if detections is not None and thr is not None:
+        # an empty plot must not look like a broken one: name what found nothing, and its peak
+        empty = [k for k in range(q) if not detections[k]]
+        if empty:
+            msg = "; ".join(f"no detection above {thr[k]:g} for {_short(names[k], 24)} (peak {np.nanmax(s[:, k]):.3g})"
+                            for k in empty[:4]) + ("; ..." if len(empty) > 4 else "")  # fmt: skip
+            ax_s.text(0.01, 0.97, msg, transform=ax_s.transAxes, ha="left", va="top", fontsize=8,
+                      bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "gray"})  # fmt: skip
     if detections is not None:
         extra.append(plt.Rectangle((0, 0), 1, 1, facecolor=(0.5, 0.5, 0.5, 0.25), edgecolor="gray", hatch="///",
                                    label="detected span"))  # fmt: skip
     if ground_truth is not None:
-        extra.append(plt.Rectangle((0, 0), 1, 1, color="gray", label="ground truth"))
+        extra.append(plt.Rectangle((0, 0), 1, 1, color="gray", label="reference event"))
     if lanes:
         ax_l = axes[2]
         for k in range(q):
             y = q - 1 - k  # first query on top, like the legend
             if ground_truth is not None and ground_truth[k]:
-                ax_l.broken_barh([(on, off - on) for on, off in ground_truth[k]], (y + 0.05, 0.4), color=cols[k])
+                ax_l.broken_barh([(on, off - on) for on, off in ground_truth[k]], (y + 0.05, 0.4), color=cols[k],
+                                 label=f"reference: {names[k]}")  # fmt: skip
             if detections is not None and detections[k]:
                 ax_l.broken_barh([(on, off - on) for on, off in detections[k]], (y - 0.45, 0.4),
-                                 facecolor=(*cols[k][:3], 0.25), edgecolor=cols[k], hatch="///", lw=0.8)  # fmt: skip
+                                 facecolor=(*cols[k][:3], 0.25), edgecolor=cols[k], hatch="///", lw=0.8,
+                                 label=f"detected: {names[k]}")  # fmt: skip
         ax_l.set_yticks(range(q), [_short(n, 24) for n in reversed(names)], fontsize=8)
         ax_l.set_ylim(-0.55, q - 0.45)
         ax_l.grid(axis="x", alpha=0.25)
@@ -384,6 +407,47 @@ def plot_timeline(
     fig.legend(handles=handles + extra, loc="upper left", bbox_to_anchor=(0.905, 0.62 if lanes else 0.5),
                fontsize=8, frameon=False)  # fmt: skip
     fig.subplots_adjust(right=0.9)
+    return fig
+
+
+def plot_timeline(
+    audio: np.ndarray,
+    scores: np.ndarray,
+    timeline: Timeline,
+    queries: Sequence[str],
+    path: str | Path,
+    *,
+    audio_timeline: Timeline | None = None,
+    sample_rate: int = 16000,
+    mel_config: MelConfig | None = None,
+    detections: Sequence[Segments] | None = None,
+    ground_truth: Sequence[Segments] | None = None,
+    threshold: float | Sequence[float] | None = None,
+    duration_s: float | None = None,
+    title: str = "",
+    score_label: str = "probability",
+    log_scale: bool = False,
+) -> Path:
+    """Spectrogram on top, one score curve per query below, on one seconds axis; writes `path`.
+
+    audio: the wave (N,) at `sample_rate` (log-mel computed here), or a log-mel (n_mels, T_mel)
+        with its `audio_timeline` (and optionally `mel_config` to label frequencies).
+    scores: (T, Q) per-frame scores (probabilities) of the Q queries; `timeline` maps its frames
+        to seconds (each frame drawn as a flat step over its own span).
+    detections / ground_truth: per query, [(onset_s, offset_s), ...]. Detections are shaded under
+        the curves; both are drawn as bars in a lane per query at the bottom (reference events
+        solid above, detections hatched below). A query with no reference event in the file is
+        named "(no reference event)" in the legend: its detections are false positives.
+    threshold: decision threshold(s), dashed: one value -> one black line; one per query -> a
+        line in each query's colour; the legend gives the value. With detections, a query with
+        none says "no detection above t" (and its peak) on the plot.
+    log_scale: probabilities on a log axis (small, badly calibrated scores become readable).
+    """
+    fig = timeline_figure(
+        audio, scores, timeline, queries, audio_timeline=audio_timeline, sample_rate=sample_rate, mel_config=mel_config,
+        detections=detections, ground_truth=ground_truth, threshold=threshold, duration_s=duration_s, title=title,
+        score_label=score_label, log_scale=log_scale,
+    )  # fmt: skip
     return _save(fig, path)
 
 
@@ -457,41 +521,74 @@ def _read_curves(csv_path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return {k: (np.array(a), np.array(b)) for k, (a, b) in cols.items() if a}
 
 
-def plot_training_curves(csv_path: str | Path, path: str | Path, title: str = "") -> Path:
-    """Training log (the trainer's metrics.csv: step, lr, train/<term>..., val/<metric>...) ->
-    panels: loss terms vs step, learning rate, validation metrics (each panel only if present)."""
+# loss panels of the training curves, in order: metrics.csv column prefix -> panel title. Terms of
+# different objectives have different scales (a clip InfoNCE near log(batch), a frame sigmoid
+# loss near 0.1), so each objective gets its own axis.
+_LOSS_PANELS = (
+    ("train/loss", "total loss (weighted sum)"),
+    ("train/clip/", "clip loss"),
+    ("train/frame/", "frame loss"),
+    ("train/aux/", "auxiliary losses"),
+)
+
+
+def training_curves_figure(csv_path: str | Path, title: str = "") -> Any:
+    """The figure of `plot_training_curves` (a matplotlib Figure, not closed). One axis per
+    panel, each with its title: total loss, clip loss terms, frame loss terms, auxiliary terms,
+    other train/* columns, learning rate, validation metrics (each only if present)."""
     plt = _plt()
+    import matplotlib.ticker  # noqa: F401 (matplotlib.ticker.FuncFormatter below)
+
     csv_path = Path(csv_path)
     curves = _read_curves(csv_path)
     losses = {k: v for k, v in curves.items() if k.startswith("train/")}
+    panels: list[tuple[str, str, Any]] = []
+    taken: set[str] = set()
+    for prefix, name in _LOSS_PANELS:
+        group = {k: v for k, v in losses.items() if (k == prefix if not prefix.endswith("/") else k.startswith(prefix))}
+        if group:
+            panels.append(("loss", name, group))
+            taken |= set(group)
+    rest = {k: v for k, v in losses.items() if k not in taken}
+    if rest:
+        panels.append(("loss", "other training terms", rest))
+    if curves.get("lr"):
+        panels.append(("lr", "learning rate", curves["lr"]))
     vals = {k: v for k, v in curves.items() if k.startswith("val/")}
-    lr = curves.get("lr")
-    panels = [p for p in (("loss", losses), ("lr", lr), ("val", vals)) if p[1]]
+    if vals:
+        panels.append(("val", "validation metrics", vals))
     if not panels:
         raise DataFormatError(csv_path, "no numeric train/*, lr or val/* values to plot")
-    fig, axes = plt.subplots(len(panels), 1, figsize=(9.0, 2.7 * len(panels) + 0.6), sharex=True, squeeze=False)
+    fig, axes = plt.subplots(len(panels), 1, figsize=(9.0, 2.3 * len(panels) + 0.6), sharex=True, squeeze=False)
     axes = axes[:, 0]
-    for ax, (kind, data) in zip(axes, panels):
+    for ax, (kind, name, data) in zip(axes, panels):
         if kind == "loss":
-            for (k, (x, y)), col in zip(sorted(data.items(), key=lambda kv: kv[0] != "train/loss"), _colors(len(data))):
+            for (k, (x, y)), col in zip(sorted(data.items()), _colors(len(data))):
                 total = k == "train/loss"
-                ax.plot(x, y, color="black" if total else col, lw=2.0 if total else 1.2, label=k[len("train/"):])
+                ax.plot(x, y, color="black" if total else col, lw=2.0 if total else 1.3, label=k[len("train/"):])
             ax.set_ylabel("loss")
-            ax.set_title("training loss terms", fontsize=10, loc="left")
         elif kind == "lr":
             x, y = data
-            ax.plot(x, y, color="tab:purple", lw=1.4)
+            ax.plot(x, y, color="tab:purple", lw=1.4, label="lr")
             ax.set_ylabel("learning rate")
-            ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+            # tick labels like 5e-04 instead of a "1e-3" offset text that collides with the title
+            ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:.2g}"))
         else:
             for (k, (x, y)), col in zip(sorted(data.items()), _colors(len(data))):
                 ax.plot(x, y, color=col, marker="o", ms=4, lw=1.4, label=k[len("val/"):])
             ax.set_ylabel("validation")
-            ax.set_title("validation metrics", fontsize=10, loc="left")
+        ax.set_title(name, fontsize=10, loc="left")
         ax.grid(alpha=0.3)
         if kind != "lr":
             ax.legend(fontsize=8, loc="best")
     axes[-1].set_xlabel("step")
     fig.suptitle(title or f"Training curves ({csv_path.name})", fontsize=11)
     fig.tight_layout()
-    return _save(fig, path)
+    return fig
+
+
+def plot_training_curves(csv_path: str | Path, path: str | Path, title: str = "") -> Path:
+    """Training log (the trainer's metrics.csv: step, lr, train/<term>..., val/<metric>...) ->
+    PNG with the total loss, the clip loss and the frame loss each on its own axis (their
+    scales differ), then learning rate and validation metrics (each panel only if present)."""
+    return _save(training_curves_figure(csv_path, title), path)

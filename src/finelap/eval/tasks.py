@@ -502,13 +502,20 @@ def evaluate_zeroshot(
 
 
 def _example_queries(scores: np.ndarray, classes: Sequence[str], gt: Sequence[tuple[float, float, str]],
-                     dets: Sequence[tuple[float, float, str]], limit: int = 6) -> list[int]:  # fmt: skip
-    """Which classes to draw for one file: those in the ground truth or detected, else the top 3."""
-    present = [i for i, c in enumerate(classes) if any(e[2] == c for e in list(gt) + list(dets))]
-    if not present:
-        present = list(np.argsort(-scores.max(axis=0), kind="stable")[:3])
-    present.sort(key=lambda i: (not any(e[2] == classes[i] for e in gt), -float(scores[:, i].max())))
-    return sorted(int(i) for i in present[:limit])
+                     dets: Sequence[tuple[float, float, str]], limit: int = 6, false_positives: int = 2) -> list[int]:  # fmt: skip
+    """Which classes to draw for one file: the reference classes (highest-scoring first), then
+    up to `false_positives` classes without a reference event in this file (detected ones first,
+    then the highest-scoring), so the plot shows what the model wrongly fires on, not only hits.
+    At most `limit` classes, in class order."""
+    ref = {e[2] for e in gt}
+    detected = {e[2] for e in dets}
+    peak = scores.max(axis=0) if scores.size else np.zeros(len(classes))
+    in_ref = sorted((i for i, c in enumerate(classes) if c in ref), key=lambda i: -float(peak[i]))
+    others = sorted((i for i, c in enumerate(classes) if c not in ref), key=lambda i: (classes[i] not in detected, -float(peak[i])))
+    n_fp = min(false_positives, len(others), limit)
+    chosen = in_ref[: limit - n_fp] + others[:n_fp]
+    chosen += others[n_fp : n_fp + limit - len(chosen)] if not in_ref else []
+    return sorted(int(i) for i in chosen)
 
 
 def evaluate_sed(
