@@ -85,6 +85,8 @@ class ModelConfig:
       frame_bias_init); otherwise one learnable scalar pair.
     codebook_size > 0: MGA-CLAP's shared codebook pools frames and words into the clip embeddings.
     la_block: MGA-CLAP's locality-aware (value-value attention) block on the encoder frames.
+    head_activation: the hidden activation of the clip and text MLPs ("gelu", or "relu" as in
+      LAION-CLAP's projections, for imported checkpoints).
     """
 
     audio_encoder: str = "cnn"
@@ -110,8 +112,11 @@ class ModelConfig:
     codebook_size: int = 0
     codebook_temperature: float = 1.0
     la_block: bool = False
+    head_activation: str = "gelu"
 
     def __post_init__(self) -> None:
+        if self.head_activation not in ("gelu", "relu"):
+            raise ConfigError(f"model.head_activation must be 'gelu' or 'relu', got {self.head_activation!r}")
         if isinstance(self.text, dict):
             try:
                 self.text = TextEncoderConfig(**self.text)
@@ -217,13 +222,13 @@ class FineLAPModel(nn.Module):
         self.text = text_encoder if text_encoder is not None else HFTextEncoder(cfg.text)
         da, dt, d = self.audio.dim, self.text.hidden_size, cfg.embed_dim
         self.la_block = LocalityAwareBlock(da) if cfg.la_block else None
-        self.clip_head = ClipHead(da, d, cfg.clip_head_hidden, cfg.clip_pooling, cfg.dropout)
+        self.clip_head = ClipHead(da, d, cfg.clip_head_hidden, cfg.clip_pooling, cfg.dropout, cfg.head_activation)
         self.frame_head = (
             FrameHead(da, d, cfg.frame_head_layers, cfg.frame_head_heads, cfg.frame_head_window, dropout=cfg.dropout)
             if cfg.frame_head
             else None
         )
-        self.text_head = TextHead(dt, d, cfg.text_head_hidden, cfg.dropout)
+        self.text_head = TextHead(dt, d, cfg.text_head_hidden, cfg.dropout, cfg.head_activation)
         self.clip_scale_bias = ScaleBias(cfg.clip_scale_init, cfg.clip_bias_init, cfg.clip_scale_bias_learnable, cfg.max_logit_scale)
         if cfg.text_conditioned_scale_bias:
             self.frame_scale_bias: nn.Module = TextConditionedScaleBias(
