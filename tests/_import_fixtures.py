@@ -164,3 +164,31 @@ def save_laion_pt(model, path: Path) -> Path:
     sd = {"module." + k: v for k, v in laion_state(model).items()}
     torch.save({"epoch": 45, "name": "tiny", "state_dict": sd}, str(path))
     return path
+
+
+def flam_heads(model, seed: int = 0) -> dict[str, torch.Tensor]:
+    """OpenFLAM's per-text MLPs (adobe-research/openflam model.py FLAM.init_per_text_logit_scale_bias):
+    fc_per_text_logit_{scale,bias} = Linear(H, H), GELU, Linear(H, 1) on the RoBERTa pooler output
+    (H = text width), random here, with the reference's init offsets (log 10 and -8) on the last bias."""
+    import math
+
+    g = torch.Generator().manual_seed(seed)
+    h = model.config.text_config.hidden_size
+    out = {}
+    for w, off in (("scale", math.log(10.0)), ("bias", -8.0)):
+        out[f"fc_per_text_logit_{w}.0.weight"] = torch.randn(h, h, generator=g) / math.sqrt(h)
+        out[f"fc_per_text_logit_{w}.0.bias"] = 0.1 * torch.randn(h, generator=g)
+        out[f"fc_per_text_logit_{w}.2.weight"] = 0.3 * torch.randn(1, h, generator=g)
+        out[f"fc_per_text_logit_{w}.2.bias"] = off + 0.1 * torch.randn(1, generator=g)
+    return out
+
+
+def save_flam_pth(model, path: Path, seed: int = 0) -> Path:
+    """OpenFLAM's release layout: a plain state dict (no wrapper, no `module.`), LAION-CLAP's names
+    for HTS-AT/RoBERTa/projections and logit_scale_a, no MLP-loss transforms, plus aed_logit_scale
+    and the per-text MLPs."""
+    sd = {k: v for k, v in laion_state(model).items() if not k.startswith(("audio_transform.", "text_transform.")) and k != "logit_scale_t"}
+    sd["aed_logit_scale"] = torch.zeros(())
+    sd.update(flam_heads(model, seed))
+    torch.save(sd, str(path))
+    return path

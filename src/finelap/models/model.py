@@ -87,6 +87,9 @@ class ModelConfig:
     la_block: MGA-CLAP's locality-aware (value-value attention) block on the encoder frames.
     head_activation: the hidden activation of the clip and text MLPs ("gelu", or "relu" as in
       LAION-CLAP's projections, for imported checkpoints).
+    scale_bias_input / scale_bias_hidden: what the per-text scale/bias MLPs read ("embeds": the
+      projected text embedding; "pooled": the text tower's pooled output, as OpenFLAM's MLPs do)
+      and their hidden width.
     """
 
     audio_encoder: str = "cnn"
@@ -113,8 +116,14 @@ class ModelConfig:
     codebook_temperature: float = 1.0
     la_block: bool = False
     head_activation: str = "gelu"
+    scale_bias_input: str = "embeds"
+    scale_bias_hidden: int = 256
 
     def __post_init__(self) -> None:
+        if self.scale_bias_input not in ("embeds", "pooled"):
+            raise ConfigError(f"model.scale_bias_input must be 'embeds' or 'pooled', got {self.scale_bias_input!r}")
+        if self.scale_bias_input == "pooled" and self.codebook_size:
+            raise ConfigError("model.scale_bias_input='pooled' needs the pooled text output, which the codebook (codebook_size > 0) replaces")
         if self.head_activation not in ("gelu", "relu"):
             raise ConfigError(f"model.head_activation must be 'gelu' or 'relu', got {self.head_activation!r}")
         if isinstance(self.text, dict):
@@ -232,7 +241,8 @@ class FineLAPModel(nn.Module):
         self.clip_scale_bias = ScaleBias(cfg.clip_scale_init, cfg.clip_bias_init, cfg.clip_scale_bias_learnable, cfg.max_logit_scale)
         if cfg.text_conditioned_scale_bias:
             self.frame_scale_bias: nn.Module = TextConditionedScaleBias(
-                d, init_scale=cfg.frame_scale_init, init_bias=cfg.frame_bias_init, max_scale=cfg.max_logit_scale
+                dt if cfg.scale_bias_input == "pooled" else d, hidden=cfg.scale_bias_hidden,
+                init_scale=cfg.frame_scale_init, init_bias=cfg.frame_bias_init, max_scale=cfg.max_logit_scale,
             )
         else:
             self.frame_scale_bias = ScaleBias(
@@ -297,7 +307,7 @@ class FineLAPModel(nn.Module):
             text_embeds = self.text_head(pooled)
         scale = bias = None
         if isinstance(self.frame_scale_bias, TextConditionedScaleBias):
-            scale, bias = self.frame_scale_bias(text_embeds)
+            scale, bias = self.frame_scale_bias(pooled if self.cfg.scale_bias_input == "pooled" else text_embeds)
         return TextOutput(text_embeds, pooled, scale, bias, weights)
 
     # ------------------------------------------------------------------ logits

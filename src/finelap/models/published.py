@@ -503,10 +503,20 @@ def convert_laion_clap(src: Path, text_model: Path | None) -> Converted:
         tok_dir = text_model
         if spec == 256 and not any(k.endswith("attn_mask") for k in raw):
             notes.append("spec_size not recorded in the checkpoint; assumed HTS-AT's 256")
+    state = _hf_clap_to_finelap(hf, src)
+    run_config = _clap_like_run_config("laion-clap", hf, audio_cfg, front, window_s)
+    run_config["loss"] = {"clip": "infonce", "frame": None}
+    run_config["eval"] = {"prompt_template": "This is a sound of {}."}
+    return Converted(run_config, state, text_cfg, tok_dir, notes)
+
+
+def _clap_like_run_config(kind: str, hf: Mapping[str, torch.Tensor], audio_cfg: dict[str, Any], front: dict[str, Any],
+                          clip_s: float) -> dict[str, Any]:  # fmt: skip
+    """RunConfig sections shared by the HTS-AT + RoBERTa CLAP family (LAION-CLAP, OpenFLAM): the
+    `htsat` encoder with the original front-end, coupled ReLU projection heads, RoBERTa pooler."""
     fusion = bool(audio_cfg.get("enable_fusion"))
     n_mels = int(audio_cfg.get("num_mel_bins", 64))
-    window_s = _htsat_window_s(audio_cfg, front["sample_rate"], front["hop_length"], window_s)
-    state = _hf_clap_to_finelap(hf, src)
+    window_s = _htsat_window_s(audio_cfg, front["sample_rate"], front["hop_length"], clip_s)
     proj_dim = int(hf["audio_projection.linear1.weight"].shape[0])
     model = {
         "audio_encoder": "htsat",
@@ -521,15 +531,51 @@ def convert_laion_clap(src: Path, text_model: Path | None) -> Converted:
         "clip_scale_init": 10.0,
         "frame_scale_init": 10.0,
     }
-    run_config = {
-        "preset": "laion-clap",
-        "name": "laion-clap-import",
+    return {
+        "preset": kind,
+        "name": f"{kind}-import",
         "model": model,
-        "loss": {"clip": "infonce", "frame": None},
         "audio": _front_end_audio(front["sample_rate"], front["n_fft"], front["hop_length"], n_mels, front["fmin"], front["fmax"], window_s),
-        "eval": {"prompt_template": "This is a sound of {}."},
     }
-    return Converted(run_config, state, text_cfg, tok_dir, notes)
+
+
+_FLAM_EXTRA = re.compile(r"^(aed_logit_scale$|fc_per_text_logit_(scale|bias)\.)")
+_FLAM_FRONT = {"sample_rate": 48000, "n_fft": 1024, "hop_length": 480, "fmin": 50.0, "fmax": 14000.0}
+
+
+def convert_flam(src: Path, text_model: Path | None) -> Converted:
+    """OpenFLAM `open_flam_oct17.pth` (a plain state dict): LAION-CLAP's HTS-AT + RoBERTa layout plus
+    the per-text logit scale/bias MLPs (`fc_per_text_logit_scale` / `_bias`, Linear-GELU-Linear on
+    the RoBERTa pooler output) and `aed_logit_scale` (fixed at 0, unused at inference)."""
+    if src.is_dir():
+        raise SourceError(f"{src}: expected the OpenFLAM checkpoint file (open_flam_oct17.pth), got a directory")
+    if text_model is None:
+        raise SourceError("flam checkpoints need --text-model DIR (a local roberta-base folder: config and tokenizer)")
+    raw = _tensor_state(read_pickle_state(src), src)
+    extra = {k: raw.pop(k) for k in list(raw) if _FLAM_EXTRA.match(k)}
+    need = [f"fc_per_text_logit_{w}.{i}.{p}" for w in ("scale", "bias") for i in (0, 2) for p in ("weight", "bias")]
+    missing = [k for k in need if k not in extra]
+    if missing:
+        raise SourceError(f"{src}: not an OpenFLAM checkpoint (missing {', '.join(missing[:3])})")
+    spec = _spec_size_from_attn_mask(raw)
+    hf = laion_to_hf_clap(raw, src)
+    audio_cfg = _htsat_config_from_state(hf, spec, src)
+    state = {k: v for k, v in _hf_clap_to_finelap(hf, src).items() if not k.startswith("frame_scale_bias.")}
+    for w, name in (("scale", "scale_mlp"), ("bias", "bias_mlp")):
+        for i in (0, 2):
+            for p in ("weight", "bias"):
+                state[f"frame_scale_bias.{name}.{i}.{p}"] = extra[f"fc_per_text_logit_{w}.{i}.{p}"]
+    run_config = _clap_like_run_config("flam", hf, audio_cfg, dict(_FLAM_FRONT), 10.0)
+    run_config["model"].update(
+        text_conditioned_scale_bias=True, scale_bias_input="pooled",
+        scale_bias_hidden=int(extra["fc_per_text_logit_scale.0.weight"].shape[0]),
+        max_logit_scale=1e4,  # FLAM's per-text scales are exp(MLP) without a cap; don't clamp them
+    )  # fmt: skip
+    run_config["loss"] = {"clip": "infonce", "frame": "flam"}
+    # OpenFLAM's SED example: raw phrases as text, unbiased scores, median filter of 3 frames (3.2 Hz)
+    run_config["eval"] = {"prompt_template": "{}", "median_filter_s": 3 / 3.2}
+    notes = [] if any(k.endswith("attn_mask") for k in raw) else ["spec_size not recorded in the checkpoint; assumed HTS-AT's 256"]
+    return Converted(run_config, state, _text_config_from_dir(text_model), text_model, notes)
 
 
 _CLAP_AUDIO_FIELDS = (
@@ -543,6 +589,7 @@ _CLAP_AUDIO_FIELDS = (
 
 IMPORTERS: dict[str, Callable[[Path, Path | None], Converted]] = {
     "laion-clap": convert_laion_clap,
+    "flam": convert_flam,
 }
 
 
