@@ -190,3 +190,14 @@ def test_cli_import_then_classify_detect_ground_eval(tmp_path, capsys):
     fs = pipe.frame_scores(str(audio / "c1.wav"), ["dog"])
     assert fs.scores.shape == (pipe.timeline.num_frames_for_samples(int(7.3 * SR)), 1)
     assert np.isfinite(fs.scores).all()
+    # the HEAR API on the imported model: 48 kHz input, timestamps at the 3.2 Hz frame centres (scaled
+    # to the tiny model's window)
+    from finelap import hear
+
+    hm = hear.load_model(str(ckpt))
+    assert hm.sample_rate == SR
+    x = torch.from_numpy((0.1 * rng.standard_normal((2, 3 * SR))).astype(np.float32))
+    emb, ts = hear.get_timestamp_embeddings(x, hm)
+    assert emb.shape[:2] == ts.shape == (2, pipe.timeline.num_frames_for_samples(3 * SR))
+    assert float(ts[0, 1] - ts[0, 0]) == pytest.approx(1000.0 / pipe.frame_rate_hz)
+    assert hear.get_scene_embeddings(x, hm).shape == (2, hm.scene_embedding_size)
