@@ -201,3 +201,41 @@ def test_cli_import_then_classify_detect_ground_eval(tmp_path, capsys):
     assert emb.shape[:2] == ts.shape == (2, pipe.timeline.num_frames_for_samples(3 * SR))
     assert float(ts[0, 1] - ts[0, 0]) == pytest.approx(1000.0 / pipe.frame_rate_hz)
     assert hear.get_scene_embeddings(x, hm).shape == (2, hm.scene_embedding_size)
+
+
+def test_htsat_encoder_contract_padding_and_timeline(tmp_path):
+    """The `htsat` encoder keeps finelap's encoder contract: T from the Timeline, a padded batch equals
+    per-item encoding on valid frames, and a frame is valid iff it starts before the end of the audio."""
+    model = tiny_clap(seed=11)
+    fl, _, _ = load_pretrained(import_checkpoint("laion-clap", save_hf_clap(model, tmp_path / "hf"), None, tmp_path / "ckpt"))
+    enc = fl.audio
+    spf, win = enc.timeline.hop_length, enc.backend.window_samples
+    g = torch.Generator().manual_seed(0)
+    long_n, short_n = win + win // 2 + 7, win // 3
+    wave = torch.zeros(2, long_n)
+    wave[0] = 0.2 * torch.randn(long_n, generator=g)
+    wave[1, :short_n] = 0.2 * torch.randn(short_n, generator=g)
+    with torch.no_grad():
+        batch = enc(wave, torch.tensor([long_n, short_n]))
+        alone = enc(wave[1:, :short_n])
+    assert batch.frames.shape[1] == enc.timeline.num_frames_for_samples(long_n)
+    assert batch.frame_mask.sum(1).tolist() == [-(-long_n // spf), -(-short_n // spf)]
+    k = -(-short_n // spf)
+    torch.testing.assert_close(batch.frames[1, :k], alone.frames[0, :k], atol=1e-5, rtol=0)
+    assert not batch.frames[1, k:].any()  # padding frames are zero and masked
+
+
+def test_new_model_traits_reject_bad_values():
+    from finelap.errors import ConfigError
+    from finelap.models.model import ModelConfig
+    from finelap.models.text_encoders import TextEncoderConfig
+
+    with pytest.raises(ConfigError, match="head_activation"):
+        ModelConfig(head_activation="tanh")
+    with pytest.raises(ConfigError, match="scale_bias_input"):
+        ModelConfig(scale_bias_input="words")
+    with pytest.raises(ConfigError, match="codebook"):
+        ModelConfig(scale_bias_input="pooled", codebook_size=8, text_conditioned_scale_bias=True)
+    with pytest.raises(ConfigError, match="text.weights"):
+        TextEncoderConfig(weights="random")
+    assert TextEncoderConfig(pooling="pooler", weights="checkpoint").pooling == "pooler"
