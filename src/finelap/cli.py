@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "index": ("finelap.commands.index", "build, update or inspect a text-searchable index over a folder of audio"),
     "search": ("finelap.commands.search", "search an index with words: ranked files with their best time span"),
     "caption": ("finelap.commands.caption", "describe audio files in words (checkpoints with a caption decoder, preset slap)"),
+    "import": ("finelap.commands.import_", "convert a downloaded published checkpoint (LAION-CLAP, ...) into a finelap checkpoint"),
 }
 
 

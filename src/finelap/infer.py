@@ -682,7 +682,14 @@ class Pipeline:
         texts = list(texts)
         if not texts:
             raise FinelapError("no texts given (empty list)")
-        return self._text(texts).text_embeds.float().cpu().numpy()
+        out = self._text(texts)
+        emb = out.text_embeds.float().cpu()
+        if out.frame_logit_scale is not None and getattr(self.model.cfg, "scale_bias_input", "embeds") == "pooled":
+            # per-text scale/bias computed from the text tower's pooled output (imported OpenFLAM)
+            # cannot be recovered from an embedding: keep those of the last texts for
+            # `frame_scores_from_embeddings` (a search embeds its queries, then scores frames)
+            self._recent_scale_bias = (emb, out.frame_logit_scale.float().cpu(), out.frame_logit_bias.float().cpu())
+        return emb.numpy()
 
     # ------------------------------------------------------------------ clip-level questions
     def clip_scale_bias(self) -> tuple[float, float]:
@@ -802,9 +809,22 @@ class Pipeline:
         with torch.inference_mode():
             text = TextOutput(te)
             fsb = self.model.frame_scale_bias
-            if self.has_calibration:
+            if self.has_calibration and getattr(self.model.cfg, "scale_bias_input", "embeds") == "pooled":
+                text.frame_logit_scale, text.frame_logit_bias = self._remembered_scale_bias(te[0])
+            elif self.has_calibration:
                 text.frame_logit_scale, text.frame_logit_bias = fsb(te)
             return self._probs(fe, text, self._use_calibration(calibrated))[:, 0].float().cpu().numpy()
+
+    def _remembered_scale_bias(self, te: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale (1,), bias (1,)) of the text whose embedding (D,) `embed_text` returned last."""
+        recent = getattr(self, "_recent_scale_bias", None)
+        if recent is not None:
+            emb, scale, bias = recent
+            sims = emb.to(te.device) @ te.float()
+            j = int(sims.argmax())
+            if float(sims[j]) > 1 - 1e-4:
+                return scale[j : j + 1].to(te.device), bias[j : j + 1].to(te.device)
+        raise ConfigError("this model's per-text frame scale/bias come from the text itself: embed the text with embed_text first")
 
     def resolve_postprocessing(self, threshold: float | None, median_filter_s: float | None, min_duration_s: float | None,
               merge_gap_s: float | None) -> tuple[float, float, float, float]:  # fmt: skip

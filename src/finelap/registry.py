@@ -66,7 +66,9 @@ class Registry(Generic[T]):
         return name in self._items
 
 
-AUDIO_ENCODERS: Registry = Registry("audio encoder", ["finelap.models.audio_encoders", "finelap.models.pretrained"])
+AUDIO_ENCODERS: Registry = Registry(
+    "audio encoder", ["finelap.models.audio_encoders", "finelap.models.pretrained", "finelap.models.published"]
+)
 LOSSES: Registry = Registry("loss", ["finelap.losses.clip", "finelap.losses.frame", "finelap.losses.aux"])
 DATASETS: Registry = Registry("dataset", ["finelap.data.manifests"])
 # preset name -> YAML path, for presets that live outside the searched config folders

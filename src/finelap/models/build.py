@@ -65,6 +65,15 @@ def complete_state(model: FineLAPModel, state: dict[str, Any]) -> dict[str, Any]
     return {**own, **state}
 
 
+def _resolve_local_paths(run_cfg: Any, ckpt_dir: Path) -> None:
+    """A relative text-tower path names a folder inside the checkpoint (imported published models
+    carry their tokenizer and text config there), so the checkpoint works from any working directory."""
+    text = getattr(run_cfg.model, "text", None)
+    p = getattr(text, "path", None)
+    if p and not Path(p).is_absolute() and (ckpt_dir / p).is_dir():
+        text.path = str(ckpt_dir / p)
+
+
 def load_pretrained(path: str | Path, use_ema: bool = True, map_location: str = "cpu") -> tuple[FineLAPModel, Any, Any]:
     """(model in eval mode, RunConfig, Checkpoint) from a checkpoint directory or a run directory
     (follows its LATEST pointer). Uses the EMA weights when the checkpoint has them and
@@ -77,6 +86,7 @@ def load_pretrained(path: str | Path, use_ema: bool = True, map_location: str = 
         run_cfg = resolve_run_config(ckpt.config)
     except Exception as e:
         raise CheckpointError(f"{path}: config.json does not describe a valid finelap run ({e})") from None
+    _resolve_local_paths(run_cfg, Path(ckpt.path))
     model = FineLAPModel(model_config_for(run_cfg))
     state = ckpt.ema_state if (use_ema and ckpt.ema_state) else ckpt.state_dict
     from ..train.slap import attach_slap_modules  # SLAP's caption decoder / predictor, when trained

@@ -38,10 +38,16 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return (x * m).sum(1) / m.sum(1).clamp(min=1.0)
 
 
-def _mlp(in_dim: int, hidden: int, out_dim: int, dropout: float = 0.0) -> nn.Module:
+_ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU}
+
+
+def _mlp(in_dim: int, hidden: int, out_dim: int, dropout: float = 0.0, activation: str = "gelu") -> nn.Module:
     if hidden == 0:
         return nn.Linear(in_dim, out_dim)
-    return nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, out_dim))
+    if activation not in _ACTIVATIONS:
+        raise ConfigError(f"head activation must be one of {sorted(_ACTIVATIONS)}, got {activation!r}")
+    act = _ACTIVATIONS[activation]()
+    return nn.Sequential(nn.Linear(in_dim, hidden), act, nn.Dropout(dropout), nn.Linear(hidden, out_dim))
 
 
 class ClipHead(nn.Module):
@@ -51,12 +57,14 @@ class ClipHead(nn.Module):
     `project(frames)` applies the same MLP per frame (frame stream when no frame head is used).
     """
 
-    def __init__(self, in_dim: int, out_dim: int, hidden: int | None = None, pooling: str = "mean", dropout: float = 0.0) -> None:
+    def __init__(
+        self, in_dim: int, out_dim: int, hidden: int | None = None, pooling: str = "mean", dropout: float = 0.0, activation: str = "gelu"
+    ) -> None:
         super().__init__()
         if pooling not in ("mean", "cls"):
             raise ConfigError(f"clip head pooling must be 'mean' or 'cls', got {pooling!r}")
         self.pooling = pooling
-        self.mlp = _mlp(in_dim, in_dim if hidden is None else hidden, out_dim, dropout)
+        self.mlp = _mlp(in_dim, in_dim if hidden is None else hidden, out_dim, dropout, activation)
 
     def pool(self, frames: torch.Tensor, mask: torch.Tensor | None, cls: torch.Tensor | None = None) -> torch.Tensor:
         if self.pooling == "cls":
@@ -106,9 +114,9 @@ class FrameHead(nn.Module):
 class TextHead(nn.Module):
     """Text projection to the shared space: MLP (hidden=0: linear) -> L2 norm. Works on (N, H) or (N, L, H)."""
 
-    def __init__(self, in_dim: int, out_dim: int, hidden: int | None = None, dropout: float = 0.0) -> None:
+    def __init__(self, in_dim: int, out_dim: int, hidden: int | None = None, dropout: float = 0.0, activation: str = "gelu") -> None:
         super().__init__()
-        self.mlp = _mlp(in_dim, max(in_dim, out_dim) if hidden is None else hidden, out_dim, dropout)
+        self.mlp = _mlp(in_dim, max(in_dim, out_dim) if hidden is None else hidden, out_dim, dropout, activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.mlp(x), dim=-1)

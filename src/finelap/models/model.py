@@ -85,6 +85,11 @@ class ModelConfig:
       frame_bias_init); otherwise one learnable scalar pair.
     codebook_size > 0: MGA-CLAP's shared codebook pools frames and words into the clip embeddings.
     la_block: MGA-CLAP's locality-aware (value-value attention) block on the encoder frames.
+    head_activation: the hidden activation of the clip and text MLPs ("gelu", or "relu" as in
+      LAION-CLAP's projections, for imported checkpoints).
+    scale_bias_input / scale_bias_hidden: what the per-text scale/bias MLPs read ("embeds": the
+      projected text embedding; "pooled": the text tower's pooled output, as OpenFLAM's MLPs do)
+      and their hidden width.
     """
 
     audio_encoder: str = "cnn"
@@ -110,8 +115,17 @@ class ModelConfig:
     codebook_size: int = 0
     codebook_temperature: float = 1.0
     la_block: bool = False
+    head_activation: str = "gelu"
+    scale_bias_input: str = "embeds"
+    scale_bias_hidden: int = 256
 
     def __post_init__(self) -> None:
+        if self.scale_bias_input not in ("embeds", "pooled"):
+            raise ConfigError(f"model.scale_bias_input must be 'embeds' or 'pooled', got {self.scale_bias_input!r}")
+        if self.scale_bias_input == "pooled" and self.codebook_size:
+            raise ConfigError("model.scale_bias_input='pooled' needs the pooled text output, which the codebook (codebook_size > 0) replaces")
+        if self.head_activation not in ("gelu", "relu"):
+            raise ConfigError(f"model.head_activation must be 'gelu' or 'relu', got {self.head_activation!r}")
         if isinstance(self.text, dict):
             try:
                 self.text = TextEncoderConfig(**self.text)
@@ -217,17 +231,18 @@ class FineLAPModel(nn.Module):
         self.text = text_encoder if text_encoder is not None else HFTextEncoder(cfg.text)
         da, dt, d = self.audio.dim, self.text.hidden_size, cfg.embed_dim
         self.la_block = LocalityAwareBlock(da) if cfg.la_block else None
-        self.clip_head = ClipHead(da, d, cfg.clip_head_hidden, cfg.clip_pooling, cfg.dropout)
+        self.clip_head = ClipHead(da, d, cfg.clip_head_hidden, cfg.clip_pooling, cfg.dropout, cfg.head_activation)
         self.frame_head = (
             FrameHead(da, d, cfg.frame_head_layers, cfg.frame_head_heads, cfg.frame_head_window, dropout=cfg.dropout)
             if cfg.frame_head
             else None
         )
-        self.text_head = TextHead(dt, d, cfg.text_head_hidden, cfg.dropout)
+        self.text_head = TextHead(dt, d, cfg.text_head_hidden, cfg.dropout, cfg.head_activation)
         self.clip_scale_bias = ScaleBias(cfg.clip_scale_init, cfg.clip_bias_init, cfg.clip_scale_bias_learnable, cfg.max_logit_scale)
         if cfg.text_conditioned_scale_bias:
             self.frame_scale_bias: nn.Module = TextConditionedScaleBias(
-                d, init_scale=cfg.frame_scale_init, init_bias=cfg.frame_bias_init, max_scale=cfg.max_logit_scale
+                dt if cfg.scale_bias_input == "pooled" else d, hidden=cfg.scale_bias_hidden,
+                init_scale=cfg.frame_scale_init, init_bias=cfg.frame_bias_init, max_scale=cfg.max_logit_scale,
             )
         else:
             self.frame_scale_bias = ScaleBias(
@@ -297,7 +312,7 @@ class FineLAPModel(nn.Module):
             text_embeds = self.text_head(pooled)
         scale = bias = None
         if isinstance(self.frame_scale_bias, TextConditionedScaleBias):
-            scale, bias = self.frame_scale_bias(text_embeds)
+            scale, bias = self.frame_scale_bias(pooled if self.cfg.scale_bias_input == "pooled" else text_embeds)
         return TextOutput(text_embeds, pooled, scale, bias, weights)
 
     # ------------------------------------------------------------------ logits

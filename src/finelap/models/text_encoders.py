@@ -36,11 +36,17 @@ class TextEncoderConfig:
     """Text tower settings.
 
     path: local HF model directory; None = bundled all-MiniLM-L6-v2.
-    pooling: "mean" (masked mean of token states, sentence-transformers style) or "cls".
+    pooling: "mean" (masked mean of token states, sentence-transformers style), "cls" (the first
+      token's last hidden state) or "pooler" (the model's own pooler_output: BERT/RoBERTa's
+      tanh(dense(first token)), what LAION-CLAP and FLAM use).
     max_length: tokens per text after truncation (phrases and captions are short).
     freeze: no gradients, tower kept in eval mode (dropout off), pooled outputs cached.
     lr_mult: learning-rate multiplier for this tower (see `param_groups`).
     cache_size: entries in the pooled-embedding cache used by `embed_cached`.
+    weights: "pretrained" loads the weights stored in `path`; "checkpoint" builds the architecture
+      from `path`'s config.json only (imported published models: the finelap checkpoint holds the
+      tower's weights, `path` only its config and tokenizer). A relative `path` is resolved against
+      the checkpoint directory by `load_pretrained`.
     """
 
     path: str | None = None
@@ -49,10 +55,13 @@ class TextEncoderConfig:
     freeze: bool = False
     lr_mult: float = 1.0
     cache_size: int = 8192
+    weights: str = "pretrained"
 
     def __post_init__(self) -> None:
-        if self.pooling not in ("mean", "cls"):
-            raise ConfigError(f"text.pooling must be 'mean' or 'cls', got {self.pooling!r}")
+        if self.pooling not in ("mean", "cls", "pooler"):
+            raise ConfigError(f"text.pooling must be 'mean', 'cls' or 'pooler', got {self.pooling!r}")
+        if self.weights not in ("pretrained", "checkpoint"):
+            raise ConfigError(f"text.weights must be 'pretrained' or 'checkpoint', got {self.weights!r}")
         if self.max_length < 2:
             raise ConfigError(f"text.max_length must be >= 2 (room for special tokens), got {self.max_length}")
         if self.lr_mult < 0:
@@ -104,7 +113,13 @@ class HFTextEncoder(nn.Module):
 
             hf_logging.disable_progress_bar()  # a local load needs no "Loading weights" bar on every command
             self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-            self.model = AutoModel.from_pretrained(str(path), local_files_only=True)
+            if cfg.weights == "checkpoint":  # architecture only; the finelap checkpoint supplies the weights
+                from transformers import AutoConfig
+
+                hf_cfg = AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+                self.model = AutoModel.from_config(hf_cfg, trust_remote_code=False)
+            else:
+                self.model = AutoModel.from_pretrained(str(path), local_files_only=True)
         except (OSError, ValueError) as e:
             raise ConfigError(f"{path}: cannot load text model/tokenizer ({type(e).__name__}: {e})") from None
         self.hidden_size = int(self.model.config.hidden_size)
@@ -167,7 +182,14 @@ class HFTextEncoder(nn.Module):
             out = self.model(**enc)
         tokens = out.last_hidden_state
         mask = enc["attention_mask"].bool()
-        pooled = mean_pool(tokens, mask) if self.cfg.pooling == "mean" else tokens[:, 0]
+        if self.cfg.pooling == "mean":
+            pooled = mean_pool(tokens, mask)
+        elif self.cfg.pooling == "pooler":
+            if getattr(out, "pooler_output", None) is None:
+                raise ConfigError(f"{self.path}: text.pooling='pooler' but this model has no pooler layer")
+            pooled = out.pooler_output
+        else:
+            pooled = tokens[:, 0]
         return TextFeatures(pooled=pooled, tokens=tokens, mask=mask)
 
     forward = encode
