@@ -321,3 +321,14 @@ def test_cached_and_uncached_training_give_the_same_loss(tmp_path):
     assert set(g1) == set(g3) and g1
     for n in g1:
         torch.testing.assert_close(g1[n], g3[n], atol=1e-5, rtol=1e-4)
+
+
+def test_length_groups_keep_similar_lengths_together():
+    from finelap.models.feature_cache import _length_groups
+
+    lengths = [441000, 220500, 441000, 220500, 230000, 10]
+    groups = _length_groups(lengths, [10, 11, 12, 13, 14, 15], max_group=2)
+    assert sorted(i for g in groups for i in g) == [10, 11, 12, 13, 14, 15]
+    for g in groups:
+        ls = [lengths[i - 10] for i in g]
+        assert max(ls) <= 1.25 * min(ls) and len(g) <= 2

@@ -32,6 +32,19 @@ def supports_feature_cache(encoder: AudioEncoder) -> bool:
     return bool(getattr(encoder, "frozen", False)) and callable(getattr(encoder, "cache_key", None))
 
 
+def _length_groups(lengths: list[int], items: list[int], ratio: float = 1.25, max_group: int = 16) -> list[list[int]]:
+    """`items` split into groups of at most `max_group` whose lengths differ by at most `ratio`."""
+    groups: list[list[int]] = []
+    first = 0  # length of the current group's shortest item
+    for j in sorted(range(len(items)), key=lambda j: lengths[j]):
+        if groups and len(groups[-1]) < max_group and lengths[j] <= ratio * max(1, first):
+            groups[-1].append(items[j])
+        else:
+            groups.append([items[j]])
+            first = lengths[j]
+    return groups
+
+
 class FeatureCache:
     """encode(encoder, wave (B, N), lengths (B,)) -> AudioFeatures, computing only unseen inputs."""
 
@@ -110,11 +123,11 @@ class FeatureCache:
         todo = [i for i, e in enumerate(entries) if e is None]
         self.hits += b - len(todo)
         self.misses += len(todo)
-        if todo:
-            n_max = max(1, max(int(lengths[i]) for i in todo))
-            sub = wave[todo, :n_max]
-            out = encoder(sub, lengths[todo])
-            for j, i in enumerate(todo):
+        for group in _length_groups([int(lengths[i]) for i in todo], todo):
+            # similar lengths together: a 5-s clip padded to a 10-s soundscape would cost twice its compute
+            n_max = max(1, max(int(lengths[i]) for i in group))
+            out = encoder(wave[group, :n_max], lengths[group])
+            for j, i in enumerate(group):
                 v = int(out.frame_mask[j].sum())
                 entry = (out.frames[j, :v].detach().clone(), None if out.cls is None else out.cls[j].detach().clone())
                 self._put(enc_key, keys[i], entry)
