@@ -452,7 +452,8 @@ def _grounding_setup(tmp_path):
 
 
 def _grounding_fns(items, rate=10.0):
-    segs = {(it.audio, p.phrase): p.segments for it in items for p in it.phrases}
+    # the evaluator prompts phrases as labels (the Evaluatable's template, make_prompt)
+    segs = {(it.audio, make_prompt(TEMPLATE, p.phrase)): p.segments for it in items for p in it.phrases}
 
     def frame_scores(path, texts):
         audio_duration(path)
@@ -461,7 +462,7 @@ def _grounding_fns(items, rate=10.0):
         cols = [tl.rasterize([("q", on, off) for on, off in segs[(path, t)]], ["q"], n)[:, 0] for t in texts]
         return FrameScores(np.stack(cols, axis=1), tl, 4.0)
 
-    return Evaluatable(frame_scores=frame_scores, name="oracle")
+    return Evaluatable(frame_scores=frame_scores, prompt_template=TEMPLATE, name="oracle")
 
 
 def test_grounding_oracle_and_skip(tmp_path):
@@ -473,7 +474,13 @@ def test_grounding_oracle_and_skip(tmp_path):
     assert r["skipped"] == [{"path": gone.audio, "error": "file not found"}]
     dog = [(d["onset"], d["offset"]) for d in r["detections"] if d["phrase"] == "a dog barks"]
     assert dog == [(0.5, 1.5), (2.5, 3.0)]
-    assert r["prompt_template"] == "{}"  # phrases are queried verbatim
+    assert r["prompt_template"] == TEMPLATE  # phrases are prompted as labels are
+    # TextToAudioGrounding's protocol on the oracle: every max_efpr gives PSDS ~1, th_auc 0.98
+    # (F1 = 1 at each of TAG's thresholds 0.01, 0.03, ..., 0.99; the trapezoid spans [0.01, 0.99]
+    # of the width-1 range and [0.21, 0.79] of the width-0.6 one, as TAG's sklearn `auc` does)
+    assert all(r[f"psds@max_efpr={m}"] > 0.99 for m in (400, 600, 800, 1000))
+    assert r["psds@max_efpr=None"] is None  # normalised by the largest eFPR, which is 0 here
+    assert r["th_auc@0.00~1.00"] == pytest.approx(0.98) and r["th_auc@0.20~0.80"] == pytest.approx(0.58 / 0.6)
 
 
 def test_grounding_wrong_scores_score_worse(tmp_path):

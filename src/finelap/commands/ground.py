@@ -19,7 +19,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("audio", metavar="AUDIO", help="audio file (any length)")
     p.add_argument("text", nargs="+", metavar="TEXT", help="phrase(s) to find, e.g. \"a dog barking\"")
     p.add_argument("--plot", default=None, metavar="PNG", help="spectrogram + probability curve per phrase + found segments")
-    p.add_argument("--template", default="{}", help="prompt template with {} for the phrase")
+    p.add_argument("--template", default=None, help="prompt template with {} for the phrase (default: the checkpoint's, as detect)")
     p.add_argument("--json", action="store_true", help="print JSON")
     add_post_arguments(p)
     add_model_arguments(p)
