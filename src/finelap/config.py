@@ -530,6 +530,7 @@ class EvalConfig:
     # "min_duration_s", "merge_gap_s", "criterion", "score", "data", ...}. When set, detect, ground,
     # eval and Pipeline use it instead of the four settings above; None (older checkpoints): those.
     calibration: dict[str, Any] | None = None
+    calibrate_after_training: bool = True  # choose the settings above at the end of `finelap train` (needs data.val with events)
 
     def __post_init__(self) -> None:
         _check_template("eval.prompt_template", self.prompt_template)

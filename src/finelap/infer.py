@@ -821,6 +821,23 @@ class Pipeline:
             self._say_nothing_found(p, f"at {fs.times[j]:.2f} s", st.global_threshold)
         return [{"onset": round(on, 3), "offset": round(off, 3), "confidence": c} for on, off, _, c in segs]
 
+    # ------------------------------------------------------------------ evaluators
+    def evaluatable(self, name: str | None = None, batch_size: int = 16) -> Any:
+        """This model as the functions `finelap.eval.tasks` evaluators take (DESIGN principle 7).
+        The evaluators build the prompts (`make_prompt` with the checkpoint's template), so
+        frame_scores here takes them as given: `evaluate_sed(pipe.evaluatable(), ...)` scores a
+        class exactly as `detect` and `frame_scores` do."""
+        from .eval.tasks import Evaluatable
+
+        return Evaluatable(
+            embed_audio=lambda audio: self.embed_audio(list(audio), batch_size=batch_size),
+            embed_text=lambda texts: self.embed_text(list(texts)),
+            frame_scores=lambda audio, texts: self.frame_scores(audio, list(texts), template="{}"),
+            clip_scale_bias=self.clip_scale_bias(),
+            prompt_template=self.prompt_template,
+            name=name or str(getattr(self.checkpoint, "path", "model")),
+        )
+
     # ------------------------------------------------------------------ search-index contract
     def embed_files(self, paths: Sequence[str | os.PathLike], *, with_frames: bool = False, batch_size: int = 16) -> Iterator[Any]:
         """One `finelap.search.EmbedResult` per path, in order; a missing or corrupt file gives a

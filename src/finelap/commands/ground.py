@@ -61,5 +61,9 @@ def run(args: argparse.Namespace) -> int:
             print(fmt_table([(f"{a:.3f}", f"{b:.3f}", fmt_prob(c)) for a, b, c in s], ("onset", "offset", "confidence")))
         else:
             j = int(np.argmax(fs.scores[:, k]))
-            print(f"  no segment above the threshold (highest probability {fmt_prob(float(fs.scores[j, k]))} at {fs.times[j]:.2f} s)")
+            from ..scoring import suggest_threshold
+
+            top = float(fs.scores[j, k])
+            print(f"  no segment above the threshold {thr:g} (highest probability {fmt_prob(top)} at {fs.times[j]:.2f} s): "
+                  f"try --threshold {suggest_threshold(top):g}")  # fmt: skip
     return 0
