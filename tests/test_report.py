@@ -152,7 +152,7 @@ def test_grounding_report_and_missing_example_audio(tmp_path):
         y = tl.rasterize([("a beep", 0.7, 2.0)], list(texts), tl.num_frames(2.0))
         return FrameScores(y, tl, 2.0)
 
-    r = evaluate_grounding(Evaluatable(frame_scores=frame_scores), [item])
+    r = evaluate_grounding(Evaluatable(frame_scores=frame_scores, prompt_template="{}"), [item])  # phrases as given
     assert r["grounding_event_F1"] == 1.0
     r["artifacts"]["examples"].append(dict(r["artifacts"]["examples"][0], audio=str(tmp_path / "deleted.wav")))
     paths = write_report(r, tmp_path / "g.json")

@@ -289,7 +289,8 @@ def validate(model: FineLAPModel, clips: Sequence[Clip], cfg: RunConfig, max_cli
 
     - clips with labels: `evaluate_zeroshot` -> ``val/top1_accuracy``, ``val/top5_accuracy``
       (single-label sets), ``val/mAP``;
-    - clips with strong labels: `evaluate_sed` with the run's detection settings (its
+    - when some clips have strong labels: `evaluate_sed` on all clips (those without events are
+      negative files, as in `finelap eval sed --data VAL`) with the run's detection settings (its
       calibration when it has one, else eval.*) -> ``val/PSDS1``, ``val/PSDS2``,
       ``val/event_F1``, ``val/frame_AUROC``.
     """
@@ -311,12 +312,11 @@ def validate(model: FineLAPModel, clips: Sequence[Clip], cfg: RunConfig, max_cli
                 out.update({f"val/{k}": float(zs[k]) for k in ("top1_accuracy", "top5_accuracy", "mAP") if zs.get(k) is not None})
             except FinelapError as e:  # e.g. every file unreadable: report, do not stop training
                 log(f"validation: zero-shot skipped ({e})")
-        strong = [c for c in clips if c.events]
-        if strong:
-            classes = sorted({e.label for c in strong for e in c.events})
+        if any(c.events for c in clips):  # every clip, as `finelap eval sed --data VAL`: those without events are negatives
+            classes = sorted({e.label for c in clips for e in c.events})
             pp = resolve_detection_settings(cfg.eval, classes).postprocess
             try:
-                sed = evaluate_sed(fns, strong, postprocess=pp, n_examples=0)
+                sed = evaluate_sed(fns, clips, postprocess=pp, n_examples=0)
                 out.update({f"val/{k}": float(sed[k]) for k in ("PSDS1", "PSDS2", "event_F1", "frame_AUROC") if sed.get(k) is not None})
             except FinelapError as e:
                 log(f"validation: SED skipped ({e})")
