@@ -519,7 +519,10 @@ class EvalConfig:
     """Validation/evaluation settings (zero-shot classification and sound event detection)."""
 
     labels: list[str] = field(default_factory=list)  # zero-shot class names; empty: from the eval data
-    prompt_template: str = "the sound of {}"  # zero-shot prompts and text queries; saved with checkpoints
+    # How a class label or phrase becomes the text query (finelap.scoring.make_prompt: underscores as
+    # spaces, white space collapsed, placed at the single "{}"), for classify, detect, ground,
+    # frame_scores, eval and the trainer's validation alike; saved with checkpoints.
+    prompt_template: str = "the sound of {}"
     batch_size: int = 32
     sed_threshold: float = 0.5  # on sigmoid frame scores
     median_filter_s: float = 0.0  # smoothing of frame scores before thresholding; 0 disables

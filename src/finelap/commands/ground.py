@@ -5,8 +5,10 @@ Examples:
   finelap ground park.wav "a dog barking" "children laughing" --plot park.png --json --checkpoint CKPT
 
 Prints the segments (seconds) whose frame probability exceeds the threshold, with confidence
-(the highest probability inside the segment). Phrases are used as written (--template to wrap
-them). Audio of any length is streamed.
+(the highest probability inside the segment). A phrase becomes a prompt as a detect label does
+(the checkpoint's template, underscores as spaces), so grounding a phrase equals detecting it;
+thresholds and filters come from the checkpoint's calibration when it has one. Audio of any
+length is streamed.
 """
 from __future__ import annotations
 
