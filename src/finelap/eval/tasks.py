@@ -223,10 +223,9 @@ def _activity_frame(events: Sequence[tuple[float, float, str]], df: Any, classes
     col = {c: i for i, c in enumerate(classes)}
     for on, off, lab in events:
         act[(onsets >= on - 1e-9) & (onsets < off - 1e-9), col[lab]] = 1.0
-    out = df[["onset", "offset"]].copy()
-    for c, i in col.items():
-        out[c] = act[:, i]
-    return out
+    # one construction, not a column at a time (pandas inserts are slow with many classes)
+    data = np.column_stack([onsets, df["offset"].to_numpy(dtype=np.float64), act])
+    return type(df)(data, columns=["onset", "offset", *classes], index=df.index)
 
 
 def _base_result(task: str, fns: Evaluatable, template: str | None, pp: PostProcess | None) -> dict[str, Any]:
@@ -737,6 +736,9 @@ def calibrate_detection(
     if not cal_classes:
         raise FinelapError("none of the classes has a reference event in the scored validation files")
     col = [all_classes.index(c) for c in cal_classes]
+    # sed_scores_eval's form: overlapping events of a class merged (it asserts they do not occur)
+    gt_sse = M._prepare_ground_truth({k: [e for e in v if e[2] in set(cal_classes)] for k, v in gt.items()},
+                                     dict.fromkeys(gt), cal_classes)  # fmt: skip
     M._sse()  # imports sed_scores_eval quietly
     from sed_scores_eval.collar_based.intermediate_statistics import accumulated_intermediate_statistics
 
@@ -744,7 +746,7 @@ def calibrate_detection(
     for med in g["median_filter_s"]:
         pp = PostProcess(median_filter_s=med)
         dfs = {key: M.scores_to_dataframe(pp.smooth(s[:, col], tl, cal_classes), tl, cal_classes, dur) for _, key, s, tl, dur in items}
-        stats, _ = accumulated_intermediate_statistics(scores=dfs, ground_truth=gt, **_COLLAR)
+        stats, _ = accumulated_intermediate_statistics(scores=dfs, ground_truth=gt_sse, **_COLLAR)
         cps = np.unique(np.concatenate([np.asarray(stats[c][0])[np.isfinite(stats[c][0])] for c in cal_classes]))
         cps = cps[(cps > 0) & (cps < 1)] if ((cps > 0) & (cps < 1)).any() else cps
         if len(cps) > _MAX_CANDIDATES:  # keep the search bounded on big sets: quantiles of the change points
@@ -768,12 +770,13 @@ def calibrate_detection(
             class_thr[c] = round(thr + w * (own - thr), 6)
     thr = round(thr, 6)
 
+    # the chosen filter's scores and each file's frame grid, once for every (min duration, gap) tried
+    smoothed = [(key, PostProcess(median_filter_s=med).smooth(s[:, col], tl, cal_classes), tl, dur) for _, key, s, tl, dur in items]
+    grids = {key: M.scores_to_dataframe(sm[:, :1], tl, cal_classes[:1], dur)[["onset", "offset"]] for key, sm, tl, dur in smoothed}
+
     def micro_f1(pp: PostProcess) -> float:
-        act = {}
-        for _, key, s, tl, dur in items:
-            sm = pp.smooth(s[:, col], tl, cal_classes)
-            df = M.scores_to_dataframe(sm, tl, cal_classes, dur)
-            act[key] = _activity_frame(pp.detect(sm, tl, cal_classes, dur, already_smoothed=True), df, cal_classes)
+        act = {key: _activity_frame(pp.detect(sm, tl, cal_classes, dur, already_smoothed=True), grids[key], cal_classes)
+               for key, sm, tl, dur in smoothed}  # fmt: skip
         return float(M.collar_f1(act, gt, threshold=0.5)["event_F1_micro"])
 
     threshold: PerClass = {**class_thr, "*": thr} if class_thr else thr
