@@ -143,3 +143,11 @@ def test_suggested_threshold_is_just_below_the_peak():
     assert suggest_threshold(0.078) == pytest.approx(0.07)
     assert suggest_threshold(0.5) == pytest.approx(0.45)
     assert 0 < suggest_threshold(0.0012) < 0.0012
+
+
+def test_overlapping_reference_events_of_a_class_are_merged_not_an_error(tmp_path):
+    # sed_scores_eval asserts that events of one class do not overlap; annotations often do
+    spec = {"a": {"dog": [(1.0, 2.0, 0.7, "E"), (1.5, 2.5, 0.7, "E")]}, "b": {"dog": [(0.5, 1.5, 0.6, "E")]}}
+    clips, fns, _ = _fake(tmp_path, spec)
+    cal = calibrate_detection(fns, clips, grid={"median_filter_s": [0.0], "min_duration_s": [0.0], "merge_gap_s": [0.0]})
+    assert cal["score"] == pytest.approx(1.0) and cal["threshold"] < 0.6
