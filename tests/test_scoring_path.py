@@ -114,3 +114,18 @@ def test_calibrate_command_stores_settings_that_detect_uses(trained, tmp_path, c
     assert main(["detect", str(man.parent / "clip000.wav"), "--labels", f"{label};a violin playing", "--checkpoint", str(out)]) == 0
     err = capsys.readouterr().err
     assert err.count("detection settings:") == 1 and "calibrated on" in err and "'a violin playing'" in err
+
+
+def test_nothing_above_the_threshold_says_the_peak_and_what_to_pass(trained, capsys):
+    ckpt, man, _ = trained
+    wav = str(man.parent / "clip000.wav")
+    assert main(["ground", wav, "a dog barking", "--threshold", "1.0", "--checkpoint", str(ckpt)]) == 0
+    out = capsys.readouterr().out
+    assert "no segment above the threshold 1" in out and "highest probability" in out and "try --threshold" in out
+    assert main(["detect", wav, "--labels", "a dog barking", "--threshold", "1.0", "--checkpoint", str(ckpt)]) == 0
+    assert "try --threshold" in capsys.readouterr().out
+    pipe = Pipeline.from_pretrained(ckpt)
+    peak = float(pipe.frame_scores(wav, ["a dog barking"]).scores.max())
+    assert pipe.ground(wav, "a dog barking", threshold=1.0) == []
+    err = capsys.readouterr().err
+    assert f"the highest probability was {peak:.3g}" in err and "pass threshold=" in err

@@ -21,6 +21,12 @@ array/tensor is a batch of rows. Everything is deterministic:
   window-level parallelism keeps both cores busy even on a loaded machine, where op-level
   threads mostly wait for each other (measured 3.7x faster on 2 busy cores; benchmarks/long_audio.py).
 
+Prompts: every label or phrase becomes the text query through `finelap.scoring.make_prompt` with
+the checkpoint's `eval.prompt_template` (underscores as spaces), in classify, detect, ground,
+frame_scores and the evaluators alike. Detection settings (threshold, per-class thresholds, median
+filter, minimum duration, merge gap; seconds) come from the checkpoint's calibration
+(`finelap calibrate`; else its eval defaults) unless given, and are announced once per Pipeline.
+
 Probabilities: sigmoid of the frame logits, or FLAM's logit-adjusted probability
 p / (p + sigmoid(beta_text)) when the model has per-text frame biases
 (`model.text_conditioned_scale_bias`); `calibrated=None` picks automatically.
