@@ -129,3 +129,21 @@ def test_nothing_above_the_threshold_says_the_peak_and_what_to_pass(trained, cap
     assert pipe.ground(wav, "a dog barking", threshold=1.0) == []
     err = capsys.readouterr().err
     assert f"the highest probability was {peak:.3g}" in err and "pass threshold=" in err
+
+
+def test_calibrate_user_errors_are_one_line_before_the_model_loads(trained, tmp_path, capsys, monkeypatch):
+    ckpt, man, _ = trained
+    import finelap.infer as infer
+
+    def no_model(*a, **k):
+        raise AssertionError("the model must not load for a data error")
+
+    monkeypatch.setattr(infer.Pipeline, "from_pretrained", no_model)
+    assert main(["calibrate", "--checkpoint", str(ckpt), "--data", str(tmp_path / "missing.jsonl")]) == 2
+    assert "missing.jsonl" in capsys.readouterr().err
+    captions_only = tmp_path / "caps.jsonl"
+    captions_only.write_text(json.dumps({"audio": str(man.parent / "clip001.wav"), "captions": ["a cat"]}) + "\n")
+    assert main(["calibrate", "--checkpoint", str(ckpt), "--data", str(captions_only)]) == 2
+    assert "strong labels" in capsys.readouterr().err
+    assert main(["calibrate", "--checkpoint", str(ckpt), "--data", str(man), "--out", str(man.parent)]) == 2
+    assert "already exists" in capsys.readouterr().err

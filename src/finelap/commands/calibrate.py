@@ -28,7 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a class gets its own threshold only with at least N validation events")  # fmt: skip
     p.add_argument("--out", default=None, metavar="DIR",
                    help="write the calibrated checkpoint here (a copy); default: update --checkpoint in place")  # fmt: skip
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights even when the checkpoint has EMA weights")
 
 
@@ -90,12 +90,13 @@ def calibrate_checkpoint(
     ckpt = Path(checkpoint)
     if ckpt.is_dir() and not (ckpt / "config.json").exists():
         ckpt = latest_checkpoint(ckpt) or ckpt
-    pipe = Pipeline.from_pretrained(ckpt, device=device, use_ema=use_ema)
-    if clips is None:
+    if clips is None:  # data errors are reported before the model loads
         clips = load_clips(data, audio_dir=audio_dir, durations=durations, check_audio=False)
-    strong = [c for c in clips if c.events]
-    if not strong:
+    if not any(c.events for c in clips):
         raise FinelapError(f"{data}: no clip has strong labels (events with onset/offset); calibration needs them")
+    if out is not None and Path(out).exists() and Path(out).resolve() != ckpt.resolve():
+        raise FinelapError(f"{out}: already exists; choose a new --out directory (or leave it out to update {ckpt} in place)")
+    pipe = Pipeline.from_pretrained(ckpt, device=device, use_ema=use_ema)
     record = calibrate_detection(pipe.evaluatable(str(ckpt)), list(clips), classes=labels, min_class_events=min_class_events, data_name=str(data))
     record["step"] = int(getattr(pipe.checkpoint, "step", 0) or 0)
     record["use_ema"] = bool(pipe.use_ema)
