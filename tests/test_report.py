@@ -266,3 +266,13 @@ def test_sed_report_states_the_psds_protocol_and_explains_a_zero(tmp_path):
     md = paths["md"].read_text()
     assert "## PSDS (DCASE, sed_scores_eval)" in md and "median-filtered over 0.12 s" in md and b["note"] in md
     assert "| PSDS1_raw |" in md
+    # the filtered score tables reproduce the reported PSDS1 with a direct call
+    from finelap.eval import metrics as M
+
+    M._sse()
+    from sed_scores_eval.base_modules.io import read_sed_scores
+
+    filt = {p.stem: read_sed_scores(p) for p in (tmp_path / "rep" / "sed_scores_filtered").glob("*.tsv")}
+    gt = {Path(c.audio).stem: [(e.onset, e.offset, e.label) for e in c.events] for c in clips}
+    assert set(filt) == set(gt)
+    assert M.psds1(filt, gt, {k: 2.0 for k in gt}).value == pytest.approx(doc["PSDS1"], abs=1e-9)

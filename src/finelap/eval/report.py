@@ -9,7 +9,8 @@
 - OUT_confusion.png, OUT_per_class_ap.png (zero-shot), OUT_psd_roc.png (SED, grounding),
   OUT_timeline_<i>.png (a few example files: spectrogram + score curves + spans).
 - OUT_detections.tsv (thresholded detections, DCASE columns) and OUT_scores/<file>.tsv
-  (sed_scores_eval per-file score tables) for SED; OUT_detections.tsv for grounding.
+  (sed_scores_eval per-file score tables of the raw probabilities; OUT_scores_filtered/ holds the
+  median-filtered ones the headline PSDS used) for SED; OUT_detections.tsv for grounding.
 """
 from __future__ import annotations
 
@@ -220,7 +221,7 @@ def _markdown(doc: Mapping[str, Any], figures: Mapping[str, Path], out_dir: Path
             rel = os.path.relpath(p, out_dir).replace(os.sep, "/")
             lines += [f"### {name.replace('_', ' ')}", "", f"![{name}]({rel})", ""]
     files = doc.get("files") or {}
-    data_files = {k: v for k, v in files.items() if k in ("detections", "scores")}
+    data_files = {k: v for k, v in files.items() if k in ("detections", "scores", "scores_filtered")}
     if data_files:
         lines += ["## Files", ""] + [f"- {k}: `{v}`" for k, v in data_files.items()] + [""]
 
@@ -324,6 +325,9 @@ def write_report(
     if artifacts.get("scores"):
         paths["scores"] = _write_scores(Path(f"{stem}_scores"), artifacts["scores"])
         files["scores"] = paths["scores"].name + "/"
+    if artifacts.get("scores_filtered"):  # the median-filtered scores the headline PSDS used
+        paths["scores_filtered"] = _write_scores(Path(f"{stem}_scores_filtered"), artifacts["scores_filtered"])
+        files["scores_filtered"] = paths["scores_filtered"].name + "/"
     files.update({k: p.name for k, p in figures.items()})
 
     doc: dict[str, Any] = {k: v for k, v in result.items() if k not in ("artifacts", "detections")}

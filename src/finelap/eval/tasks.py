@@ -561,6 +561,7 @@ def evaluate_sed(
         "artifacts": {
             "psd_roc": {f"PSDS1 = {p1.value:.3f}": (p1.efpr, p1.etpr), f"PSDS2 = {p2.value:.3f}": (p2.efpr, p2.etpr)},
             "scores": raw_df,
+            **({"scores_filtered": filt_df} if filtered else {}),  # what PSDS1/PSDS2 were computed on
             "examples": examples,
         },
     })  # fmt: skip
