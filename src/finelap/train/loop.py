@@ -318,8 +318,8 @@ def validate(model: FineLAPModel, clips: Sequence[Clip], cfg: RunConfig, max_cli
             try:
                 sed = evaluate_sed(fns, clips, postprocess=pp, n_examples=0)
                 out.update({f"val/{k}": float(sed[k]) for k in ("PSDS1", "PSDS2", "event_F1", "frame_AUROC") if sed.get(k) is not None})
-            except FinelapError as e:
-                log(f"validation: SED skipped ({e})")
+            except Exception as e:  # noqa: BLE001 (a metric that cannot be computed must not stop training)
+                log(f"validation: SED skipped ({type(e).__name__}: {e})")
     finally:
         model.train(was_training)
     return out
