@@ -201,17 +201,11 @@ def train_preset(preset: str, data: dict[str, Any], args: argparse.Namespace, ou
 def evaluate_preset(final: Path, preset: str, data: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     from finelap.data.manifests import read_manifest
     from finelap.eval.metrics import PSDS1_PARAMS
-    from finelap.eval.tasks import Evaluatable, evaluate_grounding, evaluate_retrieval, evaluate_sed, evaluate_zeroshot
+    from finelap.eval.tasks import evaluate_grounding, evaluate_retrieval, evaluate_sed, evaluate_zeroshot
     from finelap.infer import Pipeline
 
     pipe = Pipeline.from_pretrained(final, device=args.eval_device)
-    fns = Evaluatable(
-        embed_audio=lambda audio: pipe.embed_audio(list(audio)),
-        embed_text=lambda texts: pipe.embed_text(list(texts)),
-        frame_scores=lambda audio, texts: pipe.frame_scores(audio, list(texts)),
-        prompt_template=pipe.prompt_template,
-        name=preset,
-    )
+    fns = pipe.evaluatable(name=preset)  # prompts built by the evaluators, as `finelap eval` does
     scapes = read_manifest(data["scapes"] / "val" / "manifest.jsonl")
     test_clips = data["test_clips"]
     if args.eval_limit:

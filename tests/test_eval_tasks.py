@@ -452,7 +452,8 @@ def _grounding_setup(tmp_path):
 
 
 def _grounding_fns(items, rate=10.0):
-    segs = {(it.audio, p.phrase): p.segments for it in items for p in it.phrases}
+    # the evaluator prompts phrases as labels (the Evaluatable's template, make_prompt)
+    segs = {(it.audio, make_prompt(TEMPLATE, p.phrase)): p.segments for it in items for p in it.phrases}
 
     def frame_scores(path, texts):
         audio_duration(path)
@@ -461,7 +462,7 @@ def _grounding_fns(items, rate=10.0):
         cols = [tl.rasterize([("q", on, off) for on, off in segs[(path, t)]], ["q"], n)[:, 0] for t in texts]
         return FrameScores(np.stack(cols, axis=1), tl, 4.0)
 
-    return Evaluatable(frame_scores=frame_scores, name="oracle")
+    return Evaluatable(frame_scores=frame_scores, prompt_template=TEMPLATE, name="oracle")
 
 
 def test_grounding_oracle_and_skip(tmp_path):
@@ -473,7 +474,13 @@ def test_grounding_oracle_and_skip(tmp_path):
     assert r["skipped"] == [{"path": gone.audio, "error": "file not found"}]
     dog = [(d["onset"], d["offset"]) for d in r["detections"] if d["phrase"] == "a dog barks"]
     assert dog == [(0.5, 1.5), (2.5, 3.0)]
-    assert r["prompt_template"] == "{}"  # phrases are queried verbatim
+    assert r["prompt_template"] == TEMPLATE  # phrases are prompted as labels are
+    # TextToAudioGrounding's protocol on the oracle: every max_efpr gives PSDS ~1, th_auc 0.98
+    # (F1 = 1 at each of TAG's thresholds 0.01, 0.03, ..., 0.99; the trapezoid spans [0.01, 0.99]
+    # of the width-1 range and [0.21, 0.79] of the width-0.6 one, as TAG's sklearn `auc` does)
+    assert all(r[f"psds@max_efpr={m}"] > 0.99 for m in (400, 600, 800, 1000))
+    assert r["psds@max_efpr=None"] is None  # normalised by the largest eFPR, which is 0 here
+    assert r["th_auc@0.00~1.00"] == pytest.approx(0.98) and r["th_auc@0.20~0.80"] == pytest.approx(0.58 / 0.6)
 
 
 def test_grounding_wrong_scores_score_worse(tmp_path):
@@ -492,3 +499,96 @@ def test_grounding_needs_phrases(tmp_path):
 
 def test_task_table_names():
     assert set(TASKS) == {"retrieval", "zeroshot", "sed", "grounding"}
+
+
+# ============================================================================ the field's protocol, stated
+
+
+def _noisy_oracle(clips, rate=10.0, seed=0):
+    """Oracle scores (events 0.7-0.9, background 0-0.4) with one-frame spikes of 0.95 that a
+    median filter removes, so the filter changes PSDS."""
+    inner = _oracle_frame_scores(clips, rate)
+    rng = np.random.default_rng(seed)
+    shape = (int(4.0 * rate), 2)
+    noise = {c.audio: rng.uniform(0, 0.2, size=shape) for c in clips}
+    spikes = {c.audio: rng.random(shape) < 0.08 for c in clips}
+
+    def frame_scores(path, texts):
+        y = inner.frame_scores(path, texts).scores
+        s = np.where(y > 0, 0.7, 0.2) + noise[path]
+        s[spikes[path] & (y == 0)] = 0.95
+        return FrameScores(s, Timeline(rate), 4.0)
+
+    return Evaluatable(frame_scores=frame_scores, prompt_template=TEMPLATE, name="noisy")
+
+
+def test_psds1_equals_a_direct_sed_scores_eval_call_on_the_post_processed_scores(tmp_path):
+    """Parity: the reported PSDS1/PSDS2 are sed_scores_eval's own `intersection_based.psds` on the
+    median-filtered scores (the checkpoint's post-processing); PSDS1_raw on the raw ones."""
+    sed_scores_eval = M._sse()  # the library itself (imported quietly)
+
+    clips = _sed_clips(tmp_path)
+    fns = _noisy_oracle(clips)
+    pp = PostProcess(median_filter_s=0.5)
+    r = evaluate_sed(fns, clips, postprocess=pp)
+    dfs, gt, dur = _direct_sed_inputs(fns, clips)
+    filt = {}
+    for k, df in dfs.items():
+        s = M.median_filter_seconds(df[["dog", "siren"]].to_numpy(), 10.0, 0.5)  # 5 frames at 10 Hz
+        filt[k] = sed_scores_eval.base_modules.scores.create_score_dataframe(s, np.r_[df["onset"].to_numpy(), 4.0], ["dog", "siren"])
+    kw = dict(dtc_threshold=0.7, gtc_threshold=0.7, cttc_threshold=None, alpha_ct=0.0, alpha_st=1.0, max_efpr=100.0, unit_of_time="hour")
+    direct = sed_scores_eval.intersection_based.psds(scores=filt, ground_truth=gt, audio_durations=dur, **kw)[0]
+    direct_raw = sed_scores_eval.intersection_based.psds(scores=dfs, ground_truth=gt, audio_durations=dur, **kw)[0]
+    assert r["PSDS1"] == pytest.approx(direct, abs=1e-12) and r["PSDS1_raw"] == pytest.approx(direct_raw, abs=1e-12)
+    assert r["PSDS1"] != r["PSDS1_raw"]  # the filter matters here
+    direct_no_st = sed_scores_eval.intersection_based.psds(scores=filt, ground_truth=gt, audio_durations=dur, **{**kw, "alpha_st": 0.0})[0]
+    assert r["PSDS1_alpha_st0"] == pytest.approx(direct_no_st, abs=1e-9)  # exact recombination of the same ROCs
+    block = r["psds"]["PSDS1"]
+    assert block["params"] == M.PSDS1_PARAMS and "median-filtered over 0.5 s" in block["scores"]
+    per = np.array(list(block["per_class"].values()))
+    assert block["per_class_mean"] == pytest.approx(per.mean()) and block["per_class_std"] == pytest.approx(per.std())
+    assert r["psds"]["PSDS1_raw"]["scores"].startswith("raw")
+
+
+def test_a_zero_psds_is_explained(tmp_path):
+    """One class found perfectly, the other never: PSDS1 (alpha_st = 1) is 0 from the spread
+    penalty, and the note says so with the alpha_st = 0 value; with both classes missed, the
+    note blames localisation."""
+    clips = _sed_clips(tmp_path)
+    good = _oracle_frame_scores(clips, 10.0)
+
+    def half(path, texts):
+        fs = good.frame_scores(path, texts)
+        s = fs.scores.copy()
+        s[:, 1] = 1.0 - s[:, 1]  # siren: inverted
+        return FrameScores(s, fs.timeline, 4.0)
+
+    r = evaluate_sed(Evaluatable(frame_scores=half, prompt_template=TEMPLATE), clips)
+    b = r["psds"]["PSDS1"]
+    assert r["PSDS1"] == 0.0 and b["alpha_st0"] > 0.4 and "spread" in b["note"] and f"{b['alpha_st0']:.3f}" in b["note"]
+    inv = Evaluatable(frame_scores=lambda p, t: FrameScores(1.0 - good.frame_scores(p, t).scores, Timeline(10.0), 4.0),
+                      prompt_template=TEMPLATE)  # fmt: skip
+    z = evaluate_sed(inv, clips)["psds"]["PSDS1"]
+    assert z["value"] == 0.0 and z["alpha_st0"] == 0.0 and "localisation" in z["note"]
+    assert evaluate_sed(good, clips)["psds"]["PSDS1"]["note"] is None
+
+
+def test_tag_precision_recall_hand_counted():
+    """TextToAudioGrounding's criteria (dtc = gtc = 0.5) on hand-made spans."""
+    gts = {"q1": np.array([[1.0, 3.0]]), "q2": np.array([[0.0, 1.0], [2.0, 4.0]])}
+    dets = {
+        "q1": np.array([[1.5, 3.5]]),  # 1.5 of 2 s on the reference (>= dtc), covers 1.5/2 (>= gtc): TP both ways
+        "q2": np.array([[0.0, 0.4], [2.5, 5.5]]),  # covers 0.4 of [0,1] (< gtc); 1.5 of 3 s on [2,4] (dtc 0.5), covers 0.75
+    }
+    p, r = M._tag_precision_recall(dets, gts, 0.5, 0.5)
+    # references found: q1's and q2's [2, 4] -> 2 of 3; detections correct: q1's and q2's second -> 2 of 3
+    assert (p, r) == (pytest.approx(2 / 3), pytest.approx(2 / 3))
+    assert M._tag_precision_recall({}, gts, 0.5, 0.5) == (0.0, 0.0)
+
+
+def test_tag_segments_join_gaps_up_to_half_a_second():
+    tl = Timeline(10.0)
+    s = np.zeros(40)
+    s[5:10] = s[14:20] = s[30:32] = 0.9  # gaps of 4 frames (0.4 s) and 10 frames (1.0 s)
+    segs = M._tag_segments(s, tl, 0.5, 5)  # ceil(0.5 s x 10 Hz) = 5 frames
+    np.testing.assert_allclose(segs, [[0.5, 2.0], [3.0, 3.2]])

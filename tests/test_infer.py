@@ -168,7 +168,7 @@ def test_long_audio_clip_embedding_is_fixed_window_average(pipe):
 def test_long_audio_frames_equal_one_pass(pipe):
     x = test_signal(23.0, seed=6)[: 23 * SR - 77]  # not a multiple of anything
     texts = ["a dog barking", "rain falling"]
-    fs = pipe.frame_scores(x, texts, sample_rate=SR)  # 5 s windows + 2 s margins: 5 windows
+    fs = pipe.frame_scores(x, texts, sample_rate=SR, template="{}")  # 5 s windows + 2 s margins: 5 windows; texts as given
     ref, ref_frames = one_pass_probs(pipe, x, texts)
     assert fs.scores.shape == ref.shape == (pipe.timeline.num_frames_for_samples(len(x)), 2)
     np.testing.assert_allclose(fs.scores, ref, rtol=1e-4, atol=1e-6)
@@ -214,7 +214,7 @@ def test_audio_shorter_than_one_frame(pipe, tmp_path):
     sf.write(path, x[:50], SR)
     rows = pipe.detect(path, ["dog"], threshold=0.0)
     assert rows == [{"onset": 0.0, "offset": round(50 / SR, 3), "label": "dog",
-                     "score": pytest.approx(float(pipe.frame_scores(path, ["the sound of dog"]).scores.max()))}]  # fmt: skip
+                     "score": pytest.approx(float(pipe.frame_scores(path, ["dog"]).scores.max()))}]  # fmt: skip
 
 
 def test_frame_scores_dataframe_is_sed_scores_eval_format(pipe):
@@ -249,8 +249,7 @@ def test_detect_rows_match_naive_thresholding(pipe, tmp_path):
     path = tmp_path / "scene.wav"
     sf.write(path, x, SR)
     labels = ["dog", "rain"]
-    prompts = [f"the sound of {l}" for l in labels]  # the checkpoint's template
-    ref = pipe.frame_scores(path, prompts).scores  # the file (16-bit PCM), not the float array
+    ref = pipe.frame_scores(path, labels).scores  # same prompts as detect; the file (16-bit PCM), not the float array
     thr = float(np.median(ref[:, 0]))
     rows = pipe.detect(str(path), labels, threshold=thr)
     assert rows, "median threshold must give detections"
@@ -295,12 +294,12 @@ def test_frame_scores_without_a_frame_objective_warn_once_on_default_threshold(r
         framed.detect(test_signal(2.0), ["dog"], sample_rate=SR)
 
 
-def test_ground_equals_single_label_detect_without_template(pipe):
+def test_ground_equals_single_label_detect(pipe):
     x = test_signal(5.0, seed=9)
     fs = pipe.frame_scores(x, ["a dog barking"], sample_rate=SR)
     thr = float(np.quantile(fs.scores, 0.6))
     segs = pipe.ground(x, "a dog barking", threshold=thr, sample_rate=SR)
-    rows = pipe.detect(x, ["a dog barking"], threshold=thr, template="{}", sample_rate=SR)
+    rows = pipe.detect(x, ["a dog barking"], threshold=thr, sample_rate=SR)  # one prompt rule: the checkpoint's template
     assert segs and segs == rows  # same dicts, label = the phrase
 
 
@@ -399,7 +398,7 @@ def test_flam_calibrated_probabilities(root):
     assert p.has_calibration
     x = test_signal(7.0, seed=11)
     texts = ["a dog barking", "rain falling", "a cat meowing"]
-    auto = p.frame_scores(x, texts, sample_rate=SR)
+    auto = p.frame_scores(x, texts, sample_rate=SR, template="{}")
     assert auto.calibrated
     with torch.inference_mode():
         a = p.model.encode_audio(torch.from_numpy(x)[None])
@@ -410,7 +409,7 @@ def test_flam_calibrated_probabilities(root):
     sig = lambda z: 1 / (1 + np.exp(-z))  # noqa: E731
     prob = sig(logits)
     np.testing.assert_allclose(auto.scores, prob / (prob + sig(beta)), rtol=1e-4)  # p / (p + sigmoid(beta))
-    plain = p.frame_scores(x, texts, calibrated=False, sample_rate=SR)
+    plain = p.frame_scores(x, texts, calibrated=False, sample_rate=SR, template="{}")
     assert not plain.calibrated
     np.testing.assert_allclose(plain.scores, prob, rtol=1e-4)
     # search-index hook: the same numbers from stored embeddings

@@ -152,7 +152,7 @@ def test_grounding_report_and_missing_example_audio(tmp_path):
         y = tl.rasterize([("a beep", 0.7, 2.0)], list(texts), tl.num_frames(2.0))
         return FrameScores(y, tl, 2.0)
 
-    r = evaluate_grounding(Evaluatable(frame_scores=frame_scores), [item])
+    r = evaluate_grounding(Evaluatable(frame_scores=frame_scores, prompt_template="{}"), [item])  # phrases as given
     assert r["grounding_event_F1"] == 1.0
     r["artifacts"]["examples"].append(dict(r["artifacts"]["examples"][0], audio=str(tmp_path / "deleted.wav")))
     paths = write_report(r, tmp_path / "g.json")
@@ -243,3 +243,36 @@ def test_training_curves(tmp_path):
         P.plot_training_curves(bad, tmp_path / "x.png")
     with pytest.raises(DataFormatError, match="not found"):
         P.plot_training_curves(tmp_path / "nope.csv", tmp_path / "x.png")
+
+
+def test_sed_report_states_the_psds_protocol_and_explains_a_zero(tmp_path):
+    clips, fns = _sed_setup(tmp_path)
+    inner = fns.frame_scores
+
+    def half_wrong(path, texts):  # "hum" scored backwards: its PSDS is 0, "beep" is perfect
+        fs = inner(path, texts)
+        s = fs.scores.copy()
+        k = [t.split()[-1] for t in texts].index("hum")
+        s[:, k] = 1.0 - s[:, k]
+        return FrameScores(s, fs.timeline, 2.0)
+
+    r = evaluate_sed(Evaluatable(frame_scores=half_wrong, name="half"), clips, postprocess=PostProcess(median_filter_s=0.12))
+    paths = write_report(r, tmp_path / "rep" / "sed.json", plots=False)
+    doc = _strict_load(paths["json"])
+    assert set(doc["psds"]) == {"PSDS1", "PSDS2", "PSDS1_raw", "PSDS2_raw"}
+    b = doc["psds"]["PSDS1"]
+    assert b["params"]["alpha_st"] == 1.0 and b["per_class"]["hum"] == 0.0 and b["per_class"]["beep"] > 0.9
+    assert doc["PSDS1"] == 0.0 and b["alpha_st0"] > 0.4 and "spread" in b["note"]
+    md = paths["md"].read_text()
+    assert "## PSDS (DCASE, sed_scores_eval)" in md and "median-filtered over 0.12 s" in md and b["note"] in md
+    assert "| PSDS1_raw |" in md
+    # the filtered score tables reproduce the reported PSDS1 with a direct call
+    from finelap.eval import metrics as M
+
+    M._sse()
+    from sed_scores_eval.base_modules.io import read_sed_scores
+
+    filt = {p.stem: read_sed_scores(p) for p in (tmp_path / "rep" / "sed_scores_filtered").glob("*.tsv")}
+    gt = {Path(c.audio).stem: [(e.onset, e.offset, e.label) for e in c.events] for c in clips}
+    assert set(filt) == set(gt)
+    assert M.psds1(filt, gt, {k: 2.0 for k in gt}).value == pytest.approx(doc["PSDS1"], abs=1e-9)

@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("finelap.commands.synth", "mix labelled single-event clips into strong-label soundscapes"),
     "corpus": ("finelap.commands.corpus", "build the built-in default sound pool (fluidsynth + espeak-ng)"),
     "train": ("finelap.commands.train", "train a model from a YAML config or preset, with dotted overrides"),
+    "calibrate": ("finelap.commands.calibrate", "choose detection thresholds/median filter on validation data; stored in the checkpoint"),
     "embed": ("finelap.commands.embed", "embed audio files or folders (clip and optional frame embeddings)"),
     "classify": ("finelap.commands.classify", "zero-shot classification of audio files against your labels"),
     "detect": ("finelap.commands.detect", "sound event detection: when each label happens (DCASE TSV, plots)"),

@@ -523,15 +523,26 @@ class EvalConfig:
     """Validation/evaluation settings (zero-shot classification and sound event detection)."""
 
     labels: list[str] = field(default_factory=list)  # zero-shot class names; empty: from the eval data
-    prompt_template: str = "the sound of {}"  # zero-shot prompts and text queries; saved with checkpoints
+    # How a class label or phrase becomes the text query (finelap.scoring.make_prompt: underscores as
+    # spaces, white space collapsed, placed at the single "{}"), for classify, detect, ground,
+    # frame_scores, eval and the trainer's validation alike; saved with checkpoints.
+    prompt_template: str = "the sound of {}"
     batch_size: int = 32
     sed_threshold: float = 0.5  # on sigmoid frame scores
     median_filter_s: float = 0.0  # smoothing of frame scores before thresholding; 0 disables
     min_event_s: float = 0.0  # detections shorter than this are dropped
     merge_gap_s: float = 0.0  # detections of one class closer than this are merged
+    # Detection settings chosen on validation data (`finelap calibrate`, or at the end of training
+    # when data.val has strong labels): {"threshold", "class_thresholds", "median_filter_s",
+    # "min_duration_s", "merge_gap_s", "criterion", "score", "data", ...}. When set, detect, ground,
+    # eval and Pipeline use it instead of the four settings above; None (older checkpoints): those.
+    calibration: dict[str, Any] | None = None
+    calibrate_after_training: bool = True  # choose the settings above at the end of `finelap train` (needs data.val with events)
 
     def __post_init__(self) -> None:
         _check_template("eval.prompt_template", self.prompt_template)
+        if self.calibration is not None:
+            _check_calibration(self.calibration)
         _positive("eval", batch_size=self.batch_size)
         if not 0 <= self.sed_threshold <= 1:
             raise ConfigError(f"eval.sed_threshold must be in [0, 1], got {self.sed_threshold}")
@@ -541,6 +552,27 @@ class EvalConfig:
         if len(set(self.labels)) != len(self.labels):
             dup = next(x for x in self.labels if self.labels.count(x) > 1)
             raise ConfigError(f"eval.labels: duplicate label {dup!r}")
+
+
+def _check_calibration(cal: Mapping[str, Any]) -> None:
+    """eval.calibration must hold a global threshold in [0, 1], per-class thresholds in [0, 1] and
+    non-negative durations in seconds (a hand-edited config.json is read through here)."""
+    if not isinstance(cal, Mapping):
+        raise ConfigError(f"eval.calibration must be a mapping, got {type(cal).__name__}")
+    thr = _number(cal.get("threshold"))
+    if thr is None or not 0 <= thr <= 1:
+        raise ConfigError(f"eval.calibration.threshold must be a number in [0, 1], got {cal.get('threshold')!r}")
+    per = cal.get("class_thresholds") or {}
+    if not isinstance(per, Mapping):
+        raise ConfigError("eval.calibration.class_thresholds must be a mapping {class: threshold}")
+    for k, v in per.items():
+        x = _number(v)
+        if x is None or not 0 <= x <= 1:
+            raise ConfigError(f"eval.calibration.class_thresholds[{k!r}] must be in [0, 1], got {v!r}")
+    for k in ("median_filter_s", "min_duration_s", "merge_gap_s"):
+        x = _number(cal.get(k, 0.0))
+        if x is None or x < 0:
+            raise ConfigError(f"eval.calibration.{k} must be a number >= 0 (seconds), got {cal.get(k)!r}")
 
 
 @dataclass

@@ -27,6 +27,12 @@ is one multichannel clip, never a batch. Everything is deterministic:
   window-level parallelism keeps both cores busy even on a loaded machine, where op-level
   threads mostly wait for each other (measured 3.7x faster on 2 busy cores; benchmarks/long_audio.py).
 
+Prompts: every label or phrase becomes the text query through `finelap.scoring.make_prompt` with
+the checkpoint's `eval.prompt_template` (underscores as spaces), in classify, detect, ground,
+frame_scores and the evaluators alike. Detection settings (threshold, per-class thresholds, median
+filter, minimum duration, merge gap; seconds) come from the checkpoint's calibration
+(`finelap calibrate`; else its eval defaults) unless given, and are announced once per Pipeline.
+
 Probabilities: sigmoid of the frame logits, or FLAM's logit-adjusted probability
 p / (p + sigmoid(beta_text)) when the model has per-text frame biases
 (`model.text_conditioned_scale_bias`); `calibrated=None` picks automatically.
@@ -48,6 +54,8 @@ import torch.nn.functional as F
 
 from .audio import AUDIO_EXTENSIONS, LogMel, MelConfig, Timeline, audio_duration, load_audio, resample, to_float32
 from .errors import AudioError, ConfigError, FinelapError
+from .scoring import DetectionSettings, FrameScores, make_prompts, resolve_detection_settings, suggest_threshold
+from .utils import log
 
 __all__ = ["Pipeline", "FrameScores", "FrameEmbeddings", "AudioInput", "parse_labels", "find_audio_files", "display_mel_stream"]
 
@@ -65,31 +73,6 @@ _DONE = object()
 
 
 # ----------------------------------------------------------------------------- results
-
-
-@dataclass
-class FrameScores:
-    """Per-frame probabilities of N texts for one audio input.
-
-    scores (T, N) float32 in [0, 1]; texts: the N queries (labels, not prompts); timeline maps frame
-    j to [times[j], times[j] + timeline.hop_s) seconds; times (T,) frame starts in seconds;
-    duration_s: length of the audio (the last frame may extend past it); calibrated: whether the
-    FLAM logit adjustment was applied; name: file name (or "audio_<i>" for arrays).
-    """
-
-    scores: np.ndarray
-    texts: list[str]
-    timeline: Timeline
-    times: np.ndarray
-    duration_s: float
-    calibrated: bool = False
-    name: str = ""
-
-    def to_dataframe(self, classes: Sequence[str] | None = None) -> Any:
-        """sed_scores_eval score DataFrame (onset, offset, *classes), frames clipped to duration_s."""
-        from .eval.metrics import scores_to_dataframe
-
-        return scores_to_dataframe(self.scores, self.timeline, list(classes or self.texts), self.duration_s)
 
 
 @dataclass
@@ -219,9 +202,11 @@ def _event(onset: float, offset: float, score: float, label: str) -> dict[str, A
 
 
 def _apply_template(labels: Sequence[str], template: str) -> list[str]:
-    if not isinstance(template, str) or template.count("{}") != 1:
-        raise ConfigError(f"prompt template must contain '{{}}' exactly once (where the label goes), got {template!r}")
-    return [template.replace("{}", lab) for lab in labels]
+    """Prompts for labels or phrases: `finelap.scoring.make_prompt`, the one rule everywhere."""
+    try:
+        return make_prompts(template, labels)
+    except FinelapError as e:
+        raise ConfigError(str(e)) from None
 
 
 def find_audio_files(inputs: Sequence[str | os.PathLike]) -> list[Path]:
@@ -277,6 +262,25 @@ def _hash_file(path: Path, h: Any) -> None:
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
+
+
+def _config_bytes_without_calibration(path: Path) -> bytes:
+    """config.json as it was before `finelap calibrate` added `config.eval.calibration`: detection
+    settings do not change embeddings, so recalibrating must not orphan a search index. The
+    checkpoint writer's own format (indent 2, key order kept) gives back the original bytes."""
+    raw = path.read_bytes()
+    try:
+        meta = json.loads(raw)
+        ev = meta["config"]["eval"]
+    except (ValueError, KeyError, TypeError):
+        return raw
+    if not isinstance(ev, dict) or not isinstance(ev.get("calibration"), dict):
+        return raw
+    if ev["calibration"].get("added_key"):  # a checkpoint from before eval.calibration existed
+        ev.pop("calibration")
+    else:
+        ev["calibration"] = None
+    return (json.dumps(meta, indent=2) + "\n").encode()
 
 
 # ----------------------------------------------------------------------------- pipeline
@@ -397,7 +401,10 @@ class Pipeline:
                 h.update(b"ema" if self.use_ema else b"raw")
                 for name in (CONFIG_FILE, EMA_FILE if self.use_ema else MODEL_FILE):
                     f = Path(ckpt_path) / name
-                    if f.is_file():
+                    if name == CONFIG_FILE:
+                        h.update(name.encode())
+                        h.update(_config_bytes_without_calibration(f))
+                    elif f.is_file():
                         h.update(name.encode())
                         _hash_file(f, h)
             else:
@@ -774,17 +781,18 @@ class Pipeline:
         texts: Sequence[str],
         calibrated: bool | None = None,
         sample_rate: int | None = None,
-        template: str = "{}",
+        template: str | None = None,
         channel_axis: int | None = None,
     ) -> FrameScores:
         """Per-frame probabilities (T, N) of N texts for one clip of any length (streamed, memory
-        bounded). `template` wraps each text ("{}": as given). Text embeddings are computed once;
-        only the (T, N) scores are kept, never the frame embeddings of the whole file."""
+        bounded). Prompts: `finelap.scoring.make_prompt` with `template` (default: the
+        checkpoint's), the same as `detect`, `ground` and `finelap eval` use. Text embeddings are
+        computed once; only the (T, N) scores are kept, never the frame embeddings of the file."""
         if isinstance(texts, str):
             texts = [texts]
         texts = parse_labels(list(texts))
         cal = self._use_calibration(calibrated)
-        text = self._text(_apply_template(texts, template))
+        text = self._text(_apply_template(texts, self.prompt_template if template is None else template))
         return self._frame_scores(self._open(audio, sample_rate, channel_axis=channel_axis), texts, text, cal)
 
     def _frame_scores(self, src: _Source, texts: list[str], text: Any, cal: bool) -> FrameScores:
@@ -796,8 +804,7 @@ class Pipeline:
             filled += len(p)
         if filled != t:  # an encoder breaking the frame-count contract would leave garbage rows
             raise RuntimeError(f"{src.name}: encoder produced {filled} frames, its Timeline promises {t}")
-        times = np.asarray(self.timeline.frame_start(np.arange(t)), dtype=np.float64)
-        return FrameScores(out, texts, self.timeline, times, src.n_samples / self.sample_rate, cal, src.name)
+        return FrameScores(out, self.timeline, src.n_samples / self.sample_rate, list(texts), cal, src.name)
 
     def frame_scores_from_embeddings(self, text_emb: np.ndarray, frames: np.ndarray, calibrated: bool | None = None) -> np.ndarray:
         """Scores (T,) of one text embedding (D,) against stored frame embeddings (T, D) (search
@@ -826,24 +833,42 @@ class Pipeline:
                 return scale[j : j + 1].to(te.device), bias[j : j + 1].to(te.device)
         raise ConfigError("this model's per-text frame scale/bias come from the text itself: embed the text with embed_text first")
 
+    def detection_settings(self, queries: Sequence[str], threshold: float | None = None, median_filter_s: float | None = None,
+                           min_duration_s: float | None = None, merge_gap_s: float | None = None,
+                           announce: bool = True) -> DetectionSettings:  # fmt: skip
+        """The post-processing for these queries: given values win, the rest come from the
+        checkpoint's calibration (`finelap calibrate`), else from its eval defaults. With
+        `announce`, says once per Pipeline (one line on stderr) which settings are used and where
+        they come from, and once per query that is not one of the calibrated classes (it gets the
+        global threshold). Raises ConfigError for out-of-range values."""
+        try:
+            st = resolve_detection_settings(self.config.eval, list(queries), threshold, median_filter_s, min_duration_s, merge_gap_s)
+        except FinelapError as e:
+            raise ConfigError(str(e)) from None
+        if st.source == "defaults" and threshold is None:
+            self._warn_uncalibrated(st.global_threshold)
+        if announce:
+            said = self.__dict__.setdefault("_announced", set())
+            line = st.describe()
+            if line not in said:
+                said.add(line)
+                log(line)
+            new = [q for q in st.uncalibrated_queries if q not in said]
+            if new:
+                said.update(new)
+                n = len((st.calibration or {}).get("classes") or [])
+                log(f"not among the {n} calibrated classes, so using the global threshold {st.global_threshold:.3g}: "
+                    + ", ".join(repr(q) for q in new[:8]) + (f" and {len(new) - 8} more" if len(new) > 8 else ""))  # fmt: skip
+        return st
+
     def resolve_postprocessing(self, threshold: float | None, median_filter_s: float | None, min_duration_s: float | None,
               merge_gap_s: float | None) -> tuple[float, float, float, float]:  # fmt: skip
-        """(threshold, median_filter_s, min_duration_s, merge_gap_s): the given values, or the
-        checkpoint's eval defaults for None; raises ConfigError for out-of-range values."""
-        ev = self.config.eval
-        vals = (
-            ev.sed_threshold if threshold is None else float(threshold),
-            ev.median_filter_s if median_filter_s is None else float(median_filter_s),
-            ev.min_event_s if min_duration_s is None else float(min_duration_s),
-            ev.merge_gap_s if merge_gap_s is None else float(merge_gap_s),
-        )
-        if not 0 <= vals[0] <= 1:
-            raise ConfigError(f"threshold must be in [0, 1] (a probability), got {vals[0]}")
-        if threshold is None:
-            self._warn_uncalibrated(vals[0])
-        if min(vals[1:]) < 0:
-            raise ConfigError(f"median filter, minimum duration and merge gap must be >= 0 seconds, got {vals[1:]}")
-        return vals
+        """(global threshold, median_filter_s, min_duration_s, merge_gap_s): the given values, or
+        the checkpoint's calibrated settings (else its eval defaults) for None; raises ConfigError
+        for out-of-range values. Per-class thresholds: `detection_settings`."""
+        st = self.detection_settings([], threshold, median_filter_s, min_duration_s, merge_gap_s, announce=False)
+        pp = st.postprocess
+        return (st.global_threshold, float(pp.median_filter_s), float(pp.min_duration_s), float(pp.merge_gap_s))  # type: ignore[arg-type]
 
     def segments_from_scores(
         self,
@@ -853,26 +878,18 @@ class Pipeline:
         min_duration_s: float | None = None,
         merge_gap_s: float | None = None,
     ) -> list[tuple[float, float, str, float]]:
-        """Post-processing in seconds (defaults: the checkpoint's eval section): median filter,
-        threshold (score > threshold), close gaps < merge_gap_s, drop events < min_duration_s.
-        Returns [(onset_s, offset_s, text, confidence)] sorted by onset; confidence = the highest
+        """Post-processing in seconds (`finelap.scoring.PostProcess`; defaults: the checkpoint's
+        calibrated settings, see `detection_settings`): median filter, threshold (score >
+        threshold), close gaps < merge_gap_s, drop events < min_duration_s. Returns
+        [(onset_s, offset_s, text, confidence)] sorted by onset; confidence = the highest
         (filtered) frame probability inside the segment."""
-        from .eval.metrics import binarize_and_segment, median_filter_seconds
+        st = self.detection_settings(scores.texts, threshold, median_filter_s, min_duration_s, merge_gap_s)
+        return st.postprocess.segments(scores)
 
-        thr, med, min_d, gap = self.resolve_postprocessing(threshold, median_filter_s, min_duration_s, merge_gap_s)
-        s = scores.scores
-        if med > 0:
-            s = median_filter_seconds(s, scores.timeline.frame_rate_hz, med)
-        events = binarize_and_segment(s, scores.timeline, thr, min_d, gap, scores.duration_s, classes=scores.texts)
-        index = {t: k for k, t in enumerate(scores.texts)}
-        out = []
-        tl = scores.timeline
-        for on, off, lab in events:
-            f0 = int(tl.seconds_to_frame(on))
-            f1 = max(f0 + 1, int(tl.seconds_to_frame(off - 1e-6)) + 1)
-            conf = float(np.max(s[f0:f1, index[lab]]))
-            out.append((float(on), float(off), str(lab), conf))
-        return out
+    @staticmethod
+    def _say_nothing_found(peak: float, where: str, threshold: float) -> None:
+        log(f"no detection above the threshold {threshold:.3g}; the highest probability was {peak:.3g} ({where}): "
+            f"pass threshold={suggest_threshold(peak):g} (or calibrate the checkpoint: `finelap calibrate`)")
 
     def detect(
         self,
@@ -890,19 +907,27 @@ class Pipeline:
         """Sound event detection: [{"onset", "offset", "score", "label"}] per clip (seconds, 3
         decimals; score: the highest probability inside the event), sorted by onset. One clip ->
         one list; a batch (a list of clips) -> a list of lists, in input order. Prompts:
-        `template` (default: the checkpoint's) filled with each label."""
+        `template` (default: the checkpoint's) filled with each label (`finelap.scoring.make_prompt`).
+        Settings: see `detection_settings`. When nothing crosses the threshold, one line on stderr
+        gives the peak and the threshold to pass."""
         labels = parse_labels(labels)
         items, is_batch = self._as_list(audio)
         tmpl = self.prompt_template if template is None else template
         prompts = _apply_template(labels, tmpl)  # validated before any audio is decoded
-        self.resolve_postprocessing(threshold, median_filter_s, min_duration_s, merge_gap_s)
+        st = self.detection_settings(labels, threshold, median_filter_s, min_duration_s, merge_gap_s)
         cal = self._use_calibration(calibrated)
         text = self._text(prompts)  # once for all files
         results: list[list[dict[str, Any]]] = []
+        best = (-1.0, "")
         for i, item in enumerate(items):
-            fs = self._frame_scores(self._open(item, sample_rate, i, channel_axis), labels, text, cal)
-            segs = self.segments_from_scores(fs, threshold, median_filter_s, min_duration_s, merge_gap_s)
-            results.append([_event(on, off, conf, lab) for on, off, lab, conf in segs])
+            src = self._open(item, sample_rate, i, channel_axis)
+            fs = self._frame_scores(src, labels, text, cal)
+            p, j, k = fs.peak()
+            if p > best[0]:
+                best = (p, f"{labels[k]!r} in {src.name} at {fs.times[j]:.2f} s")
+            results.append([_event(on, off, conf, lab) for on, off, lab, conf in st.postprocess.segments(fs)])
+        if not any(results):
+            self._say_nothing_found(best[0], best[1], st.global_threshold)
         return results if is_batch else results[0]
 
     def ground(
@@ -913,21 +938,42 @@ class Pipeline:
         median_filter_s: float | None = None,
         min_duration_s: float | None = None,
         merge_gap_s: float | None = None,
-        template: str = "{}",
+        template: str | None = None,
         calibrated: bool | None = None,
         sample_rate: int | None = None,
         channel_axis: int | None = None,
     ) -> list[dict[str, Any]]:
         """Where in one clip does `text` happen: [{"onset", "offset", "score", "label"}] in
-        seconds, sorted by onset (label: the phrase). The phrase is used as given (template
-        "{}"); post-processing as in `detect`."""
+        seconds, sorted by onset (label: the phrase). The phrase becomes a prompt as labels do
+        (`template`, default the checkpoint's), so `ground(x, q)` equals `detect(x, [q])`;
+        post-processing as in `detect`."""
         if not isinstance(text, str) or not text.strip():
             raise FinelapError("empty text query: give a phrase such as 'a dog barking'")
-        self.resolve_postprocessing(threshold, median_filter_s, min_duration_s, merge_gap_s)
+        st = self.detection_settings([text.strip()], threshold, median_filter_s, min_duration_s, merge_gap_s)
         fs = self.frame_scores(audio, [text.strip()], calibrated=calibrated, sample_rate=sample_rate, template=template,
                                channel_axis=channel_axis)  # fmt: skip
-        segs = self.segments_from_scores(fs, threshold, median_filter_s, min_duration_s, merge_gap_s)
+        segs = st.postprocess.segments(fs)
+        if not segs:
+            p, j, _ = fs.peak()
+            self._say_nothing_found(p, f"at {fs.times[j]:.2f} s", st.global_threshold)
         return [_event(on, off, c, lab) for on, off, lab, c in segs]
+
+    # ------------------------------------------------------------------ evaluators
+    def evaluatable(self, name: str | None = None, batch_size: int = 16) -> Any:
+        """This model as the functions `finelap.eval.tasks` evaluators take (DESIGN principle 7).
+        The evaluators build the prompts (`make_prompt` with the checkpoint's template), so
+        frame_scores here takes them as given: `evaluate_sed(pipe.evaluatable(), ...)` scores a
+        class exactly as `detect` and `frame_scores` do."""
+        from .eval.tasks import Evaluatable
+
+        return Evaluatable(
+            embed_audio=lambda audio: self.embed_audio(list(audio), batch_size=batch_size),
+            embed_text=lambda texts: self.embed_text(list(texts)),
+            frame_scores=lambda audio, texts: self.frame_scores(audio, list(texts), template="{}"),
+            clip_scale_bias=self.clip_scale_bias(),
+            prompt_template=self.prompt_template,
+            name=name or str(getattr(self.checkpoint, "path", "model")),
+        )
 
     # ------------------------------------------------------------------ search-index contract
     def embed_files(self, paths: Sequence[str | os.PathLike], *, with_frames: bool = False, batch_size: int = 16) -> Iterator[Any]:

@@ -62,8 +62,12 @@ def run(args: argparse.Namespace) -> int:
     pipe.resolve_postprocessing(**post)  # validate before any audio is decoded
     multiple = len(files) > 1
     rows = []
+    peak = (-1.0, "")  # the highest probability seen, to say what to change when nothing is found
     for f in files:
         fs = pipe.frame_scores(str(f), labels, calibrated=calibrated(args), template=template)
+        p, j, k = fs.peak()
+        if p > peak[0]:
+            peak = (p, f"{labels[k]!r} in {f.name} at {fs.times[j]:.2f} s")
         segs = pipe.segments_from_scores(fs, **post)
         rows += [{"filename": f.name, "onset": round(on, 3), "offset": round(off, 3), "score": c, "label": lab}
                  for on, off, lab, c in segs]  # fmt: skip
@@ -94,7 +98,10 @@ def run(args: argparse.Namespace) -> int:
             print(fmt_table([(r["filename"], f"{r['onset']:.3f}", f"{r['offset']:.3f}", r["label"], fmt_prob(r["score"])) for r in rows],
                             ("filename", "onset", "offset", "label", "score"), indent=""))  # fmt: skip
         else:
-            print(f"no events above threshold {pipe.resolve_postprocessing(**post)[0]:g} in {len(files)} file(s)")
+            from ..scoring import suggest_threshold
+
+            print(f"no events above threshold {pipe.resolve_postprocessing(**post)[0]:g} in {len(files)} file(s); "
+                  f"the highest probability was {fmt_prob(peak[0])} ({peak[1]}): try --threshold {suggest_threshold(peak[0]):g}")  # fmt: skip
     if args.scores_out:
         log(f"scores: {args.scores_out}")
     return 0

@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     from ..data.manifests import load_clips, read_grounding_json
     from ..errors import FinelapError
     from ..eval.report import write_report
-    from ..eval.tasks import TASKS, Evaluatable, PostProcess
+    from ..eval.tasks import TASKS, PostProcess
     from ..infer import Pipeline
     from ..utils import log
     from ._pipeline import log_labels, read_labels
@@ -71,26 +71,24 @@ def run(args: argparse.Namespace) -> int:
     pipe = Pipeline.from_pretrained(args.checkpoint, device=args.device, use_ema=not args.no_ema)
     if labels is not None:
         log_labels(labels)
-    fns = Evaluatable(
-        embed_audio=lambda audio: pipe.embed_audio(list(audio), batch_size=args.batch_size),
-        embed_text=pipe.embed_text,
-        frame_scores=lambda audio, texts: pipe.frame_scores(audio, list(texts)),
-        clip_scale_bias=pipe._clip_scale_bias(),
-        prompt_template=pipe.prompt_template,
-        name=str(args.checkpoint),
-    )
-    ev = pipe.config.eval
-    pp = PostProcess(
-        median_filter_s=args.median_filter if args.median_filter is not None else ev.median_filter_s,
-        threshold=args.threshold if args.threshold is not None else ev.sed_threshold,
-        merge_gap_s=args.merge_gap if args.merge_gap is not None else ev.merge_gap_s,
-        min_duration_s=args.min_duration if args.min_duration is not None else ev.min_event_s,
-    )
+    fns = pipe.evaluatable(name=str(args.checkpoint), batch_size=args.batch_size)  # prompts: the evaluators' make_prompt
+
+    def settings(queries: list[str], announce_uncalibrated: bool) -> PostProcess:
+        """The checkpoint's calibrated detection settings (else its defaults), flags first; says
+        once which and where from."""
+        st = pipe.detection_settings(queries, args.threshold, args.median_filter, args.min_duration, args.merge_gap,
+                                     announce=announce_uncalibrated)  # fmt: skip
+        if not announce_uncalibrated:
+            log(st.describe())
+        return st.postprocess
+
     data = Path(args.data)
     if args.task == "grounding":
         if data.suffix.lower() != ".json":
             raise FinelapError(f"{data}: grounding needs an AudioGrounding JSON file")
         items = read_grounding_json(data, audio_dir=args.audio_dir)
+        # phrases are free text: none is a calibrated class, all use the global settings
+        pp = settings([], announce_uncalibrated=False)
         result = TASKS["grounding"](fns, items, postprocess=pp, template=args.template)
     else:
         clips = load_clips(data, audio_dir=args.audio_dir, durations=args.durations, folds=folds,
@@ -102,12 +100,18 @@ def run(args: argparse.Namespace) -> int:
         elif args.task == "zeroshot":
             result = TASKS["zeroshot"](fns, clips, labels=labels, template=args.template, batch_size=args.batch_size)
         else:
-            result = TASKS["sed"](fns, clips, classes=labels, postprocess=pp, template=args.template)
+            classes = labels if labels is not None else sorted({e.label for c in clips for e in c.events})
+            result = TASKS["sed"](fns, clips, classes=labels, postprocess=settings(classes, True), template=args.template)
     paths = write_report(result, Path(args.out), checkpoint_config=pipe.checkpoint.meta if pipe.checkpoint is not None else None,
                          extra={"checkpoint": str(args.checkpoint), "data": str(data), "task": args.task},
                          plots=not args.no_plots, sample_rate=pipe.sample_rate)  # fmt: skip
     headline = {k: v for k, v in result.items() if isinstance(v, float)}
     log(f"finelap eval {args.task}: " + ", ".join(f"{k}={v:.4f}" for k, v in headline.items()))
+    if args.task == "sed":
+        log(f"finelap eval: PSDS on {result['psds_scores']}; PSDS1_raw/PSDS2_raw on raw frame probabilities")
+        for block in result["psds"].values():
+            if block.get("note"):
+                log(f"finelap eval: {block['note']}")
     if result.get("skipped"):
         log(f"finelap eval: skipped {len(result['skipped'])} unreadable file(s); listed in the report")
     log(f"finelap eval: report {paths['md']} (JSON {paths['json']})")

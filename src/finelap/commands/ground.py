@@ -6,10 +6,12 @@ Examples:
   finelap ground test_000000.flac "a violin playing" --plot g.png --reference test/strong.tsv --log-scale --checkpoint CKPT
 
 Prints the segments (seconds) whose frame probability exceeds the threshold, with their score
-(the highest probability inside the segment). Phrases are used as written (--template to wrap
-them). Audio of any length is streamed. --plot draws the spectrogram, one probability curve per
-phrase, the threshold and the segments found; --reference adds the events of this file from a
-DCASE strong-label TSV whose label is one of the phrases.
+(the highest probability inside the segment). A phrase becomes a prompt as a detect label does
+(the checkpoint's template, underscores as spaces), so grounding a phrase equals detecting it;
+thresholds and filters come from the checkpoint's calibration when it has one. Audio of any
+length is streamed. --plot draws the spectrogram, one probability curve per phrase, the threshold
+and the segments found; --reference adds the events of this file from a DCASE strong-label TSV
+whose label is one of the phrases.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("audio", metavar="AUDIO", help="audio file (any length)")
     p.add_argument("text", nargs="+", metavar="TEXT", help="phrase(s) to find, e.g. \"a dog barking\"")
     add_plot_arguments(p, "segments found")
-    p.add_argument("--template", default="{}", help="prompt template with {} for the phrase (default: {}, the phrase as written)")
+    p.add_argument("--template", default=None, help="prompt template with {} for the phrase (default: the checkpoint's, as detect)")
     p.add_argument("--json", action="store_true", help="print JSON")
     add_post_arguments(p)
     add_model_arguments(p)
@@ -67,5 +69,9 @@ def run(args: argparse.Namespace) -> int:
             print(fmt_table([(f"{a:.3f}", f"{b:.3f}", fmt_prob(c)) for a, b, c in s], ("onset", "offset", "score")))
         else:
             j = int(np.argmax(fs.scores[:, k]))
-            print(f"  no segment above the threshold (highest probability {fmt_prob(float(fs.scores[j, k]))} at {fs.times[j]:.2f} s)")
+            from ..scoring import suggest_threshold
+
+            top = float(fs.scores[j, k])
+            print(f"  no segment above the threshold {thr:g} (highest probability {fmt_prob(top)} at {fs.times[j]:.2f} s): "
+                  f"try --threshold {suggest_threshold(top):g}")  # fmt: skip
     return 0

@@ -51,6 +51,8 @@ __all__ = [
     "collar_f1",
     "segment_f1",
     "grounding_metrics",
+    "tag_grounding_metrics",
+    "TAG_PROTOCOL",
     "scores_to_dataframe",
     "median_filter_seconds",
     "binarize_and_segment",
@@ -500,6 +502,17 @@ class PSDSResult:
     per_class_roc: dict[str, tuple[np.ndarray, np.ndarray]] = field(repr=False)
     params: dict[str, Any]
 
+    def with_alpha_st(self, alpha_st: float) -> float:
+        """The PSDS of the same per-class ROCs combined with another spread penalty `alpha_st`
+        (sed_scores_eval's own combination step; exact, no recomputation of the ROCs). With
+        alpha_st = 0 it tells a PSDS lowered by uneven classes from one lowered by localisation."""
+        from sed_scores_eval.intersection_based.psds import multi_class_psd_roc_from_single_class_psd_rocs, psds_from_psd_roc
+
+        _sse()
+        max_efpr = self.params.get("max_efpr")
+        tpr, efpr = multi_class_psd_roc_from_single_class_psd_rocs(self.per_class_roc, alpha_st=alpha_st, max_efpr=max_efpr)
+        return float(psds_from_psd_roc(tpr, efpr, max_efpr if max_efpr is not None else float(np.max(efpr))))
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (arrays as lists)."""
         return {
@@ -767,6 +780,138 @@ def grounding_metrics(
         "grounding_frame_AUROC": None if math.isnan(auroc) else auroc,
         "grounding_PSD_ROC": {"efpr": res.efpr.tolist(), "etpr": res.etpr.tolist()},
         "n_queries": len(q_scores),
+    }
+
+
+# ============================================================================ grounding: TextToAudioGrounding's protocol
+
+#: The settings of TextToAudioGrounding's evaluation (wsntxxn/TextToAudioGrounding,
+#: python_scripts/training/run_strong.py `evaluate` + utils/eval_util.py), named as there.
+TAG_PROTOCOL: dict[str, Any] = dict(
+    dtc_threshold=0.5, gtc_threshold=0.5, alpha_ct=0.0, alpha_st=0.0, max_efprs=(400, 600, 800, 1000, None),
+    n_thresholds=50, th_auc_ranges=((0.0, 1.0), (0.2, 0.8)), connect_s=0.5, window_size=1,
+)  # fmt: skip
+
+
+def _tag_precision_recall(dets: Mapping[Hashable, np.ndarray], gts: Mapping[Hashable, np.ndarray], dtc: float, gtc: float) -> tuple[float, float]:
+    """TextToAudioGrounding's `Grounding_PrecisionRecall._evaluate_detections`, per query.
+
+    dets / gts: {query: (n, 2) [onset, offset] seconds}. A reference counts as found when the
+    detections that each put >= dtc of their length on references cover >= gtc of it; a detection
+    counts as correct when it puts >= dtc of its length on references that are each covered >= gtc
+    (intersections summed over overlaps, as there; touching spans intersect with length 0)."""
+    tp_refs = tp_dets = n_refs = n_dets = 0
+    for q in set(dets) | set(gts):
+        d = np.asarray(dets.get(q, np.zeros((0, 2))), dtype=np.float64).reshape(-1, 2)
+        g = np.asarray(gts.get(q, np.zeros((0, 2))), dtype=np.float64).reshape(-1, 2)
+        n_refs += len(g)
+        n_dets += len(d)
+        if not len(d) or not len(g):
+            continue
+        cross = (d[:, None, 0] <= g[None, :, 1]) & (g[None, :, 0] <= d[:, None, 1])
+        inter = np.where(cross, np.minimum(d[:, None, 1], g[None, :, 1]) - np.maximum(d[:, None, 0], g[None, :, 0]), 0.0)
+        det_prec = inter / (d[:, 1] - d[:, 0])[:, None]
+        gt_cov = inter / (g[:, 1] - g[:, 0])[None, :]
+        dtc_ok = det_prec.sum(axis=1) >= dtc
+        # a reference joins the TP table only through a crossing dtc-passing detection (inner merge)
+        joined = (cross & dtc_ok[:, None]).any(axis=0)
+        tp_refs += int(np.sum(joined & ((gt_cov * dtc_ok[:, None]).sum(axis=0) >= gtc)))
+        gtc_ok = gt_cov.sum(axis=0) >= gtc
+        joined_d = (cross & gtc_ok[None, :]).any(axis=1)
+        tp_dets += int(np.sum(joined_d & ((det_prec * gtc_ok[None, :]).sum(axis=1) >= dtc)))
+    eps = 1e-15
+    return tp_dets / max(n_dets, eps), tp_refs / max(n_refs, eps)
+
+
+def _tag_segments(scores: np.ndarray, timeline: "Timeline", threshold: float, n_connect: int) -> np.ndarray:
+    """TAG's decoding at one threshold: binarise (score > threshold), connect runs separated by
+    at most `n_connect` frames, runs -> (n, 2) seconds on the frame grid (not clipped)."""
+    active = np.asarray(scores) > threshold
+    if not active.any():
+        return np.zeros((0, 2))
+    x = np.r_[False, active, False].astype(np.int8)
+    starts = np.flatnonzero(np.diff(x) == 1)
+    ends = np.flatnonzero(np.diff(x) == -1)
+    keep_s, keep_e = [starts[0]], []
+    for s0, e0, s1 in zip(starts[:-1], ends[:-1], starts[1:]):
+        if s1 - e0 > n_connect:
+            keep_e.append(e0)
+            keep_s.append(s1)
+    keep_e.append(ends[-1])
+    on = np.asarray(timeline.frame_start(np.asarray(keep_s)), dtype=np.float64)
+    off = np.asarray(timeline.frame_start(np.asarray(keep_e)), dtype=np.float64)
+    return np.stack([on, off], axis=1)
+
+
+def tag_grounding_metrics(
+    scores: Mapping[Hashable, np.ndarray],
+    timelines: Mapping[Hashable, "Timeline"],
+    ground_truth: Mapping[Hashable, Sequence[tuple[float, float]]],
+    durations: Mapping[Hashable, float],
+    protocol: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Text-to-audio grounding with TextToAudioGrounding's protocol, on RAW frame scores, as there.
+
+    scores: {query: (T,) probabilities}; timelines: {query: Timeline}; ground_truth: {query:
+    [(onset, offset)]} (may be empty); durations: {query: seconds of its audio}.
+    Returns
+      ``psds`` {str(max_efpr): value}: sed_scores_eval PSDS with dtc = gtc = 0.5, alpha_ct =
+          alpha_st = 0, every query its own file of one class, for max_efpr in 400, 600, 800,
+          1000 and None (None: normalised by the largest eFPR reached), as TAG's
+          `compute_psds_sed_scores`;
+      ``th_auc`` {"0.00~1.00", "0.20~0.80": value}: TAG's `compute_th_auc`: at 50 thresholds
+          (1/100, 3/100, ..., 99/100) the scores are binarised, runs closer than 0.5 s joined,
+          precision/recall counted with dtc = gtc = 0.5 (`_tag_precision_recall`), F1 per
+          threshold, and the trapezoid area of F1 over the thresholds in the range divided by its
+          width;
+      ``f_by_threshold`` {threshold: F1} and ``protocol`` (the settings).
+    """
+    _sse()
+    from sed_scores_eval.intersection_based import psd_roc as _psd_roc
+    from sed_scores_eval.base_modules.curves import staircase_auc
+
+    proto = {**TAG_PROTOCOL, **(protocol or {})}
+    keys = list(scores)
+    if not keys:
+        raise ValueError("no grounding queries")
+    cls = "fake_event"  # TAG's single class name
+    dfs = {k: scores_to_dataframe(np.asarray(scores[k], dtype=np.float64).reshape(-1, 1), timelines[k], [cls], durations[k]) for k in keys}
+    gt = {k: [(float(a), float(b), cls) for a, b in ground_truth.get(k, ())] for k in keys}
+    if not any(gt.values()):
+        raise ValueError("no query has a ground-truth segment")
+    dur = {k: float(durations[k]) for k in keys}
+    psds_out: dict[str, float | None] = {}
+    for m in proto["max_efprs"]:
+        (etpr, efpr), _ = _psd_roc(
+            scores=dfs, ground_truth=gt, audio_durations=dur, dtc_threshold=proto["dtc_threshold"],
+            gtc_threshold=proto["gtc_threshold"], cttc_threshold=None, alpha_ct=proto["alpha_ct"],
+            alpha_st=proto["alpha_st"], unit_of_time="hour", max_efpr=m,
+        )  # fmt: skip
+        area = staircase_auc(etpr, efpr, max_x=m)
+        norm = m if m is not None else float(np.max(efpr))
+        # max_efpr None normalises by the largest eFPR reached: undefined (None) with no false positive at all
+        psds_out[str(m)] = float(area / norm) if norm > 0 else None
+    n = int(proto["n_thresholds"])
+    thresholds = np.arange(1 / (n * 2), 1, 1 / n)
+    gts = {k: np.asarray([(a, b) for a, b, _ in gt[k]], dtype=np.float64).reshape(-1, 2) for k in keys}
+    f = np.zeros(len(thresholds))
+    for i, th in enumerate(thresholds):
+        dets = {}
+        for k in keys:
+            tl = timelines[k]
+            dets[k] = _tag_segments(scores[k], tl, float(th), math.ceil(proto["connect_s"] * tl.frame_rate_hz - 1e-9))
+        p, r = _tag_precision_recall(dets, gts, proto["dtc_threshold"], proto["gtc_threshold"])
+        f[i] = 2 * p * r / max(p + r, 1e-15)
+    th_auc = {}
+    for lo, hi in proto["th_auc_ranges"]:
+        sel = (thresholds >= lo) & (thresholds <= hi)
+        x, y = thresholds[sel], f[sel]
+        th_auc[f"{lo:.2f}~{hi:.2f}"] = float(np.sum((x[1:] - x[:-1]) * (y[1:] + y[:-1]) / 2) / (hi - lo))
+    return {
+        "psds": psds_out,
+        "th_auc": th_auc,
+        "f_by_threshold": {f"{t:.2f}": float(v) for t, v in zip(thresholds, f)},
+        "protocol": {k: (list(v) if isinstance(v, tuple) else v) for k, v in proto.items()},
     }
 
 

@@ -9,7 +9,8 @@
 - OUT_confusion.png, OUT_per_class_ap.png (zero-shot), OUT_psd_roc.png (SED, grounding),
   OUT_timeline_<i>.png (a few example files: spectrogram + score curves + spans).
 - OUT_detections.tsv (thresholded detections, DCASE columns) and OUT_scores/<file>.tsv
-  (sed_scores_eval per-file score tables) for SED; OUT_detections.tsv for grounding.
+  (sed_scores_eval per-file score tables of the raw probabilities; OUT_scores_filtered/ holds the
+  median-filtered ones the headline PSDS used) for SED; OUT_detections.tsv for grounding.
 """
 from __future__ import annotations
 
@@ -34,8 +35,8 @@ HEADLINE_METRICS: dict[str, tuple[str, ...]] = {
         "audio_to_text_R@1", "audio_to_text_R@5", "audio_to_text_R@10", "mAP@10",
     ),
     "zeroshot": ("top1_accuracy", "top5_accuracy", "mAP"),
-    "sed": ("PSDS1", "PSDS2", "event_F1", "segment_F1", "frame_AUROC"),
-    "grounding": ("grounding_PSDS", "grounding_event_F1", "grounding_frame_AUROC"),
+    "sed": ("PSDS1", "PSDS2", "PSDS1_raw", "PSDS2_raw", "event_F1", "segment_F1", "frame_AUROC"),
+    "grounding": ("grounding_PSDS", "grounding_event_F1", "grounding_frame_AUROC", "th_auc@0.00~1.00", "psds@max_efpr=1000"),
 }  # fmt: skip
 
 _TASK_TITLES = {"retrieval": "text-audio retrieval", "zeroshot": "zero-shot classification",
@@ -174,8 +175,28 @@ def _markdown(doc: Mapping[str, Any], figures: Mapping[str, Path], out_dir: Path
         lines += ["<details><summary>more metrics</summary>", "", "| metric | value |", "|---|---:|"]
         lines += [f"| {_md_escape(k)} | {_md_value(doc[k])} |" for k in others] + ["", "</details>", ""]
 
+    if task == "sed" and doc.get("psds"):
+        lines += ["## PSDS (DCASE, sed_scores_eval)", "",
+                  "| | value | scores | dtc | gtc | cttc | alpha_ct | alpha_st | max eFPR | per-class mean | per-class std | alpha_st = 0 |",
+                  "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+        notes = []
+        for name, b in doc["psds"].items():
+            pr = b.get("params") or {}
+            cells = [b.get("value"), b.get("scores"), *(pr.get(k) for k in ("dtc", "gtc", "cttc", "alpha_ct", "alpha_st", "max_efpr")),
+                     b.get("per_class_mean"), b.get("per_class_std"), b.get("alpha_st0")]  # fmt: skip
+            lines.append(f"| {_md_escape(name)} | " + " | ".join(_md_value(c) for c in cells) + " |")
+            if b.get("note"):
+                notes.append(f"- {_md_escape(b['note'])}")
+        lines += [""] + (notes + [""] if notes else [])
+    if task == "grounding" and doc.get("tag_protocol"):
+        tag = doc["tag_protocol"]
+        lines += ["## TextToAudioGrounding protocol", "", f"Source: {_md_escape(tag.get('source'))}.", "",
+                  "| metric | value |", "|---|---:|"]  # fmt: skip
+        lines += [f"| psds (max_efpr {_md_escape(k)}) | {_md_value(v)} |" for k, v in (tag.get("psds") or {}).items()]
+        lines += [f"| th_auc (threshold {_md_escape(k)}) | {_md_value(v)} |" for k, v in (tag.get("th_auc") or {}).items()]
+        lines.append("")
     if task == "sed" and doc.get("per_class"):
-        cols = ("PSDS1", "PSDS2", "event_F1", "segment_F1", "frame_AUROC", "n_events")
+        cols = ("PSDS1", "PSDS2", "PSDS1_raw", "event_F1", "segment_F1", "frame_AUROC", "n_events")
         lines += ["## Per class", "", "| class | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
         for c, row in doc["per_class"].items():
             lines.append(f"| {_md_escape(c)} | " + " | ".join(_md_value(row.get(k)) for k in cols) + " |")
@@ -200,7 +221,7 @@ def _markdown(doc: Mapping[str, Any], figures: Mapping[str, Path], out_dir: Path
             rel = os.path.relpath(p, out_dir).replace(os.sep, "/")
             lines += [f"### {name.replace('_', ' ')}", "", f"![{name}]({rel})", ""]
     files = doc.get("files") or {}
-    data_files = {k: v for k, v in files.items() if k in ("detections", "scores")}
+    data_files = {k: v for k, v in files.items() if k in ("detections", "scores", "scores_filtered")}
     if data_files:
         lines += ["## Files", ""] + [f"- {k}: `{v}`" for k, v in data_files.items()] + [""]
 
@@ -304,6 +325,9 @@ def write_report(
     if artifacts.get("scores"):
         paths["scores"] = _write_scores(Path(f"{stem}_scores"), artifacts["scores"])
         files["scores"] = paths["scores"].name + "/"
+    if artifacts.get("scores_filtered"):  # the median-filtered scores the headline PSDS used
+        paths["scores_filtered"] = _write_scores(Path(f"{stem}_scores_filtered"), artifacts["scores_filtered"])
+        files["scores_filtered"] = paths["scores_filtered"].name + "/"
     files.update({k: p.name for k, p in figures.items()})
 
     doc: dict[str, Any] = {k: v for k, v in result.items() if k not in ("artifacts", "detections")}

@@ -32,6 +32,7 @@ from ..data.manifests import GroundingItem
 from ..data.types import Clip
 from ..errors import AudioError, FinelapError
 from ..utils import log, progress
+from ..scoring import FrameScores, PerClass, PostProcess, check_template, make_prompt
 from . import metrics as M
 
 __all__ = [
@@ -43,6 +44,7 @@ __all__ = [
     "Evaluatable",
     "PostProcess",
     "make_prompt",
+    "calibrate_detection",
     "evaluate_retrieval",
     "evaluate_zeroshot",
     "evaluate_sed",
@@ -57,21 +59,6 @@ _SKIPPABLE: tuple[type[BaseException], ...] = (AudioError, FileNotFoundError)
 
 
 # ============================================================================ function protocols
-
-
-@dataclass
-class FrameScores:
-    """Per-frame scores of one audio for N texts.
-
-    scores: (T, N) probabilities in [0, 1] (apply the sigmoid / calibration before returning).
-    timeline: maps frame j of `scores` to seconds (the only frames<->seconds mapping).
-    duration_s: length of the audio in seconds (frames past it are encoder padding).
-    Any object with these three attributes is accepted by the evaluators.
-    """
-
-    scores: np.ndarray
-    timeline: Timeline
-    duration_s: float
 
 
 @runtime_checkable
@@ -104,8 +91,9 @@ class Evaluatable:
     clip_scale_bias: optional (scale, bias) of the clip logits; when given, zero-shot examples
         report calibrated probabilities sigmoid(scale * cos + bias) instead of cosines (ranking
         metrics do not change under it).
-    prompt_template: how a class label becomes a text query ("{}" is replaced by the label, with
-        underscores as spaces: "chirping_birds" -> "the sound of chirping birds").
+    prompt_template: how a class label or phrase becomes a text query (`finelap.scoring.make_prompt`:
+        "{}" is replaced by the label, underscores as spaces: "chirping_birds" -> "the sound of
+        chirping birds"); the same rule as `Pipeline.detect` / `ground` / `frame_scores`.
     name: shown in reports.
     """
 
@@ -122,115 +110,9 @@ class Evaluatable:
             raise FinelapError(f"{task} evaluation needs {', '.join(missing)} from '{self.name}', which it does not provide")
 
 
-def make_prompt(template: str, label: str) -> str:
-    """Fill a prompt template with a class label: "{}" (exactly once) is replaced by the label,
-    underscores as spaces (the training loop's convention: "chirping_birds" -> "chirping birds")."""
-    return _fill(template, str(label).replace("_", " "))
-
-
 def _fill(template: str, text: str) -> str:
-    """Fill a template with free text (captions, phrases) verbatim."""
-    if not isinstance(template, str) or template.count("{}") != 1:
-        raise FinelapError(f"prompt template must contain '{{}}' exactly once (where the label goes), got {template!r}")
-    return template.replace("{}", text)
-
-
-# ============================================================================ post-processing (seconds)
-
-PerClass = Union[float, Mapping[str, float]]
-
-
-@dataclass(frozen=True)
-class PostProcess:
-    """Turn frame probabilities into detections; every duration is in SECONDS, never frames.
-
-    median_filter_s: median-filter window (0 = none); converted to frames per score Timeline, so
-        the same setting means the same thing at any frame rate.
-    threshold: a frame is active when its score > threshold.
-    merge_gap_s: gaps shorter than this between two detections of a class are closed.
-    min_duration_s: detections shorter than this (after merging) are dropped.
-    Each of the four may be a scalar or a {class: value} dict; a "*" key is the default for
-    classes not listed.
-    filter_psds_scores: PSDS and frame AUROC are threshold-free and use the raw scores; set True
-        to median-filter them first (as some DCASE baselines do). Thresholded metrics (event /
-        segment F1) and detections always use the full post-processing.
-    """
-
-    median_filter_s: PerClass = 0.0
-    threshold: PerClass = 0.5
-    merge_gap_s: PerClass = 0.0
-    min_duration_s: PerClass = 0.0
-    filter_psds_scores: bool = False
-
-    def __post_init__(self) -> None:
-        for name in ("median_filter_s", "threshold", "merge_gap_s", "min_duration_s"):
-            value = getattr(self, name)
-            items = value.items() if isinstance(value, Mapping) else [(None, value)]
-            for cls, v in items:
-                where = f"postprocess.{name}" + (f"[{cls!r}]" if cls is not None else "")
-                try:
-                    x = float(v)
-                except (TypeError, ValueError):
-                    raise FinelapError(f"{where} must be a number, got {v!r}") from None
-                if not math.isfinite(x) or x < 0:
-                    raise FinelapError(f"{where} must be a finite number >= 0, got {v!r}")
-                if name == "threshold" and x > 1:
-                    raise FinelapError(f"{where} must be in [0, 1] (scores are probabilities), got {v!r}")
-
-    def values(self, name: str, classes: Sequence[str]) -> np.ndarray:
-        """One value of setting `name` per class, shape (C,)."""
-        value = getattr(self, name)
-        if not isinstance(value, Mapping):
-            return np.full(len(classes), float(value))
-        missing = [c for c in classes if c not in value and "*" not in value]
-        if missing:
-            raise FinelapError(f"postprocess.{name} has no value for class(es) {missing[:5]} (add them, or a '*' default)")
-        return np.array([float(value[c]) if c in value else float(value["*"]) for c in classes])
-
-    def smooth(self, scores: np.ndarray, timeline: Timeline, classes: Sequence[str]) -> np.ndarray:
-        """(T, C) scores median-filtered with the per-class window in seconds."""
-        win = self.values("median_filter_s", classes)
-        if not (win > 0).any():
-            return np.asarray(scores, dtype=np.float64)
-        return M.median_filter_seconds(scores, timeline.frame_rate_hz, win)
-
-    def detect(
-        self,
-        scores: np.ndarray,
-        timeline: Timeline,
-        classes: Sequence[str],
-        duration_s: float | None = None,
-        already_smoothed: bool = False,
-    ) -> list[tuple[float, float, str]]:
-        """(T, C) probabilities -> [(onset_s, offset_s, class)] sorted by onset: median filter,
-        threshold, merge close detections, drop short ones."""
-        s = np.asarray(scores, dtype=np.float64)
-        if s.ndim == 1:
-            s = s[:, None]
-        if not already_smoothed:
-            s = self.smooth(s, timeline, classes)
-        return M.binarize_and_segment(
-            s,
-            timeline,
-            threshold=self.values("threshold", classes),
-            min_duration_s=self.values("min_duration_s", classes),
-            merge_gap_s=self.values("merge_gap_s", classes),
-            duration_s=duration_s,
-            classes=list(classes),
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        return {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in d.items()}
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any] | None) -> "PostProcess":
-        if not d:
-            return cls()
-        unknown = sorted(set(d) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise FinelapError(f"unknown postprocess option(s) {unknown}; known: {sorted(cls.__dataclass_fields__)}")
-        return cls(**dict(d))
+    """Fill a template with a caption verbatim (retrieval queries are sentences, not labels)."""
+    return check_template(template).replace("{}", text)
 
 
 # ============================================================================ shared helpers
@@ -341,10 +223,9 @@ def _activity_frame(events: Sequence[tuple[float, float, str]], df: Any, classes
     col = {c: i for i, c in enumerate(classes)}
     for on, off, lab in events:
         act[(onsets >= on - 1e-9) & (onsets < off - 1e-9), col[lab]] = 1.0
-    out = df[["onset", "offset"]].copy()
-    for c, i in col.items():
-        out[c] = act[:, i]
-    return out
+    # one construction, not a column at a time (pandas inserts are slow with many classes)
+    data = np.column_stack([onsets, df["offset"].to_numpy(dtype=np.float64), act])
+    return type(df)(data, columns=["onset", "offset", *classes], index=df.index)
 
 
 def _base_result(task: str, fns: Evaluatable, template: str | None, pp: PostProcess | None) -> dict[str, Any]:
@@ -518,6 +399,45 @@ def _example_queries(scores: np.ndarray, classes: Sequence[str], gt: Sequence[tu
     return sorted(int(i) for i in chosen)
 
 
+def _psds_summary(name: str, res: M.PSDSResult, scores_kind: str) -> dict[str, Any]:
+    """One PSDS with what a reader needs to trust it: the DCASE parameters, which scores, the
+    per-class values with their mean and spread, the same PSDS without the spread penalty
+    (alpha_st = 0, a diagnostic) and one sentence explaining a zero."""
+    per = {c: float(v) for c, v in res.per_class.items()}
+    vals = np.array(list(per.values()), dtype=np.float64)
+    alpha = float(res.params.get("alpha_st") or 0.0)
+    no_penalty = res.with_alpha_st(0.0) if alpha else res.value
+    note = None
+    if res.value <= 1e-9:
+        if no_penalty > 1e-9:
+            note = (f"{name} is 0 because of the penalty on the spread of the per-class TPRs (alpha_st = {alpha:g}): "
+                    f"without it (alpha_st = 0) it is {no_penalty:.3f}; the per-class values (mean {vals.mean():.3f}, "
+                    f"std {vals.std():.3f} over {len(vals)} classes) vary too much across classes.")  # fmt: skip
+        else:
+            note = (f"{name} is 0 even without the spread penalty (alpha_st = 0 gives {no_penalty:.3f}): no class reaches "
+                    f"the detection criteria (dtc = {res.params['dtc']:g}, gtc = {res.params['gtc']:g}) within "
+                    f"{res.params['max_efpr']:g} false positives per hour; the cause is localisation, not the class spread.")  # fmt: skip
+    return {
+        "value": res.value,
+        "scores": scores_kind,
+        "params": dict(res.params),
+        "per_class": per,
+        "per_class_mean": float(vals.mean()) if len(vals) else None,
+        "per_class_std": float(vals.std()) if len(vals) else None,
+        "alpha_st0": float(no_penalty),
+        "note": note,
+    }
+
+
+def _score_kind(pp: PostProcess, classes: Sequence[str]) -> str:
+    win = pp.values("median_filter_s", classes)
+    if not (win > 0).any():
+        return "raw frame probabilities (no median filter)"
+    if np.all(win == win[0]):
+        return f"frame probabilities median-filtered over {win[0]:g} s"
+    return "frame probabilities median-filtered per class (" + ", ".join(f"{c}: {w:g} s" for c, w in list(zip(classes, win))[:5]) + ")"
+
+
 def evaluate_sed(
     fns: Evaluatable,
     clips: Sequence[Clip],
@@ -532,21 +452,27 @@ def evaluate_sed(
     clips: the evaluation files with their strong labels (`events`; a clip without events is a
         negative file) and `duration` (taken from frame_scores when None).
     classes: the event classes (default: every event label found, sorted). Each is queried with
-        `template` (default: the Evaluatable's prompt template). Events of other labels are ignored.
-    postprocess: seconds-based post-processing for detections and thresholded metrics.
+        `make_prompt(template, class)` (default template: the Evaluatable's). Events of other
+        labels are ignored.
+    postprocess: seconds-based post-processing (the checkpoint's calibrated settings, usually).
     psds_variants: extra PSDS settings to report next to PSDS1/PSDS2, {name: keyword arguments of
         `metrics.psds`} (dtc, gtc, cttc, alpha_ct, alpha_st, max_efpr; unset ones take psds's
-        defaults), e.g. {"PSDS1_alpha_st0": {**PSDS1_PARAMS, "alpha_st": 0.0}} to see PSDS1
-        without its penalty on the spread of the per-class TPRs. Returned as ``psds_variants``
-        {name: value}.
+        defaults), computed on the same scores as the headline PSDS. Returned as
+        ``psds_variants`` {name: value}.
 
-    Per file, frame_scores gives (T, C) probabilities; with the Timeline's frame edges they become
-    sed_scores_eval score DataFrames. Returns
-      ``PSDS1``, ``PSDS2`` (exact DCASE parameters; raw scores, see PostProcess.filter_psds_scores),
+    Per file, frame_scores gives (T, C) probabilities, computed once; with the Timeline's frame
+    edges they become sed_scores_eval score DataFrames. Returns
+      ``PSDS1``, ``PSDS2``: exact DCASE parameters, on the scores after the post-processing's
+          median filter (the field's protocol; `PostProcess.filter_psds_scores=False`: raw);
+      ``PSDS1_raw``, ``PSDS2_raw``: the same on the raw frame probabilities;
+      ``PSDS1_alpha_st0``, ``PSDS2_alpha_st0``: the headline PSDS without the class-spread penalty;
+      ``psds``: {PSDS1, PSDS2, PSDS1_raw, PSDS2_raw: {value, scores, params, per_class,
+          per_class_mean, per_class_std, alpha_st0, note}} (`note` explains a zero);
       ``event_F1`` (collar 200 ms, macro) and ``segment_F1`` (1 s, macro) on the post-processed
           detections, with their micro averages, precision and recall,
       ``frame_AUROC`` (macro over classes, raw scores),
-      ``per_class`` {class: {PSDS1, PSDS2, event_F1, segment_F1, frame_AUROC, n_events}},
+      ``per_class`` {class: {PSDS1, PSDS2, PSDS1_raw, PSDS2_raw, event_F1, segment_F1,
+          frame_AUROC, n_events}},
       ``detections``: DCASE rows [{filename, onset, offset, event_label}],
       ``n_items``, ``classes``, ``classes_without_events``, ``skipped``.
     """
@@ -558,62 +484,10 @@ def evaluate_sed(
             raise FinelapError(f"psds_variants[{name!r}]: unknown PSDS parameter(s) {unknown}")
     pp = postprocess or PostProcess()
     template = template if template is not None else fns.prompt_template
-    make_prompt(template, "x")
-    if classes is not None:
-        classes = _check_labels(classes, "classes")
-        if not classes:
-            raise FinelapError("the class list is empty: give at least one event class to detect")
-    else:
-        classes = sorted({e.label for c in clips for e in c.events})
-        if not classes:
-            raise FinelapError("no event classes: no class list was given and no clip has events")
-    bad = [c for c in classes if "\\" in c or c in ("onset", "offset")]
-    if bad:
-        raise FinelapError(f"class name(s) {bad} cannot be used (reserved or containing a backslash)")
-    prompts = [make_prompt(template, c) for c in classes]
-    keys = _unique_keys([c.audio for c in clips], [c.key for c in clips])
-    known = set(classes)
-
-    skipped: list[dict[str, str]] = []
-    raw_df: dict[str, Any] = {}
-    act_df: dict[str, Any] = {}
-    gt: dict[str, list[tuple[float, float, str]]] = {}
-    durations: dict[str, float] = {}
-    detections: list[dict[str, Any]] = []
-    examples: list[dict[str, Any]] = []
-    n_ignored = 0
-    for clip, key in progress(list(zip(clips, keys)), total=len(clips), desc="SED: frame scores"):
-        try:
-            s, tl, dur_fs = _frame_scores(fns.frame_scores, clip.audio, prompts)
-        except _SKIPPABLE as e:
-            _skip(skipped, clip.audio, e)
-            continue
-        dur = float(clip.duration) if clip.duration else dur_fs
-        smooth = pp.smooth(s, tl, classes)
-        raw_df[key] = M.scores_to_dataframe(smooth if pp.filter_psds_scores else s, tl, classes, dur)
-        dets = pp.detect(smooth, tl, classes, dur, already_smoothed=True)
-        act_df[key] = _activity_frame(dets, raw_df[key], classes)
-        events = [(e.onset, e.offset, e.label) for e in clip.events if e.label in known]
-        n_ignored += len(clip.events) - len(events)
-        gt[key] = events
-        durations[key] = dur
-        fname = os.path.basename(str(clip.audio))
-        detections.extend({"filename": fname, "onset": round(on, 6), "offset": round(off, 6), "event_label": lab}
-                          for on, off, lab in dets)  # fmt: skip
-        if len(examples) < n_examples and events:
-            q = _example_queries(smooth, classes, [(on, off, lab) for on, off, lab in events], dets)
-            examples.append({
-                "audio": str(clip.audio), "key": key, "scores": smooth[:, q].astype(np.float32), "timeline": tl,
-                "duration_s": dur, "queries": [classes[i] for i in q],
-                "detections": [[(on, off) for on, off, lab in dets if lab == classes[i]] for i in q],
-                "ground_truth": [[(on, off) for on, off, lab in events if lab == classes[i]] for i in q],
-                "threshold": [float(t) for t in pp.values("threshold", [classes[i] for i in q])],
-                "title": f"{fname}: SED scores ({fns.name})",
-            })  # fmt: skip
-    if not raw_df:
-        raise FinelapError(f"no audio could be scored: all {len(clips)} files were skipped (e.g. {skipped[0] if skipped else None})")
-    if n_ignored:
-        log(f"SED: ignored {n_ignored} event(s) whose label is not one of the {len(classes)} classes")
+    check_template(template)
+    data = _score_sed_files(fns, clips, classes, template, pp, n_examples)
+    classes, raw_df, filt_df, act_df, gt, durations = (data[k] for k in ("classes", "raw", "filtered", "active", "gt", "durations"))
+    skipped, detections, examples = data["skipped"], data["detections"], data["examples"]
     # sed_scores_eval cannot evaluate a class with no reference event: score those, but leave
     # them out of the metrics (and say so) rather than failing the whole evaluation.
     present = {lab for evs in gt.values() for _, _, lab in evs}
@@ -624,12 +498,25 @@ def evaluate_sed(
     if missing:
         log(f"SED: class(es) {missing[:10]} have no ground-truth event in the scored files; left out of the metrics")
     cols = ["onset", "offset", *eval_classes]
-    raw_e = {k: df[cols] for k, df in raw_df.items()} if missing else raw_df
-    act_e = {k: df[cols] for k, df in act_df.items()} if missing else act_df
 
-    p1 = M.psds1(raw_e, gt, durations)
-    p2 = M.psds2(raw_e, gt, durations)
-    extra_psds = {name: M.psds(raw_e, gt, durations, **kw).value for name, kw in variants.items()}
+    def restrict(dfs: dict[str, Any]) -> dict[str, Any]:
+        return {k: df[cols] for k, df in dfs.items()} if missing else dfs
+
+    raw_e, act_e = restrict(raw_df), restrict(act_df)
+    filtered = pp.filter_psds_scores and bool((pp.values("median_filter_s", classes) > 0).any())
+    head_e = restrict(filt_df) if filtered else raw_e
+    kind = _score_kind(pp, eval_classes) if filtered else "raw frame probabilities (no median filter)"
+    p1 = M.psds1(head_e, gt, durations)
+    p2 = M.psds2(head_e, gt, durations)
+    p1r = M.psds1(raw_e, gt, durations) if filtered else p1
+    p2r = M.psds2(raw_e, gt, durations) if filtered else p2
+    psds_block = {
+        "PSDS1": _psds_summary("PSDS1", p1, kind),
+        "PSDS2": _psds_summary("PSDS2", p2, kind),
+        "PSDS1_raw": _psds_summary("PSDS1 (raw scores)", p1r, "raw frame probabilities (no median filter)"),
+        "PSDS2_raw": _psds_summary("PSDS2 (raw scores)", p2r, "raw frame probabilities (no median filter)"),
+    }
+    extra_psds = {name: M.psds(head_e, gt, durations, **kw).value for name, kw in variants.items()}
     ef = M.collar_f1(act_e, gt, threshold=0.5)
     sf = M.segment_f1(act_e, gt, durations, threshold=0.5, segment_length=1.0)
     try:
@@ -642,6 +529,10 @@ def evaluate_sed(
     result.update({
         "PSDS1": p1.value,
         "PSDS2": p2.value,
+        "PSDS1_raw": p1r.value,
+        "PSDS2_raw": p2r.value,
+        "PSDS1_alpha_st0": psds_block["PSDS1"]["alpha_st0"],
+        "PSDS2_alpha_st0": psds_block["PSDS2"]["alpha_st0"],
         "event_F1": ef["event_F1_macro"],
         "segment_F1": sf["segment_F1_macro"],
         "frame_AUROC": au["frame_AUROC_macro"],
@@ -651,12 +542,16 @@ def evaluate_sed(
         "segment_F1_micro": sf["segment_F1_micro"],
         "segment_precision_macro": sf["segment_precision_macro"],
         "segment_recall_macro": sf["segment_recall_macro"],
+        "psds_scores": kind,
         "psds_params": {"PSDS1": dict(p1.params), "PSDS2": dict(p2.params)},
+        "psds": psds_block,
         **({"psds_variants": extra_psds} if variants else {}),
         "per_class": {
             c: {
                 "PSDS1": p1.per_class.get(c),
                 "PSDS2": p2.per_class.get(c),
+                "PSDS1_raw": p1r.per_class.get(c),
+                "PSDS2_raw": p2r.per_class.get(c),
                 "event_F1": ef["event_per_class"][c]["F1"],
                 "segment_F1": sf["segment_per_class"][c]["F1"],
                 "frame_AUROC": au["frame_AUROC_per_class"].get(c),
@@ -673,10 +568,263 @@ def evaluate_sed(
         "artifacts": {
             "psd_roc": {f"PSDS1 = {p1.value:.3f}": (p1.efpr, p1.etpr), f"PSDS2 = {p2.value:.3f}": (p2.efpr, p2.etpr)},
             "scores": raw_df,
+            **({"scores_filtered": filt_df} if filtered else {}),  # what PSDS1/PSDS2 were computed on
             "examples": examples,
         },
     })  # fmt: skip
     return result
+
+
+def _sed_classes(clips: Sequence[Clip], classes: Sequence[str] | None) -> list[str]:
+    if classes is not None:
+        classes = _check_labels(classes, "classes")
+        if not classes:
+            raise FinelapError("the class list is empty: give at least one event class to detect")
+    else:
+        classes = sorted({e.label for c in clips for e in c.events})
+        if not classes:
+            raise FinelapError("no event classes: no class list was given and no clip has events")
+    bad = [c for c in classes if "\\" in c or c in ("onset", "offset")]
+    if bad:
+        raise FinelapError(f"class name(s) {bad} cannot be used (reserved or containing a backslash)")
+    return list(classes)
+
+
+def _sed_frame_scores(fns: Evaluatable, clips: Sequence[Clip], classes: Sequence[str] | None, template: str,
+                      desc: str) -> dict[str, Any]:  # fmt: skip
+    """Frame scores of every clip for every class, computed ONCE: {classes, keys, items: [(clip,
+    key, scores (T, C), timeline, duration)], skipped}. Unreadable files are skipped."""
+    classes = _sed_classes(clips, classes)
+    prompts = [make_prompt(template, c) for c in classes]
+    keys = _unique_keys([c.audio for c in clips], [c.key for c in clips])
+    skipped: list[dict[str, str]] = []
+    items = []
+    for clip, key in progress(list(zip(clips, keys)), total=len(clips), desc=desc):
+        try:
+            s, tl, dur_fs = _frame_scores(fns.frame_scores, clip.audio, prompts)
+        except _SKIPPABLE as e:
+            _skip(skipped, clip.audio, e)
+            continue
+        items.append((clip, key, s, tl, float(clip.duration) if clip.duration else dur_fs))
+    if not items:
+        raise FinelapError(f"no audio could be scored: all {len(clips)} files were skipped (e.g. {skipped[0] if skipped else None})")
+    known = set(classes)
+    n_ignored = sum(1 for clip, *_ in items for e in clip.events if e.label not in known)
+    if n_ignored:
+        log(f"SED: ignored {n_ignored} event(s) whose label is not one of the {len(classes)} classes")
+    return {"classes": classes, "items": items, "skipped": skipped}
+
+
+def _score_sed_files(fns: Evaluatable, clips: Sequence[Clip], classes: Sequence[str] | None, template: str,
+                     pp: PostProcess, n_examples: int) -> dict[str, Any]:  # fmt: skip
+    fsd = _sed_frame_scores(fns, clips, classes, template, "SED: frame scores")
+    classes = fsd["classes"]
+    known = set(classes)
+    raw_df: dict[str, Any] = {}
+    filt_df: dict[str, Any] = {}
+    act_df: dict[str, Any] = {}
+    gt: dict[str, list[tuple[float, float, str]]] = {}
+    durations: dict[str, float] = {}
+    detections: list[dict[str, Any]] = []
+    examples: list[dict[str, Any]] = []
+    for clip, key, s, tl, dur in fsd["items"]:
+        smooth = pp.smooth(s, tl, classes)
+        raw_df[key] = M.scores_to_dataframe(s, tl, classes, dur)
+        filt_df[key] = M.scores_to_dataframe(smooth, tl, classes, dur)
+        dets = pp.detect(smooth, tl, classes, dur, already_smoothed=True)
+        act_df[key] = _activity_frame(dets, raw_df[key], classes)
+        events = [(e.onset, e.offset, e.label) for e in clip.events if e.label in known]
+        gt[key] = events
+        durations[key] = dur
+        fname = os.path.basename(str(clip.audio))
+        detections.extend({"filename": fname, "onset": round(on, 6), "offset": round(off, 6), "event_label": lab}
+                          for on, off, lab in dets)  # fmt: skip
+        if len(examples) < n_examples and events:
+            q = _example_queries(smooth, classes, events, dets)
+            examples.append({
+                "audio": str(clip.audio), "key": key, "scores": smooth[:, q].astype(np.float32), "timeline": tl,
+                "duration_s": dur, "queries": [classes[i] for i in q],
+                "detections": [[(on, off) for on, off, lab in dets if lab == classes[i]] for i in q],
+                "ground_truth": [[(on, off) for on, off, lab in events if lab == classes[i]] for i in q],
+                "threshold": [float(t) for t in pp.values("threshold", [classes[i] for i in q])],
+                "title": f"{fname}: SED scores ({fns.name})",
+            })  # fmt: skip
+    return {"classes": classes, "raw": raw_df, "filtered": filt_df, "active": act_df, "gt": gt, "durations": durations,
+            "skipped": fsd["skipped"], "detections": detections, "examples": examples}  # fmt: skip
+
+
+# ============================================================================ calibration
+
+#: Detection settings searched by `calibrate_detection` (seconds).
+CALIBRATION_GRID: dict[str, tuple[float, ...]] = {
+    "median_filter_s": (0.0, 0.2, 0.48, 1.0),
+    "min_duration_s": (0.0, 0.1, 0.25, 0.5),
+    "merge_gap_s": (0.0, 0.2, 0.5),
+}
+#: What calibration maximises (stated in the checkpoint and in every notice that uses it).
+CALIBRATION_CRITERION = (
+    "micro-averaged collar-based event F1 on the validation data (sed_scores_eval; DCASE collars: onset 200 ms, "
+    "offset max(200 ms, 20% of the event length)); per-class thresholds maximise their class's F1 and are shrunk "
+    "toward the global threshold by n / (n + min_class_events) (n: the class's validation events); classes with "
+    "fewer than min_class_events events use the global threshold"
+)
+_COLLAR = dict(onset_collar=0.2, offset_collar=0.2, offset_collar_rate=0.2)
+_MAX_CANDIDATES = 4000
+
+
+def _f1_curves(stats: Mapping[str, tuple[np.ndarray, Mapping[str, Any]]], classes: Sequence[str],
+               candidates: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+    """(tp, fp, n_ref) of each class at each candidate threshold, shapes (C, K), (C, K), (C,),
+    read off sed_scores_eval's threshold-free intermediate statistics (one pass, all thresholds):
+    at threshold t a class's counts are those of its first change-point score > t."""
+    tp = np.zeros((len(classes), len(candidates)))
+    fp = np.zeros_like(tp)
+    n_ref = np.zeros(len(classes))
+    for i, c in enumerate(classes):
+        cp, st = stats[c]
+        idx = np.minimum(np.searchsorted(np.asarray(cp), candidates, side="right"), len(cp) - 1)
+        tp[i] = np.asarray(st["tps"])[idx]
+        fp[i] = np.asarray(st["fps"])[idx]
+        n_ref[i] = float(st["n_ref"])
+    return tp, fp, n_ref
+
+
+def _f1(tp: np.ndarray, fp: np.ndarray, n_ref: np.ndarray | float) -> np.ndarray:
+    return 2 * tp / np.maximum(2 * tp + fp + (n_ref - tp), 1e-12)
+
+
+def _middle_of_best(f: np.ndarray) -> int:
+    """Index of the middle of the candidates reaching the maximum (a threshold away from the
+    edges of the best plateau generalises better than its first point)."""
+    best = np.flatnonzero(f >= f.max() - 1e-12)
+    return int(best[len(best) // 2])
+
+
+def calibrate_detection(
+    fns: Evaluatable,
+    clips: Sequence[Clip],
+    classes: Sequence[str] | None = None,
+    template: str | None = None,
+    min_class_events: int = 5,
+    grid: Mapping[str, Sequence[float]] | None = None,
+    data_name: str = "",
+) -> dict[str, Any]:
+    """Choose detection settings on validation data with strong labels (`finelap calibrate`).
+
+    Frame scores are computed ONCE per file. For each median filter of the grid, sed_scores_eval's
+    threshold-free collar statistics give every class's TP/FP counts at all thresholds at once,
+    so the global threshold maximising micro event F1 is found vectorised over thresholds; then
+    per-class thresholds (classes with >= `min_class_events` events, shrunk toward the global one),
+    then the merge gap and the minimum duration (one after the other) at those thresholds. The criterion is
+    `CALIBRATION_CRITERION`.
+
+    Returns the record stored in the checkpoint as `eval.calibration`: ``threshold``,
+    ``class_thresholds`` {class: threshold}, ``median_filter_s``, ``min_duration_s``,
+    ``merge_gap_s``, ``criterion``, ``score`` (micro event F1 with these settings),
+    ``score_global_threshold`` (the same with the global threshold only), ``classes`` (the
+    calibrated classes), ``events_per_class``, ``n_files``, ``n_events``, ``prompt_template``,
+    ``data``, ``min_class_events``, ``grid``, ``skipped``.
+    """
+    fns.require("frame_scores", task="calibration")
+    if min_class_events < 1:
+        raise FinelapError(f"min_class_events must be >= 1, got {min_class_events}")
+    g = {**CALIBRATION_GRID, **{k: tuple(float(x) for x in v) for k, v in (grid or {}).items()}}
+    for k, v in g.items():
+        if k not in CALIBRATION_GRID or not v or min(v) < 0:
+            raise FinelapError(f"calibration grid {k!r}: expected one of {sorted(CALIBRATION_GRID)} with values >= 0, got {v!r}")
+    template = check_template(template if template is not None else fns.prompt_template)
+    if not any(c.events for c in clips):
+        raise FinelapError("calibration needs validation clips with strong labels (events); none of the clips has any")
+    fsd = _sed_frame_scores(fns, clips, classes, template, "calibration: frame scores")
+    all_classes, items = fsd["classes"], fsd["items"]
+    known = set(all_classes)
+    gt = {key: [(e.onset, e.offset, e.label) for e in clip.events if e.label in known] for clip, key, *_ in items}
+    counts = Counter(lab for evs in gt.values() for *_, lab in evs)
+    cal_classes = [c for c in all_classes if counts[c] > 0]
+    if not cal_classes:
+        raise FinelapError("none of the classes has a reference event in the scored validation files")
+    col = [all_classes.index(c) for c in cal_classes]
+    # sed_scores_eval's form: overlapping events of a class merged (it asserts they do not occur)
+    gt_sse = M._prepare_ground_truth({k: [e for e in v if e[2] in set(cal_classes)] for k, v in gt.items()},
+                                     dict.fromkeys(gt), cal_classes)  # fmt: skip
+    M._sse()  # imports sed_scores_eval quietly
+    from sed_scores_eval.collar_based.intermediate_statistics import accumulated_intermediate_statistics
+
+    best: tuple[float, float, float, np.ndarray, np.ndarray] | None = None  # (F1, median, threshold, class F1 rows...)
+    for med in g["median_filter_s"]:
+        pp = PostProcess(median_filter_s=med)
+        dfs = {key: M.scores_to_dataframe(pp.smooth(s[:, col], tl, cal_classes), tl, cal_classes, dur) for _, key, s, tl, dur in items}
+        stats, _ = accumulated_intermediate_statistics(scores=dfs, ground_truth=gt_sse, **_COLLAR)
+        cps = np.unique(np.concatenate([np.asarray(stats[c][0])[np.isfinite(stats[c][0])] for c in cal_classes]))
+        cps = cps[(cps > 0) & (cps < 1)] if ((cps > 0) & (cps < 1)).any() else cps
+        if len(cps) > _MAX_CANDIDATES:  # keep the search bounded on big sets: quantiles of the change points
+            cps = np.unique(np.quantile(cps, np.linspace(0, 1, _MAX_CANDIDATES)))
+        # thresholds between consecutive change points (and just below the lowest)
+        cand = np.concatenate([[max(0.0, cps[0] - 1e-6)], (cps[:-1] + cps[1:]) / 2]) if len(cps) else np.array([0.5])
+        cand = np.clip(cand, 0.0, 1.0)
+        tp, fp, n_ref = _f1_curves(stats, cal_classes, cand)
+        micro = _f1(tp.sum(0), fp.sum(0), n_ref.sum())
+        k = _middle_of_best(micro)
+        if best is None or micro[k] > best[0] + 1e-12:  # ties keep the smaller filter (grid order)
+            best = (float(micro[k]), float(med), float(cand[k]), _f1(tp, fp, n_ref[:, None]), cand)
+    assert best is not None
+    _, med, thr, class_f1, cand = best
+    class_thr: dict[str, float] = {}
+    for i, c in enumerate(cal_classes):
+        n = counts[c]
+        if n >= min_class_events:
+            own = float(cand[_middle_of_best(class_f1[i])])
+            w = n / (n + min_class_events)
+            class_thr[c] = round(thr + w * (own - thr), 6)
+    thr = round(thr, 6)
+
+    # the chosen filter's scores and each file's frame grid, once for every (min duration, gap) tried
+    smoothed = [(key, PostProcess(median_filter_s=med).smooth(s[:, col], tl, cal_classes), tl, dur) for _, key, s, tl, dur in items]
+    grids = {key: M.scores_to_dataframe(sm[:, :1], tl, cal_classes[:1], dur)[["onset", "offset"]] for key, sm, tl, dur in smoothed}
+
+    def micro_f1(pp: PostProcess) -> float:
+        act = {key: _activity_frame(pp.detect(sm, tl, cal_classes, dur, already_smoothed=True), grids[key], cal_classes)
+               for key, sm, tl, dur in smoothed}  # fmt: skip
+        return float(M.collar_f1(act, gt, threshold=0.5)["event_F1_micro"])
+
+    threshold: PerClass = {**class_thr, "*": thr} if class_thr else thr
+    # one coordinate at a time (merge gap with no minimum duration, then the minimum duration with
+    # that gap): each try is a full collar-F1 pass, so this halves the work of the full grid;
+    # ties keep the smaller value (grid order)
+    tried: dict[tuple[float, float], float] = {}
+
+    def f_at(min_d: float, gap: float) -> float:
+        if (min_d, gap) not in tried:
+            tried[(min_d, gap)] = micro_f1(PostProcess(median_filter_s=med, threshold=threshold, min_duration_s=min_d, merge_gap_s=gap))
+        return tried[(min_d, gap)]
+
+    d0 = min(g["min_duration_s"])
+    gap = max(g["merge_gap_s"], key=lambda v: (f_at(d0, v), -v))
+    min_d = max(g["min_duration_s"], key=lambda v: (f_at(v, gap), -v))
+    best_pp = PostProcess(median_filter_s=med, threshold=threshold, min_duration_s=min_d, merge_gap_s=gap)
+    best_f = f_at(min_d, gap)
+    global_only = micro_f1(PostProcess(median_filter_s=med, threshold=thr, min_duration_s=best_pp.min_duration_s,
+                                       merge_gap_s=best_pp.merge_gap_s))  # fmt: skip
+    return {
+        "threshold": thr,
+        "class_thresholds": class_thr,
+        "median_filter_s": med,
+        "min_duration_s": float(best_pp.min_duration_s),
+        "merge_gap_s": float(best_pp.merge_gap_s),
+        "criterion": CALIBRATION_CRITERION,
+        "criterion_short": "micro event F1",
+        "score": best_f,
+        "score_global_threshold": global_only,
+        "classes": cal_classes,
+        "events_per_class": {c: int(counts[c]) for c in cal_classes},
+        "n_files": len(items),
+        "n_events": int(sum(counts.values())),
+        "prompt_template": template,
+        "data": data_name,
+        "min_class_events": int(min_class_events),
+        "grid": {k: list(v) for k, v in g.items()},
+        "skipped": fsd["skipped"],
+    }
 
 
 # ============================================================================ grounding
@@ -690,20 +838,27 @@ def evaluate_grounding(
     n_examples: int = 3,
 ) -> dict[str, Any]:
     """Text-to-audio grounding (AudioGrounding protocol): each phrase is its own query on its
-    item's audio. Phrases are used verbatim unless `template` is given.
+    item's audio, prompted as class labels are (`make_prompt(template, phrase)`, default template:
+    the Evaluatable's), so grounding a phrase equals detecting it as a label.
 
-    Returns ``grounding_PSDS`` (dtc = gtc = 0.5; raw scores), ``grounding_event_F1`` (collar
-    200 ms, on post-processed detections), ``grounding_event_precision``/``_recall``,
-    ``grounding_frame_AUROC`` (raw scores), ``n_items`` (items scored), ``n_queries``,
+    Returns ``grounding_PSDS`` (dtc = gtc = 0.5, max eFPR 100, on the median-filtered scores as
+    SED's PSDS; ``grounding_PSDS_raw`` on raw scores), ``grounding_event_F1`` (collar 200 ms, on
+    post-processed detections), ``grounding_event_precision``/``_recall``,
+    ``grounding_frame_AUROC`` (raw scores), and TextToAudioGrounding's own protocol
+    (`metrics.tag_grounding_metrics`, raw scores, named as there): ``tag_psds`` {max_efpr: value},
+    ``tag_th_auc`` {"0.00~1.00", "0.20~0.80": value}, flattened as ``psds@max_efpr=400`` ... and
+    ``th_auc@0.00~1.00`` ...; ``n_items`` (items scored), ``n_queries``,
     ``detections`` [{filename, onset, offset, phrase, item}], ``skipped``.
     """
     fns.require("frame_scores", task="grounding")
     pp = postprocess or PostProcess()
-    if template is not None:
-        _fill(template, "x")
-    result = _base_result("grounding", fns, template or "{}", pp)
+    template = check_template(template if template is not None else fns.prompt_template)
+    result = _base_result("grounding", fns, template, pp)
     skipped: list[dict[str, str]] = []
     raw: dict[str, Any] = {}
+    raw_only: dict[str, Any] = {}
+    tag_scores: dict[str, np.ndarray] = {}
+    tag_tl: dict[str, Timeline] = {}
     act: dict[str, Any] = {}
     gt: dict[str, list[tuple[float, float]]] = {}
     durations: dict[str, float] = {}
@@ -715,7 +870,7 @@ def evaluate_grounding(
         raise FinelapError(f"grounding needs items with phrases; none of the {len(items)} items has one")
     for i, it in progress(usable, total=len(usable), desc="grounding: frame scores"):
         phrases = [p.phrase for p in it.phrases]
-        queries = [_fill(template, p) for p in phrases] if template else phrases
+        queries = [make_prompt(template, p) for p in phrases]
         try:
             s, tl, dur_fs = _frame_scores(fns.frame_scores, it.audio, queries)
         except _SKIPPABLE as e:
@@ -731,6 +886,8 @@ def evaluate_grounding(
             qid = f"{i}/{j}"
             df = M.scores_to_dataframe((smooth if pp.filter_psds_scores else s)[:, j : j + 1], tl, ["query"], dur)
             raw[qid] = df
+            raw_only[qid] = M.scores_to_dataframe(s[:, j : j + 1], tl, ["query"], dur)
+            tag_scores[qid], tag_tl[qid] = s[:, j], tl
             mine = [(on, off, "query") for on, off, _ in dets[j]]
             act[qid] = _activity_frame(mine, df, ["query"])
             gt[qid] = [(float(on), float(off)) for on, off in ph.segments]
@@ -751,14 +908,23 @@ def evaluate_grounding(
     if not any(gt.values()):
         raise FinelapError("no phrase of the scored items has a ground-truth segment; grounding PSDS is undefined")
     m = M.grounding_metrics(raw, gt, durations)
+    m_raw = M.grounding_metrics(raw_only, gt, durations) if pp.filter_psds_scores else m
     f = M.grounding_metrics(act, gt, durations, threshold=0.5)
+    tag = M.tag_grounding_metrics(tag_scores, tag_tl, gt, durations)
     result.update({
         "grounding_PSDS": m["grounding_PSDS"],
+        "grounding_PSDS_raw": m_raw["grounding_PSDS"],
         "grounding_event_F1": f["grounding_event_F1"],
-        "grounding_frame_AUROC": m["grounding_frame_AUROC"],
+        "grounding_frame_AUROC": m_raw["grounding_frame_AUROC"],
         "grounding_event_precision": f["grounding_event_precision"],
         "grounding_event_recall": f["grounding_event_recall"],
         "psds_params": dict(M.GROUNDING_PSDS_PARAMS),
+        **{f"psds@max_efpr={k}": v for k, v in tag["psds"].items()},
+        **{f"th_auc@{k}": v for k, v in tag["th_auc"].items()},
+        "tag_protocol": {
+            "source": "wsntxxn/TextToAudioGrounding (run_strong.py evaluate, utils/eval_util.py), on raw scores",
+            "psds": tag["psds"], "th_auc": tag["th_auc"], "settings": tag["protocol"],
+        },
         "n_items": n_scored,
         "n_queries": len(raw),
         "n_queries_without_segments": sum(1 for v in gt.values() if not v),

@@ -283,60 +283,45 @@ def forward_backward(
 
 @torch.no_grad()
 def validate(model: FineLAPModel, clips: Sequence[Clip], cfg: RunConfig, max_clips: int | None = None) -> dict[str, float]:
-    """Quick validation: zero-shot top-1 over the clips' labels, and frame AUROC of event labels
-    (the full evaluation suite is `finelap eval`)."""
-    from ..eval.metrics import classification_metrics, roc_auc
+    """Validation through the same evaluators as `finelap eval` (functions, not models: the model
+    is wrapped in a `Pipeline` and passed as `Pipeline.evaluatable()`), so what training reports
+    equals what `finelap eval` reports on the same data and weights:
+
+    - clips with labels: `evaluate_zeroshot` -> ``val/top1_accuracy``, ``val/top5_accuracy``
+      (single-label sets), ``val/mAP``;
+    - when some clips have strong labels: `evaluate_sed` on all clips (those without events are
+      negative files, as in `finelap eval sed --data VAL`) with the run's detection settings (its
+      calibration when it has one, else eval.*) -> ``val/PSDS1``, ``val/PSDS2``,
+      ``val/event_F1``, ``val/frame_AUROC``.
+    """
+    from ..eval.tasks import evaluate_sed, evaluate_zeroshot
+    from ..infer import Pipeline
+    from ..scoring import resolve_detection_settings
 
     was_training = model.training
-    model.eval()
     clips = list(clips)[:max_clips] if max_clips else list(clips)
-    ds = ClipDataset(clips, model.sample_rate, clip_seconds=cfg.audio.max_seconds, random_crop=False)
-    coll = Collate(model.timeline, phrases_per_clip=1)
-    embeds, frames, kept = [], [], []
-    bs = cfg.data.eval_batch_size
-    for i in range(0, len(ds), bs):
-        items = [ds[j] for j in range(i, min(len(ds), i + bs))]
-        good = [it for it in items if "error" not in it]
-        if not good:
-            continue
-        batch = coll(good)
-        a = model.encode_audio(batch.wave, batch.lengths)
-        embeds.append(a.audio_embeds)
-        for j in range(batch.size):
-            frames.append(a.frame_embeds[j][a.frame_mask[j]])
-        loaded = set(batch.keys)
-        kept.extend(c for c in clips[i : i + bs] if c.key in loaded)
     out: dict[str, float] = {}
-    if not kept:
-        return out
-    audio = torch.cat(embeds)
-    template = cfg.eval.prompt_template
-    labels = list(cfg.eval.labels) or sorted({lab for c in kept for lab in c.labels})
-    if labels and any(c.labels for c in kept):
-        text = model.encode_text([template.format(lab.replace("_", " ")) for lab in labels])
-        scores = (audio @ text.text_embeds.t()).cpu().numpy()
-        idx = [i for i, c in enumerate(kept) if c.labels and c.labels[0] in labels]
-        if idx:
-            target = np.array([labels.index(kept[i].labels[0]) for i in idx])
-            m = classification_metrics(scores[idx], target)
-            out["val/top1_accuracy"] = m["top1_accuracy"]
-    ev_labels = sorted({e.label for c in kept for e in c.events})
-    if ev_labels:
-        text = model.encode_text([template.format(lab.replace("_", " ")) for lab in ev_labels])
-        s, b = model.frame_scale_and_bias(text)
-        ys, ps = [], []
-        for c, fr in zip(kept, frames):
-            if not c.events:
-                continue
-            logits = s * fr @ text.text_embeds.t() + b  # (T, N)
-            y = model.timeline.rasterize([(e.label, e.onset, e.offset) for e in c.events], ev_labels, fr.shape[0])
-            ys.append(y.reshape(-1))
-            ps.append(logits.float().cpu().numpy().reshape(-1))
-        if ys:
-            y, p = np.concatenate(ys), np.concatenate(ps)
-            if 0 < y.sum() < len(y):
-                out["val/frame_AUROC"] = float(roc_auc(p, y))
-    model.train(was_training)
+    try:
+        pipe = Pipeline(model, cfg, device=next(model.parameters()).device)
+        fns = pipe.evaluatable(name="validation", batch_size=cfg.data.eval_batch_size)
+        labels = list(cfg.eval.labels) or None
+        labelled = [c for c in clips if c.labels and (labels is None or set(c.labels) <= set(labels))]
+        if labelled:
+            try:
+                zs = evaluate_zeroshot(fns, labelled, labels=labels, batch_size=cfg.data.eval_batch_size, n_examples=0)
+                out.update({f"val/{k}": float(zs[k]) for k in ("top1_accuracy", "top5_accuracy", "mAP") if zs.get(k) is not None})
+            except FinelapError as e:  # e.g. every file unreadable: report, do not stop training
+                log(f"validation: zero-shot skipped ({e})")
+        if any(c.events for c in clips):  # every clip, as `finelap eval sed --data VAL`: those without events are negatives
+            classes = sorted({e.label for c in clips for e in c.events})
+            pp = resolve_detection_settings(cfg.eval, classes).postprocess
+            try:
+                sed = evaluate_sed(fns, clips, postprocess=pp, n_examples=0)
+                out.update({f"val/{k}": float(sed[k]) for k in ("PSDS1", "PSDS2", "event_F1", "frame_AUROC") if sed.get(k) is not None})
+            except Exception as e:  # noqa: BLE001 (a metric that cannot be computed must not stop training)
+                log(f"validation: SED skipped ({type(e).__name__}: {e})")
+    finally:
+        model.train(was_training)
     return out
 
 
@@ -575,6 +560,7 @@ def train(cfg: RunConfig, resume: str | bool | None = None, progress: bool = Tru
                 break
     final = _save(run_dir / "final", model, ema, opt, sched, cfg, step, clusters, rank, slap)
     if rank == 0:
+        _calibrate_final(final, val_clips, cfg, str(device))
         if val_clips:
             metrics = _validate_with(model, ema, val_clips, cfg)
             writer.write({"step": step, **metrics})
@@ -590,6 +576,26 @@ def train(cfg: RunConfig, resume: str | bool | None = None, progress: bool = Tru
         log(f"finelap train: stopped at step {step} ({stop_reason}); checkpoint: {final}")
     dist.barrier()
     return final
+
+
+def _calibrate_final(final: Path, val_clips: Sequence[Clip], cfg: RunConfig, device: str = "cpu") -> None:
+    """Choose detection settings on the validation clips with strong labels and store them in the
+    final checkpoint (`finelap calibrate`), so detect/ground/eval use them by default; the run's
+    config gets them too, so the final validation reports what `finelap eval` will. A failure
+    here never loses the finished run."""
+    if not cfg.eval.calibrate_after_training or not any(c.events for c in val_clips):
+        return
+    from ..commands.calibrate import calibrate_checkpoint
+
+    try:
+        _, rec = calibrate_checkpoint(final, ",".join(cfg.data.val), clips=val_clips, device=device)
+    except Exception as e:  # noqa: BLE001 (a finished run must survive any calibration problem)
+        log(f"finelap train: calibration skipped ({type(e).__name__}: {e}); run `finelap calibrate --checkpoint {final} --data VAL`")
+        return
+    cfg.eval.calibration = rec
+    log(f"finelap train: calibrated {final}: threshold {rec['threshold']:.3g} ({len(rec['class_thresholds'])} per-class), "
+        f"median filter {rec['median_filter_s']:g} s, min duration {rec['min_duration_s']:g} s, merge gap {rec['merge_gap_s']:g} s "
+        f"(micro event F1 {rec['score']:.3f} on {rec['n_files']} validation files)")
 
 
 def _validate_with(model, ema, val_clips, cfg) -> dict[str, float]:

@@ -1,0 +1,153 @@
+"""Calibration of detection settings (finelap.eval.tasks.calibrate_detection) on hand-made
+score/reference sets whose best settings are known, and how the stored settings are resolved."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from finelap.audio import Timeline
+from finelap.config import EvalConfig
+from finelap.data.types import Clip, Event
+from finelap.errors import ConfigError, FinelapError
+from finelap.eval.tasks import Evaluatable, calibrate_detection
+from finelap.scoring import FrameScores, make_prompt, resolve_detection_settings, suggest_threshold
+
+TEMPLATE = "the sound of {}"
+RATE = 10.0  # frames per second of the fake scores
+
+
+def _wav(path, seconds=4.0, sr=8000):
+    sf.write(str(path), np.zeros(int(seconds * sr), dtype=np.float32), sr)
+    return str(path)
+
+
+def _fake(tmp_path, spec):
+    """spec: {file: {class: [(start_s, end_s, score), ...]}} on a 0.05 floor -> (clips, fns, calls).
+    Events are the spans marked with an 'E' as 4th element."""
+    clips, table = [], {}
+    classes = sorted({c for f in spec.values() for c in f})
+    for name, per in spec.items():
+        path = _wav(tmp_path / f"{name}.wav")
+        s = np.full((40, len(classes)), 0.05)
+        events = []
+        for c, spans in per.items():
+            for span in spans:
+                a, b, v = span[:3]
+                s[int(a * RATE) : int(b * RATE), classes.index(c)] = v
+                if len(span) > 3:
+                    events.append(Event(c, a, b))
+        table[path] = s
+        clips.append(Clip(path, events=events, duration=4.0))
+    calls = []
+
+    def frame_scores(path, texts):
+        calls.append(path)
+        cols = [classes.index(next(c for c in classes if make_prompt(TEMPLATE, c) == t)) for t in texts]
+        return FrameScores(table[path][:, cols], Timeline(RATE), 4.0)
+
+    return clips, Evaluatable(frame_scores=frame_scores, prompt_template=TEMPLATE, name="fake"), calls
+
+
+def test_best_threshold_is_the_known_one_and_scores_are_computed_once(tmp_path):
+    # dog: true events score 0.7 and 0.55, false blobs 0.45 and 0.35. Event F1 (micro) by
+    # threshold: < 0.35 -> 2/3, [0.35, 0.45) -> 0.8, [0.45, 0.55) -> 1.0, [0.55, 0.7) -> 2/3.
+    spec = {
+        "a": {"dog": [(1.0, 2.0, 0.7, "E"), (3.0, 3.5, 0.45)]},
+        "b": {"dog": [(0.5, 1.5, 0.55, "E"), (2.5, 3.0, 0.35)]},
+    }
+    clips, fns, calls = _fake(tmp_path, spec)
+    cal = calibrate_detection(fns, clips, grid={"median_filter_s": [0.0], "min_duration_s": [0.0], "merge_gap_s": [0.0]})
+    assert 0.45 < cal["threshold"] < 0.55 and cal["score"] == pytest.approx(1.0)
+    assert cal["classes"] == ["dog"] and cal["events_per_class"] == {"dog": 2} and cal["n_events"] == 2
+    assert cal["class_thresholds"] == {}  # 2 events < min_class_events (5): the global threshold
+    assert "event F1" in cal["criterion"] and cal["prompt_template"] == TEMPLATE
+    assert sorted(calls) == sorted(c.audio for c in clips)  # one frame_scores call per file, whatever the grid
+
+
+def test_median_filter_is_chosen_when_it_removes_spikes(tmp_path):
+    # one-frame spikes of 0.9 in a file without events are false positives at any threshold
+    # below 0.9 unless a median filter removes them; the smallest filter that does (0.2 s = 3
+    # frames at 10 Hz) is chosen.
+    spec = {
+        "a": {"dog": [(1.0, 2.0, 0.7, "E")]},
+        "b": {"dog": [(0.5, 1.5, 0.6, "E")]},
+        "c": {"dog": [(1.0, 1.1, 0.9), (2.0, 2.1, 0.9), (3.0, 3.1, 0.9)]},
+    }
+    clips, fns, _ = _fake(tmp_path, spec)
+    cal = calibrate_detection(fns, clips, grid={"min_duration_s": [0.0], "merge_gap_s": [0.0]})
+    assert cal["median_filter_s"] == 0.2 and cal["score"] == pytest.approx(1.0)
+    raw = calibrate_detection(fns, clips, grid={"median_filter_s": [0.0], "min_duration_s": [0.0], "merge_gap_s": [0.0]})
+    assert raw["score"] < 1.0
+
+
+def test_min_duration_removes_short_false_positives(tmp_path):
+    spec = {
+        "a": {"dog": [(1.0, 2.0, 0.7, "E")]},
+        "b": {"dog": [(0.5, 1.5, 0.7, "E"), (2.5, 2.8, 0.7)]},  # a 0.3-s blob as strong as the events
+    }
+    clips, fns, _ = _fake(tmp_path, spec)
+    cal = calibrate_detection(fns, clips, grid={"median_filter_s": [0.0], "min_duration_s": [0.0, 0.5], "merge_gap_s": [0.0]})
+    assert cal["min_duration_s"] == 0.5 and cal["score"] == pytest.approx(1.0)
+
+
+def test_per_class_thresholds_only_with_enough_events_and_shrunk(tmp_path):
+    # "dog" events score 0.8 with false blobs at 0.6 (best threshold in [0.6, 0.8)); "cat" events
+    # score 0.3 with blobs at 0.2 (best in [0.2, 0.3)); "bird" has one event only.
+    spec = {}
+    for i in range(6):
+        spec[f"d{i}"] = {"dog": [(1.0, 2.0, 0.8, "E"), (3.0, 3.5, 0.6)]}
+        spec[f"c{i}"] = {"cat": [(1.0, 2.0, 0.3, "E"), (3.0, 3.5, 0.2)]}
+    spec["b0"] = {"bird": [(1.0, 2.0, 0.5, "E")]}
+    clips, fns, _ = _fake(tmp_path, spec)
+    cal = calibrate_detection(fns, clips, min_class_events=3, grid={"median_filter_s": [0.0], "min_duration_s": [0.0],
+                                                                   "merge_gap_s": [0.0]})  # fmt: skip
+    g = cal["threshold"]
+    assert set(cal["class_thresholds"]) == {"cat", "dog"}  # bird: 1 event < 3
+    w = 6 / (6 + 3)
+    dog, cat = cal["class_thresholds"]["dog"], cal["class_thresholds"]["cat"]
+    # shrunk toward the global threshold by n / (n + min_class_events)
+    assert (dog - g) / w + g == pytest.approx(0.7, abs=0.11) and (cat - g) / w + g == pytest.approx(0.25, abs=0.06)
+    assert 0 < cal["score_global_threshold"] <= cal["score"] <= 1
+
+
+def test_calibration_needs_strong_labels(tmp_path):
+    clips, fns, _ = _fake(tmp_path, {"a": {"dog": [(1.0, 2.0, 0.7)]}})
+    with pytest.raises(FinelapError, match="strong labels"):
+        calibrate_detection(fns, clips)
+
+
+# ---------------------------------------------------------------------------- resolving stored settings
+
+
+def test_settings_resolve_from_calibration_defaults_and_flags():
+    ev = EvalConfig()
+    st = resolve_detection_settings(ev, ["dog"])
+    assert st.source == "defaults" and st.postprocess.threshold == 0.5 and "not calibrated" in st.describe()
+    ev = EvalConfig(calibration={"threshold": 0.2, "class_thresholds": {"dog": 0.3}, "median_filter_s": 0.48,
+                                 "min_duration_s": 0.1, "merge_gap_s": 0.0, "classes": ["dog", "cat"], "data": "val.jsonl",
+                                 "score": 0.61})  # fmt: skip
+    st = resolve_detection_settings(ev, ["dog", "cat", "violin"])
+    assert st.source == "calibration" and st.postprocess.threshold == {"dog": 0.3, "*": 0.2}
+    assert st.postprocess.median_filter_s == 0.48 and st.uncalibrated_queries == ["violin"]
+    assert "calibrated on val.jsonl" in st.describe() and "\n" not in st.describe()
+    st = resolve_detection_settings(ev, ["dog"], threshold=0.7)
+    assert st.postprocess.threshold == 0.7 and st.overridden == ["threshold=0.7"] and st.postprocess.median_filter_s == 0.48
+    with pytest.raises(FinelapError, match="threshold"):
+        resolve_detection_settings(ev, ["dog"], threshold=2.0)
+    with pytest.raises(ConfigError, match="calibration.threshold"):
+        EvalConfig(calibration={"threshold": 1.5})
+
+
+def test_suggested_threshold_is_just_below_the_peak():
+    assert suggest_threshold(0.078) == pytest.approx(0.07)
+    assert suggest_threshold(0.5) == pytest.approx(0.45)
+    assert 0 < suggest_threshold(0.0012) < 0.0012
+
+
+def test_overlapping_reference_events_of_a_class_are_merged_not_an_error(tmp_path):
+    # sed_scores_eval asserts that events of one class do not overlap; annotations often do
+    spec = {"a": {"dog": [(1.0, 2.0, 0.7, "E"), (1.5, 2.5, 0.7, "E")]}, "b": {"dog": [(0.5, 1.5, 0.6, "E")]}}
+    clips, fns, _ = _fake(tmp_path, spec)
+    cal = calibrate_detection(fns, clips, grid={"median_filter_s": [0.0], "min_duration_s": [0.0], "merge_gap_s": [0.0]})
+    assert cal["score"] == pytest.approx(1.0) and cal["threshold"] < 0.6
