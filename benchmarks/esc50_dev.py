@@ -97,28 +97,25 @@ def train_run(name: str, cfg_path: Path, train: list[Path], calib: Path, steps: 
 def evaluate(final: Path, val_clips: list, scapes: list, classes: list[str], titles: dict[str, str], bank: Path) -> dict[str, Any]:
     import numpy as np
 
-    from finelap.eval.tasks import Evaluatable, evaluate_grounding, evaluate_sed, evaluate_zeroshot
+    from finelap.eval.tasks import evaluate_grounding, evaluate_sed, evaluate_zeroshot
     from finelap.infer import Pipeline
 
     sys.path.insert(0, str(REPO / "benchmarks"))
     from ablation import grounding_items
 
     pipe = Pipeline.from_pretrained(final)
-    fns = Evaluatable(
-        embed_audio=lambda audio: pipe.embed_audio(list(audio)),
-        embed_text=lambda texts: pipe.embed_text(list(texts)),
-        frame_scores=lambda audio, texts: pipe.frame_scores(audio, list(texts)),
-        prompt_template=pipe.prompt_template,
-        name=str(final),
-    )
+    fns = pipe.evaluatable(name=str(final))
     res: dict[str, Any] = {}
     zs = evaluate_zeroshot(fns, val_clips, labels=classes)
     res["zeroshot_top1_fold4"] = zs["top1_accuracy"]
     res["zeroshot_top5_fold4"] = zs.get("top5_accuracy")
-    sed = evaluate_sed(fns, scapes, classes=classes)
-    res["sed"] = {k: v for k, v in sed.items() if isinstance(v, (int, float, str)) or k in ("postprocess",)}
+    # the checkpoint's own post-processing (calibrated after training), as `finelap eval sed` uses it
+    st = pipe.detection_settings(classes, announce=False)
+    sed = evaluate_sed(fns, scapes, classes=classes, postprocess=st.postprocess)
+    res["sed"] = {k: v for k, v in sed.items() if isinstance(v, (int, float, str))}
+    res["sed"]["settings"] = st.describe()
     items, _ = grounding_items(scapes, bank)
-    gr = evaluate_grounding(fns, items)
+    gr = evaluate_grounding(fns, items, postprocess=pipe.detection_settings([], announce=False).postprocess)
     res["grounding"] = {k: v for k, v in gr.items() if isinstance(v, (int, float, str))}
     # text-to-audio retrieval with the Freesound titles: one query per distinct title
     audio = [c.audio for c in val_clips]
@@ -149,8 +146,8 @@ def main() -> int:
     ap.add_argument("--config", default=str(REPO / "configs" / "sfx.yaml"))
     ap.add_argument("--out", default=str(REPO / "runs" / "esc50_dev"))
     ap.add_argument("--esc50", default=str(ESC), help="ESC-50-format folder (audio/, meta/esc50.csv)")
-    ap.add_argument("--train-soundscapes", type=int, default=1500)
-    ap.add_argument("--calib-soundscapes", type=int, default=150)
+    ap.add_argument("--train-soundscapes", type=int, default=600)
+    ap.add_argument("--calib-soundscapes", type=int, default=100)
     ap.add_argument("--val-soundscapes", type=int, default=200)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--unseen-seed", type=int, default=0)
@@ -220,7 +217,7 @@ def main() -> int:
     result["zeroshot_top5_fold4"] = ev["zeroshot_top5_fold4"]
     result["psds1_fold4_soundscapes"] = ev["sed"].get("PSDS1")
     result["sed_fold4"] = ev["sed"]
-    result["grounding_frame_auroc_fold4"] = ev["grounding"].get("frame_AUROC")
+    result["grounding_frame_auroc_fold4"] = ev["grounding"].get("grounding_frame_AUROC")
     result["grounding_fold4"] = ev["grounding"]
     result["t2a_titles_R@1"] = ev["t2a_titles_R@1"]
     result["t2a_titles_R@10"] = ev["t2a_titles_R@10"]
@@ -244,12 +241,10 @@ def main() -> int:
         else:
             final2, info2 = train_run("unseen10", Path(args.config), [out / "soundscapes_seen30.jsonl", out / "esc_train_seen30.jsonl"],
                                       out / "calib_seen30.jsonl", steps, out, args.overrides)
-        from finelap.eval.tasks import Evaluatable, evaluate_zeroshot
+        from finelap.eval.tasks import evaluate_zeroshot
         from finelap.infer import Pipeline
 
-        pipe = Pipeline.from_pretrained(final2)
-        fns = Evaluatable(embed_audio=lambda a: pipe.embed_audio(list(a)), embed_text=lambda t: pipe.embed_text(list(t)),
-                          frame_scores=lambda a, t: pipe.frame_scores(a, list(t)), prompt_template=pipe.prompt_template, name="unseen10")
+        fns = Pipeline.from_pretrained(final2).evaluatable(name="unseen10")
         zs10 = evaluate_zeroshot(fns, [c for c in val_clips if c.labels[0] in hide], labels=unseen)
         result.update(unseen10_top1_fold4=zs10["top1_accuracy"], unseen10_classes=unseen, unseen10_train=info2,
                       unseen10_n_train_soundscapes=len(kept_scapes), unseen10_checkpoint=str(final2))

@@ -332,3 +332,23 @@ def test_length_groups_keep_similar_lengths_together():
     for g in groups:
         ls = [lengths[i - 10] for i in g]
         assert max(ls) <= 1.25 * min(ls) and len(g) <= 2
+
+
+def test_no_checkpoint_tells_the_user_what_to_pass(monkeypatch):
+    from finelap.infer import Pipeline
+
+    monkeypatch.delenv("FINELAP_CHECKPOINT", raising=False)
+    with pytest.raises(CheckpointError, match="make demo"):
+        Pipeline.from_pretrained()
+
+def test_cli_without_checkpoint_says_how_to_get_one(monkeypatch, capsys, tmp_path):
+    import soundfile as sf
+
+    from finelap.cli import main
+
+    monkeypatch.delenv("FINELAP_CHECKPOINT", raising=False)
+    wav = tmp_path / "a.wav"
+    sf.write(wav, np.zeros(1600, dtype=np.float32), 16000)
+    rc = main(["classify", str(wav), "--labels", "dog;rain"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--checkpoint DIR" in err and "make demo" in err and "Traceback" not in err

@@ -65,6 +65,13 @@ AudioInput = Union[str, os.PathLike, np.ndarray, torch.Tensor, Mapping[str, Any]
 # Multichannel arrays: the channel axis is the dimension of at most this many entries.
 _MAX_CHANNELS = 8
 
+NO_CHECKPOINT_HELP = (
+    "no finelap checkpoint given: pass a checkpoint directory (--checkpoint DIR on the command line, "
+    "Pipeline.from_pretrained(DIR) in Python, or set FINELAP_CHECKPOINT=DIR). To get one: `make demo` trains "
+    "demo_out/run/final in ~10 minutes on CPU; `finelap train --config configs/sfx.yaml data.train=[your.jsonl]` "
+    "trains the default recipe on your data; `finelap import` converts a published FLAM or LAION-CLAP checkpoint"
+)
+
 # Files up to this long are decoded whole; longer ones are read window by window from disk.
 _IN_MEMORY_S = 600.0
 # Text prompts per text-tower call (bounds memory for very long label lists).
@@ -321,12 +328,18 @@ class Pipeline:
         self.use_ema = False  # set by from_pretrained when EMA weights were loaded
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, device: str = "cpu", use_ema: bool = True, **kwargs: Any) -> "Pipeline":
-        """Load a checkpoint directory (or a run directory: its latest checkpoint).
+    def from_pretrained(cls, path: str | os.PathLike | None = None, device: str = "cpu", use_ema: bool = True, **kwargs: Any) -> "Pipeline":
+        """Load a checkpoint directory (or a run directory: its latest checkpoint); None: the
+        directory in $FINELAP_CHECKPOINT.
 
         Raises CheckpointError for a missing, incomplete or incompatible checkpoint. kwargs go to
         the constructor (window_s, margin_s, batch_windows, workers)."""
+        from .errors import CheckpointError
         from .models.build import load_pretrained
+
+        path = path if path is not None else os.environ.get("FINELAP_CHECKPOINT") or None
+        if path is None:
+            raise CheckpointError(NO_CHECKPOINT_HELP)
 
         model, cfg, ckpt = load_pretrained(path, use_ema=use_ema, map_location="cpu")
         pipe = cls(model, cfg, checkpoint=ckpt, device=device, **kwargs)

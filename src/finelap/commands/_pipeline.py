@@ -18,8 +18,12 @@ def add_hidden_alias(p: argparse.ArgumentParser, old: str, dest: str, **kwargs: 
 
 
 def add_model_arguments(p: argparse.ArgumentParser, required: bool = True, checkpoint_help: str | None = None) -> None:
-    p.add_argument("--checkpoint", required=required, metavar="DIR",
-                   help=checkpoint_help or "checkpoint directory (or a run directory: its latest checkpoint)")
+    import os
+
+    # `required` is no argparse requirement: a missing checkpoint gets a message that says how to get one
+    # (Pipeline.from_pretrained); optional ones (index update reuses the index's) ignore the environment
+    p.add_argument("--checkpoint", required=False, default=(os.environ.get("FINELAP_CHECKPOINT") or None) if required else None, metavar="DIR",
+                   help=checkpoint_help or "checkpoint directory (or a run directory: its latest checkpoint); default: $FINELAP_CHECKPOINT")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights even if the checkpoint has EMA weights")
     p.add_argument("--threads", type=int, default=None, metavar="N", help="torch CPU threads (default: torch's choice)")

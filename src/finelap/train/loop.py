@@ -629,7 +629,10 @@ def _save(path, model, ema, opt, sched, cfg, step, clusters, rank, slap=None) ->
         save_checkpoint(
             path, checkpoint_state(model), cfg, step=step, optimizer=opt, scheduler=sched,
             ema_state=checkpoint_state(model, ema) if ema is not None else None,
-            preprocessing={"frame_rate_hz": model.frame_rate_hz, "prompt_template": cfg.eval.prompt_template},
+            preprocessing={"frame_rate_hz": model.frame_rate_hz, "sample_rate": model.sample_rate,
+                           "prompt_template": cfg.eval.prompt_template,
+                           # pretrained towers name their weights' source and licence (e.g. aisfx: CC-BY-4.0)
+                           **({"audio_weights": dict(model.audio.source)} if getattr(model.audio, "source", None) else {})},
             extra_json=extra, trainer_state=_trainer_state(model, slap),
         )  # fmt: skip
     dist.barrier()
