@@ -55,7 +55,7 @@ def test_flam_imports_with_unbiased_frame_scores(tmp_path):
     torch.testing.assert_close(t.text_embeds, ref["text"], atol=1e-4, rtol=0)
     torch.testing.assert_close(t.frame_logit_scale, alpha, atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(t.frame_logit_bias, beta, atol=1e-4, rtol=0)
-    fs = pipe.frame_scores(wave[0].numpy(), TEXTS)  # streamed, calibrated by default (per-text biases)
+    fs = pipe.frame_scores(wave[0].numpy(), TEXTS, sample_rate=pipe.sample_rate)  # streamed, calibrated by default (per-text biases)
     assert fs.calibrated
     np.testing.assert_allclose(fs.scores[:fpw], unbiased.numpy(), atol=1e-4, rtol=0)
     # search scores stored frames against a query embedding: the per-text alpha/beta come along
