@@ -175,3 +175,24 @@ def test_two_process_gradients_equal_one_process(tmp_path):
         torch.testing.assert_close(g2[k], g1[k], rtol=1e-4, atol=1e-6, msg=k)
     l1, l2 = (out / "loss_ws1.txt").read_text(), (out / "loss_ws2.txt").read_text()
     assert math.isclose(float(l1), float(l2), rel_tol=1e-5)
+
+
+def test_step_texts_prompts_phrases_like_inference_and_keeps_captions():
+    """Frame-level phrases are encoded as the prompts detect/ground/eval use; captions as written."""
+    import torch
+
+    from finelap.data.batching import Batch
+    from finelap.scoring import make_prompt
+    from finelap.train.loop import step_texts
+
+    b = Batch.__new__(Batch)
+    b.captions = ["a dog barks", ""]
+    b.phrases = [["dog_barking", "rain"], ["rain", ""]]
+    st = step_texts(b, None, "the sound of {}")
+    assert st.texts[int(st.caption_index[0])] == "a dog barks"
+    assert [st.texts[int(i)] for i in st.phrase_index[0]] == [make_prompt("the sound of {}", "dog_barking"), "the sound of rain"]
+    assert int(st.phrase_index[1, 0]) == int(st.phrase_index[0, 1])  # one text, one slot
+    assert sorted(st.texts[int(i)] for i in st.flam_index) == ["the sound of dog barking", "the sound of rain"]
+    plain = step_texts(b, None)
+    assert [plain.texts[int(i)] for i in plain.phrase_index[0]] == ["dog_barking", "rain"]
+    assert isinstance(st.phrase_index, torch.Tensor)

@@ -95,7 +95,13 @@ class StepTexts:
     flam_cluster: torch.Tensor  # (N,) long cluster id, -1 unknown
 
 
-def step_texts(batch: Batch, clusters: PhraseClusters | None) -> StepTexts:
+def step_texts(batch: Batch, clusters: PhraseClusters | None, phrase_template: str | None = None) -> StepTexts:
+    """The batch's texts. Captions are encoded as written; phrases (frame-level queries) as the
+    prompts inference will use (`finelap.scoring.make_prompt` with `phrase_template`, normally the
+    checkpoint's eval.prompt_template), so training and detection score the same text; None keeps
+    phrases as written."""
+    from ..scoring import make_prompt
+
     index: dict[str, int] = {}
     texts: list[str] = []
 
@@ -105,10 +111,13 @@ def step_texts(batch: Batch, clusters: PhraseClusters | None) -> StepTexts:
             texts.append(t)
         return index[t]
 
+    def pidx(p: str) -> int:
+        return idx(make_prompt(phrase_template, p) if phrase_template is not None else p)
+
     cap = [idx(c) if c else 0 for c in batch.captions]
-    ph = [[idx(p) if p else 0 for p in ps] for ps in batch.phrases]
+    ph = [[pidx(p) if p else 0 for p in ps] for ps in batch.phrases]
     distinct = sorted({p for ps in batch.phrases for p in ps if p})
-    flam = [idx(p) for p in distinct]
+    flam = [pidx(p) for p in distinct]
     cl = [(clusters.cluster_of(p) if clusters is not None else None) for p in distinct]
     if not texts:
         texts.append("")
@@ -216,6 +225,7 @@ def forward_backward(
     world_size: int = 1,
     slap: SLAPState | None = None,
     step: int = 0,
+    phrase_template: str | None = None,
 ) -> dict[str, float]:
     """Forward, losses over the whole batch, backward. Returns the loss terms as floats.
 
@@ -225,7 +235,7 @@ def forward_backward(
     and back-propagated with the cached embedding gradients. The result equals one step on the
     full batch (up to float rounding) for encoders without batch statistics (GroupNorm, LayerNorm).
     """
-    st = step_texts(batch, clusters)
+    st = step_texts(batch, clusters, phrase_template)
     if accum_steps <= 1:
         with autocast():
             a = _audio_reps(model, batch.wave, batch.lengths)
@@ -498,7 +508,8 @@ def train(cfg: RunConfig, resume: str | bool | None = None, progress: bool = Tru
         for batch in loader:
             batch = batch.to(device)
             skipped.extend(batch.skipped)
-            terms = forward_backward(model, loss_cfg, batch, clusters, cfg.train.accum_steps, autocast, rank, ws, slap, step)
+            terms = forward_backward(model, loss_cfg, batch, clusters, cfg.train.accum_steps, autocast, rank, ws, slap, step,
+                                     phrase_template=cfg.eval.prompt_template)  # fmt: skip
             _sync_gradients(model, ws)
             # the global norm is computed even without clipping: a non-finite gradient must stop the run
             # before opt.step() writes NaN into the weights (and into the next checkpoint)
