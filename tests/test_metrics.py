@@ -277,6 +277,29 @@ def test_sed_perfect_and_reversed_one_file():
     assert M.sed_frame_auroc(bad, GT_ONE)["frame_AUROC_macro"] == 0.0
 
 
+def test_psds2_with_one_class():
+    """One event class: PSDS2's cross-trigger term has no other class, so it is zero (it crashed
+    inside sed_scores_eval with 'unhashable type: numpy.ndarray')."""
+    tl = Timeline(frame_rate_hz=10.0)
+    gt = {"f1": [(2.0, 2.8, "dog")], "f2": [(6.0, 6.5, "dog")]}
+    dur = {"f1": 10.0, "f2": 10.0}
+    perfect = np.zeros((100, 1))
+    perfect[20:28, 0] = 1.0
+    noisy = perfect.copy()
+    noisy[70:90, 0] = 0.95  # a false alarm scored above the event in f2: finding that event costs a false positive
+    f2 = np.zeros((100, 1))
+    f2[60:65, 0] = 0.9
+    scores = {"f1": M.scores_to_dataframe(noisy, tl, ["dog"], 10.0), "f2": M.scores_to_dataframe(f2, tl, ["dog"], 10.0)}
+    p2 = M.psds2(scores, gt, dur)
+    assert p2.params == M.PSDS2_PARAMS and set(p2.per_class) == {"dog"}
+    assert 0.0 < p2.value < 1.0
+    # = the same detection criteria without the (empty) cross-trigger term
+    ref = M.psds(scores, gt, dur, **{**M.PSDS2_PARAMS, "cttc": None, "alpha_ct": 0.0})
+    assert p2.value == pytest.approx(ref.value)
+    good = {"f1": M.scores_to_dataframe(perfect, tl, ["dog"], 10.0), "f2": scores["f2"]}
+    assert M.psds2(good, gt, dur).value == pytest.approx(1.0)
+
+
 def _random_sed_set(seed: int, n_files: int = 6, classes=("a", "b", "c")):
     """Library-format inputs built exactly as sed_scores_eval's docs show: create_score_dataframe
     with onset timestamps plus a final offset; gt {file: [(onset, offset, label)]}."""

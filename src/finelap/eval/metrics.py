@@ -544,14 +544,18 @@ def psds(
     classes = _validate_scores(scores)
     gt = _prepare_ground_truth(ground_truth, scores, classes)
     dur = _prepare_durations(durations, scores)
+    # With one class there is no other class to cross-trigger, so the cross-trigger term of eFPR
+    # is zero by definition; sed_scores_eval crashes on it (TypeError inside its statistics),
+    # so drop the term explicitly. The reported params stay the ones asked for.
+    one_class = len(classes) == 1
     value, per_class, (etpr, efpr), per_class_roc = sse.intersection_based.psds(
         scores=dict(scores),
         ground_truth=gt,
         audio_durations=dur,
         dtc_threshold=dtc,
         gtc_threshold=gtc,
-        cttc_threshold=cttc,
-        alpha_ct=alpha_ct,
+        cttc_threshold=None if one_class else cttc,
+        alpha_ct=0.0 if one_class else alpha_ct,
         alpha_st=alpha_st,
         unit_of_time="hour",
         max_efpr=max_efpr,
