@@ -651,3 +651,65 @@ def test_load_clips_dispatches_on_format(tmp_path, audio_dir):
         load_clips(m, durations=durs)
     with pytest.raises(DataFormatError, match="not found"):
         load_clips(tmp_path / "nope.jsonl")
+
+
+# ----------------------------------------------------------------------------- text encoding
+
+LATIN1 = "caf\xe9".encode("latin-1")  # b"caf\xe9": not UTF-8 (0xe9 starts a 3-byte sequence)
+
+
+def _raw(path: Path, lines: list[bytes]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return path
+
+
+def test_manifest_non_utf8_line_names_file_line_and_byte(tmp_path, audio_dir):
+    good = json.dumps(GOOD).encode()
+    path = _raw(tmp_path / "m.jsonl", [good, b'{"audio": "audio/a.wav", "captions": ["' + LATIN1 + b'"]}', good])
+    with pytest.raises(DataFormatError) as ei:
+        read_manifest(path)
+    msg = str(ei.value)
+    assert msg.startswith(f"{path}:2: not valid UTF-8 text (byte 0xe9 at column 43)"), msg
+    report = ReadReport()
+    assert len(read_manifest(path, on_error="skip", report=report)) == 2  # the other lines are read
+    assert report.n_skipped == 1 and report.errors[0].line == 2
+    # a BOM is still fine, and valid non-ASCII text is kept
+    ok = _raw(tmp_path / "bom.jsonl", [b"\xef\xbb\xbf" + json.dumps({"audio": "audio/a.wav", "captions": ["café"]}, ensure_ascii=False).encode()])
+    assert read_manifest(ok, check_audio=False)[0].captions == ["café"]
+
+
+def test_dcase_tsvs_non_utf8(tmp_path):
+    strong = _raw(tmp_path / "s.tsv", [b"filename\tonset\toffset\tevent_label", b"a.wav\t0\t1\tDog",
+                                        b"b.wav\t0\t1\tDog", b"b.wav\t2\t3\t" + LATIN1, b"c.wav\t\t\t"])
+    with pytest.raises(DataFormatError, match=r"s\.tsv:4: not valid UTF-8 text \(byte 0xe9 at column 14\)"):
+        read_strong_tsv(strong)
+    with pytest.raises(DataFormatError, match=r"s\.tsv:4: not valid UTF-8"):
+        load_clips(strong, check_audio=False)  # the format sniffer does not trip over it first
+    report = ReadReport()
+    # skip mode drops the whole file whose row is unreadable (its other event would be a false negative)
+    assert read_strong_tsv(strong, on_error="skip", report=report) == {"a.wav": [Event("Dog", 0.0, 1.0)], "c.wav": []}
+    assert report.n_skipped == 1 and report.errors[0].line == 4
+    dur = _raw(tmp_path / "d.tsv", [b"filename\tduration", b"a.wav\t1.0", LATIN1 + b".wav\t2.0"])
+    with pytest.raises(DataFormatError, match=r"d\.tsv:3: not valid UTF-8"):
+        read_durations_tsv(dur)
+    assert read_durations_tsv(dur, on_error="skip", report=ReadReport()) == {"a.wav": 1.0}
+    weak = _raw(tmp_path / "w.tsv", [b"filename\tevent_labels", b"a.wav\tDog," + LATIN1])
+    with pytest.raises(DataFormatError, match=r"w\.tsv:2: not valid UTF-8"):
+        read_weak_tsv(weak)
+
+
+def test_esc50_csv_and_json_non_utf8(tmp_path):
+    csv_path = _raw(tmp_path / "meta" / "e.csv", [b"filename,fold,target,category", b"a.wav,1,0,dog", b"b.wav,1,1," + LATIN1])
+    with pytest.raises(DataFormatError, match=r"e\.csv:3: not valid UTF-8 text \(byte 0xe9 in field 'category'\)"):
+        read_esc50_csv(csv_path, check_audio=False)
+    report = ReadReport()
+    clips = read_esc50_csv(csv_path, check_audio=False, on_error="skip", report=report)
+    assert [c.labels for c in clips] == [["dog"]] and report.n_skipped == 1 and report.errors[0].line == 3
+    header = _raw(tmp_path / "h.csv", [b"filename,fold,target," + LATIN1])
+    with pytest.raises(DataFormatError, match=r"h\.csv:1: not valid UTF-8"):
+        read_esc50_csv(header, check_audio=False)
+    js = _raw(tmp_path / "g.json", [b"[", b'{"audio_id": "a.wav", "caption": "x", "phrases": []},',
+                                    b'{"audio_id": "' + LATIN1 + b'.wav", "caption": "y", "phrases": []}', b"]"])
+    with pytest.raises(DataFormatError, match=r"g\.json:3: not valid UTF-8 text \(byte 0xe9 at column 18\)"):
+        read_grounding_json(js, check_audio=False)

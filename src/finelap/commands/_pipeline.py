@@ -97,7 +97,9 @@ def read_labels(value: str) -> list[str]:
         path = Path(value[1:])
         if not path.is_file():
             raise DataFormatError(path, "label file not found")
-        lines = [ln.split("#", 1)[0].strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+        from ..data.manifests import read_text_file  # names the line of bytes that are not UTF-8
+
+        lines = [ln.split("#", 1)[0].strip() for ln in read_text_file(path).splitlines()]
         labels = [ln for ln in lines if ln]
         if not labels:
             raise DataFormatError(path, "empty label list (no labels in the file)")

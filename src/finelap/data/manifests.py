@@ -67,6 +67,7 @@ __all__ = [
     "iter_webdataset",
     "decode_audio_bytes",
     "load_clips",
+    "read_text_file",
 ]
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -332,6 +333,39 @@ def _require_file(path: Path) -> None:
         raise DataFormatError(path, "is a directory, expected a file")
 
 
+# Text files are read with errors="surrogateescape": every byte that is not valid UTF-8 becomes one
+# lone surrogate U+DC80..U+DCFF (valid UTF-8 never decodes to those), so a bad line is found and
+# reported with its line and column, and the other lines (and line splitting) are unaffected.
+_TEXT_KW: dict[str, Any] = dict(encoding="utf-8-sig", errors="surrogateescape")
+_BAD_BYTE = re.compile("[\udc80-\udcff]")
+
+
+def _utf8_problem(text: str) -> str | None:
+    """None if `text` (decoded with surrogateescape) was valid UTF-8; else what is wrong and where."""
+    m = _BAD_BYTE.search(text)
+    if m is None:
+        return None
+    return f"not valid UTF-8 text (byte 0x{ord(m.group()) - 0xDC00:02x} at column {m.start() + 1}); save the file as UTF-8"
+
+
+def _check_utf8(path: Path, text: str) -> None:
+    """DataFormatError naming the first line of a whole-file `text` that is not valid UTF-8."""
+    m = _BAD_BYTE.search(text)
+    if m is not None:
+        line_start = text.rfind("\n", 0, m.start()) + 1
+        raise DataFormatError(path, _utf8_problem(text[line_start:]) or "not valid UTF-8 text", text.count("\n", 0, m.start()) + 1)
+
+
+def read_text_file(path: PathLike) -> str:
+    """The contents of a UTF-8 text file (a BOM is dropped). DataFormatError naming the file for a
+    missing file, a directory, or bytes that are not UTF-8 (with the line and column)."""
+    path = Path(path)
+    _require_file(path)
+    text = path.read_text(**_TEXT_KW)
+    _check_utf8(path, text)
+    return text
+
+
 # ----------------------------------------------------------------------------- JSONL manifest
 
 
@@ -350,11 +384,14 @@ def iter_manifest(
     _require_file(path)
     sink = _Sink(on_error, report, path)
     base = path.parent
-    with open(path, encoding="utf-8-sig") as f:
+    with open(path, **_TEXT_KW) as f:
         for ln, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             try:
+                bad = _utf8_problem(line)
+                if bad:
+                    raise _Bad(bad)
                 try:
                     obj = json.loads(line)
                 except json.JSONDecodeError as e:
@@ -450,14 +487,20 @@ def _fmt(x: float) -> str:
     return s + "0" if s.endswith(".") else s
 
 
-def _tsv_rows(path: Path) -> Iterator[tuple[int, list[str]]]:
-    """(1-based line number, tab-separated fields) for non-blank lines. Only the line break is
-    stripped: trailing empty fields (`file\\t\\t\\t`) are meaningful in DCASE files."""
-    with open(path, encoding="utf-8-sig", newline="") as f:
+def _tsv_rows(path: Path) -> Iterator[tuple[int, list[str], str | None]]:
+    """(1-based line number, tab-separated fields, problem) for non-blank lines. Only the line
+    break is stripped: trailing empty fields (`file\\t\\t\\t`) are meaningful in DCASE files.
+    `problem` is None, or says that the line is not valid UTF-8: its row is still given (bad
+    bytes as U+FFFD), so a reader can drop everything that belongs to the file it names."""
+    with open(path, **_TEXT_KW, newline="") as f:
         for ln, line in enumerate(f, start=1):
             line = line.rstrip("\r\n")
-            if line.strip():
-                yield ln, line.split("\t")
+            if not line.strip():
+                continue
+            bad = _utf8_problem(line)
+            if bad:
+                line = _BAD_BYTE.sub("\ufffd", line)
+            yield ln, line.split("\t"), bad
 
 
 _FILENAME_NAMES = ("filename", "file", "fname", "audio", "audio_id", "audio_filename")
@@ -476,11 +519,11 @@ def _strong_rows(
     idx = (0, 1, 2, 3)
     ncols = 4
     first = True
-    for ln, row in _tsv_rows(path):
+    for ln, row, undecodable in _tsv_rows(path):
         if first:
             first = False
             lower = [c.strip().lower() for c in row]
-            if lower[0] in _FILENAME_NAMES or "onset" in lower:
+            if not undecodable and (lower[0] in _FILENAME_NAMES or "onset" in lower):
                 names = {"event_label": ("event_label", "label", "event"), "filename": _FILENAME_NAMES}
                 try:
                     fi = next(lower.index(n) for n in names["filename"] if n in lower)
@@ -494,6 +537,10 @@ def _strong_rows(
                 continue
         fname = row[0].strip() if row else ""
         try:
+            if undecodable:  # the file it names is dropped with it (skip mode), like any bad row
+                if len(row) == ncols:
+                    fname = row[idx[0]].strip()
+                raise _Bad(undecodable)
             if len(row) == 1:  # bare filename: a clip without events
                 if not fname:
                     raise _Bad("empty filename")
@@ -574,12 +621,14 @@ def _durations_rows(path: Path, sink: _Sink) -> dict[str, tuple[float, int]]:
     _require_file(path)
     out: dict[str, tuple[float, int]] = {}
     first = True
-    for ln, row in _tsv_rows(path):
+    for ln, row, undecodable in _tsv_rows(path):
         if first:
             first = False
             if len(row) == 2 and (row[0].strip().lower() in _FILENAME_NAMES or row[1].strip().lower() == "duration"):
                 continue
         try:
+            if undecodable:
+                raise _Bad(undecodable)
             if len(row) != 2:
                 raise _Bad(f"expected 2 tab-separated columns (filename, duration), got {len(row)}")
             fname = row[0].strip()
@@ -624,13 +673,15 @@ def _weak_rows(path: Path, sink: _Sink) -> dict[str, tuple[list[str], int]]:
     _require_file(path)
     out: dict[str, tuple[list[str], int]] = {}
     first = True
-    for ln, row in _tsv_rows(path):
+    for ln, row, undecodable in _tsv_rows(path):
         if first:
             first = False
             lower = [c.strip().lower() for c in row]
             if lower[0] in _FILENAME_NAMES or (len(lower) > 1 and lower[1] in ("event_labels", "event_label", "labels")):
                 continue
         try:
+            if undecodable:
+                raise _Bad(undecodable)
             if len(row) not in (1, 2):
                 raise _Bad(f"expected 2 tab-separated columns (filename, event_labels), got {len(row)}")
             fname = row[0].strip()
@@ -829,8 +880,7 @@ class _JsonDoc:
 def _json_entries(path: Path) -> list[tuple[Any, int, str | None]]:
     """Entries of a JSON file as (entry, line, key-from-a-keyed-dict). Accepts a top-level list,
     {"data": [...]}, or a dict keyed by id whose values are entries or lists of entries."""
-    _require_file(path)
-    text = path.read_text(encoding="utf-8-sig")
+    text = read_text_file(path)
     doc = _JsonDoc(text)
     try:
         json.loads(text)  # whole-document syntax check first: its error has the exact line/column
@@ -1039,11 +1089,14 @@ def read_esc50_csv(
     base = Path(audio_dir) if audio_dir is not None else _default_esc50_audio_dir(path)
     keep = None if folds is None else ({int(folds)} if isinstance(folds, int) else {int(f) for f in folds})
     clips = []
-    with open(path, encoding="utf-8-sig", newline="") as f:
+    with open(path, **_TEXT_KW, newline="") as f:
         reader = csv.reader(f)
         header = next(reader, None)
         if header is None:
             raise DataFormatError(path, "empty file", 1)
+        bad = _csv_utf8_problem(header, None)
+        if bad:
+            raise DataFormatError(path, bad, reader.line_num)
         header = [h.strip() for h in header]
         missing = [c for c in ("filename", "fold", "target", "category") if c not in header]
         if missing:
@@ -1054,6 +1107,9 @@ def read_esc50_csv(
             if not any(c.strip() for c in row):
                 continue
             try:
+                bad = _csv_utf8_problem(row, header)
+                if bad:
+                    raise _Bad(bad)
                 if len(row) != len(header):
                     raise _Bad(f"expected {len(header)} comma-separated columns, got {len(row)}")
                 fname, category = row[col["filename"]].strip(), row[col["category"]].strip()
@@ -1076,6 +1132,17 @@ def read_esc50_csv(
     sink.ok(len(clips))
     sink.done()
     return clips
+
+
+def _csv_utf8_problem(row: Sequence[str], header: Sequence[str] | None) -> str | None:
+    """Where a CSV row (decoded with surrogateescape) is not valid UTF-8, by field (a quoted field
+    may span lines, so a column number would mislead)."""
+    for i, cell in enumerate(row):
+        m = _BAD_BYTE.search(cell)
+        if m is not None:
+            name = f"'{header[i]}'" if header is not None and i < len(header) else str(i + 1)
+            return f"not valid UTF-8 text (byte 0x{ord(m.group()) - 0xDC00:02x} in field {name}); save the file as UTF-8"
+    return None
 
 
 def _int(s: str, what: str) -> int:
@@ -1431,7 +1498,7 @@ def decode_audio_bytes(
 def _sniff_tsv(path: Path) -> str:
     """'strong', 'weak' or 'durations' from the header or, without one, the column layout."""
     rows = []
-    for _, row in _tsv_rows(path):
+    for _, row, _undecodable in _tsv_rows(path):  # the reader reports undecodable lines
         rows.append(row)
         if len(rows) >= 50:
             break
