@@ -574,7 +574,7 @@ def _load_feature_extractor(path: Path):
     from transformers import AutoFeatureExtractor
 
     try:
-        return AutoFeatureExtractor.from_pretrained(str(path), local_files_only=True)
+        return AutoFeatureExtractor.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError) as e:
         raise ConfigError(f"{path}: cannot load preprocessor_config.json ({type(e).__name__}: {e})") from None
 
@@ -830,10 +830,13 @@ class HFAudioEncoder(AudioEncoder):
         path = Path(path)
         if not (path / "config.json").exists():
             raise ConfigError(f"{path}: not a Hugging Face model directory (no config.json)")
+        from .text_encoders import refuse_custom_code
+
+        refuse_custom_code(path)  # before any transformers call: nothing is asked, nothing imported from `path`
         from transformers import AutoConfig, AutoModel
 
         try:
-            config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+            config = AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
         except (OSError, ValueError) as e:
             raise ConfigError(f"{path}: cannot read config.json ({type(e).__name__}: {e})") from None
         mt = config.model_type
@@ -843,21 +846,21 @@ class HFAudioEncoder(AudioEncoder):
         self.window_batch = window_batch
         try:
             if mt in WAVE_FAMILY:
-                self.backend: nn.Module = _WaveBackend(AutoModel.from_pretrained(str(path), local_files_only=True), config, fe, layer)
+                self.backend: nn.Module = _WaveBackend(AutoModel.from_pretrained(str(path), local_files_only=True, trust_remote_code=False), config, fe, layer)
             elif mt == "whisper":
-                self.backend = _WhisperBackend(AutoModel.from_pretrained(str(path), local_files_only=True), config, fe)
+                self.backend = _WhisperBackend(AutoModel.from_pretrained(str(path), local_files_only=True, trust_remote_code=False), config, fe)
             elif mt == "audio-spectrogram-transformer":
-                self.backend = _ASTBackend(AutoModel.from_pretrained(str(path), local_files_only=True), config, fe)
+                self.backend = _ASTBackend(AutoModel.from_pretrained(str(path), local_files_only=True, trust_remote_code=False), config, fe)
             elif mt in ("clap", "clap_audio_model"):
                 if mt == "clap":  # full CLAP checkpoint: keep only the audio tower (our heads replace its projection)
                     from transformers import ClapModel
 
-                    audio = ClapModel.from_pretrained(str(path), local_files_only=True).audio_model
+                    audio = ClapModel.from_pretrained(str(path), local_files_only=True, trust_remote_code=False).audio_model
                     acfg = config.audio_config
                 else:
                     from transformers import ClapAudioModel
 
-                    audio = ClapAudioModel.from_pretrained(str(path), local_files_only=True)
+                    audio = ClapAudioModel.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
                     acfg = config
                 self.backend = _ClapBackend(audio, acfg, fe)
             else:

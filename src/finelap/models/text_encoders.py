@@ -16,7 +16,42 @@ from torch import nn
 
 from ..errors import ConfigError
 
-__all__ = ["TextEncoderConfig", "TextFeatures", "HFTextEncoder", "default_text_model_path", "mean_pool"]
+__all__ = ["TextEncoderConfig", "TextFeatures", "HFTextEncoder", "default_text_model_path", "mean_pool", "refuse_custom_code"]
+
+# Files in which a Hugging Face model directory can point at Python code of its own ("auto_map").
+_HF_CONFIG_FILES = ("config.json", "tokenizer_config.json", "preprocessor_config.json", "processor_config.json",
+                    "feature_extractor_config.json", "image_processor_config.json")  # fmt: skip
+
+
+def refuse_custom_code(path: str | Path) -> None:
+    """ConfigError if a local Hugging Face model directory declares custom code (an `auto_map`
+    entry in one of its config files).
+
+    A checkpoint's config.json can point the text or audio tower at any directory; loading one
+    with custom code would run that code (transformers asks once on stdin, which `echo y |` or a
+    script answers). finelap only loads architectures built into transformers, always with
+    trust_remote_code=False; this check turns the case into one clear error before transformers
+    is called, so nothing is asked and nothing from the directory is imported."""
+    import json
+
+    path = Path(path)
+    for name in _HF_CONFIG_FILES:
+        f = path / name
+        if not f.is_file():
+            continue
+        try:
+            obj = json.loads(f.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{f}: cannot read ({type(e).__name__}: {e})") from None
+        auto_map = obj.get("auto_map") if isinstance(obj, dict) else None
+        if auto_map:
+            values = auto_map.values() if isinstance(auto_map, dict) else [auto_map]
+            # a value is "module.Class" or a [slow, fast] pair with None for a missing one
+            refs = sorted({str(x) for v in values for x in (v if isinstance(v, (list, tuple)) else [v]) if x})
+            raise ConfigError(
+                f"{f}: declares custom code (auto_map -> {', '.join(refs)[:200]}); finelap never runs code from a "
+                "model directory (trust_remote_code=False): use a model whose architecture is built into transformers"
+            )
 
 
 def default_text_model_path() -> Path:
@@ -106,20 +141,21 @@ class HFTextEncoder(nn.Module):
         if not (path / "config.json").exists():
             raise ConfigError(f"{path}: not a Hugging Face model directory (no config.json)")
         self.path = path
+        refuse_custom_code(path)
         from transformers import AutoModel, AutoTokenizer  # heavy import, only when a tower is built
 
         try:
             from transformers.utils import logging as hf_logging
 
             hf_logging.disable_progress_bar()  # a local load needs no "Loading weights" bar on every command
-            self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+            self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
             if cfg.weights == "checkpoint":  # architecture only; the finelap checkpoint supplies the weights
                 from transformers import AutoConfig
 
                 hf_cfg = AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
                 self.model = AutoModel.from_config(hf_cfg, trust_remote_code=False)
             else:
-                self.model = AutoModel.from_pretrained(str(path), local_files_only=True)
+                self.model = AutoModel.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
         except (OSError, ValueError) as e:
             raise ConfigError(f"{path}: cannot load text model/tokenizer ({type(e).__name__}: {e})") from None
         self.hidden_size = int(self.model.config.hidden_size)
