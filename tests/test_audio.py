@@ -89,6 +89,33 @@ def test_zero_length_nan_unsupported_missing(tmp_path):
         load_audio(tmp_path / "missing.wav")
 
 
+def test_truncated_wav_warns_naming_the_file(tmp_path):
+    """A WAV cut off mid-copy: libsndfile quietly reads the part that is there (0.22 s of 2 s).
+    The rule: read it, but warn once per file, naming it and both durations."""
+    import warnings
+
+    from finelap.audio import TruncatedAudioWarning
+
+    x = np.random.default_rng(0).uniform(-0.5, 0.5, 32000).astype(np.float32)
+    full = tmp_path / "full.wav"
+    sf.write(full, x, 16000, subtype="PCM_16")
+    cut = tmp_path / "cut.wav"
+    cut.write_bytes(full.read_bytes()[: 44 + 7040])
+    with pytest.warns(TruncatedAudioWarning, match=r"cut\.wav: truncated file: its header declares 2\.000 s of audio but only 0\.220 s"):
+        assert audio_duration(cut) == pytest.approx(0.22)
+    cut2 = tmp_path / "cut2.wav"
+    cut2.write_bytes(full.read_bytes()[: 44 + 7040])
+    with pytest.warns(TruncatedAudioWarning, match="cut2.wav"):
+        y = load_audio(cut2)
+    np.testing.assert_allclose(y, x[:3520], atol=1e-4)  # the part that is there is used
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # complete files (odd-sized 24-bit data, extra chunks) do not warn
+        audio_duration(full), load_audio(full)
+        sf.write(tmp_path / "odd.wav", np.zeros((101, 3)), 16000, subtype="PCM_24")
+        load_audio(tmp_path / "odd.wav", start_s=0.001)
+        load_audio(cut2, start_s=0.1)  # already reported once for this file
+
+
 def test_mp3_clear_error_or_loads(tmp_path):
     """mp3 decodes where libsndfile supports it; otherwise the error says so (never garbage)."""
     p = tmp_path / "x.mp3"

@@ -18,6 +18,7 @@ from .errors import AudioError
 
 __all__ = [
     "AUDIO_EXTENSIONS",
+    "TruncatedAudioWarning",
     "load_audio",
     "audio_duration",
     "to_float32",
@@ -63,6 +64,77 @@ def resample(x: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
     return soxr.resample(x.T, orig_sr, target_sr, quality="HQ").T.astype(np.float32, copy=False)
 
 
+class TruncatedAudioWarning(UserWarning):
+    """An audio file holds less audio than its header declares (an interrupted copy or download);
+    the audio that is there is used."""
+
+
+# (path, size, mtime_ns) of files already warned about: a streamed file is opened once per window
+_WARNED_TRUNCATED: set[tuple[str, int, int]] = set()
+
+
+def _declared_wav_frames(path: Path, file_size: int) -> tuple[int, int] | None:
+    """(frames the RIFF/WAVE header's data chunk declares, frames present in the file), or None
+    when the file is not a plain RIFF WAVE, the chunks cannot be walked, or the size is the
+    "unknown" placeholder (0 or 0xFFFFFFFF) that streaming writers leave. libsndfile silently
+    clamps its frame count to what is present, so a cut-off WAV reads as a shorter file."""
+    import struct
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(12)
+            if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+                return None
+            block_align = 0
+            pos = 12
+            while pos + 8 <= file_size:
+                f.seek(pos)
+                cid, size = struct.unpack("<4sI", f.read(8))
+                if cid == b"fmt ":
+                    fmt = f.read(min(size, 16))
+                    if len(fmt) >= 14:
+                        block_align = struct.unpack("<H", fmt[12:14])[0]
+                elif cid == b"data":
+                    if block_align <= 0 or size in (0, 0xFFFFFFFF):
+                        return None
+                    present = max(0, file_size - (pos + 8))
+                    return size // block_align, min(size, present) // block_align
+                pos += 8 + size + (size & 1)  # chunks are padded to an even size
+    except (OSError, struct.error):
+        return None
+    return None
+
+
+def _warn_truncated(path: Path, declared: int, present: int, sr: int) -> None:
+    try:
+        st = path.stat()
+        key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    except OSError:
+        return
+    if key in _WARNED_TRUNCATED:
+        return
+    _WARNED_TRUNCATED.add(key)
+    import warnings
+
+    warnings.warn(
+        f"{path}: truncated file: its header declares {declared / sr:.3f} s of audio but only {present / sr:.3f} s "
+        f"is present; using the {present / sr:.3f} s",
+        TruncatedAudioWarning,
+        stacklevel=3,
+    )
+
+
+def _check_truncated(path: Path, frames: int, sr: int) -> None:
+    """Warn (once per file) when a WAV's data chunk declares more frames than the file holds."""
+    try:
+        size = path.stat().st_size
+    except OSError:
+        return
+    wav = _declared_wav_frames(path, size)
+    if wav is not None and wav[0] > wav[1]:
+        _warn_truncated(path, wav[0], min(wav[1], frames) if frames > 0 else wav[1], sr)
+
+
 def _check_readable(path: Path) -> None:
     if not path.exists():
         raise AudioError(path, "file not found")
@@ -101,12 +173,17 @@ def load_audio(
                 f.seek(min(start, f.frames) if f.frames > 0 else start)
             frames = -1 if duration_s is None else int(round(duration_s * sr))
             data = f.read(frames=frames, dtype="float32", always_2d=True)
+            header_frames = f.frames
     except AudioError:
         raise
     except Exception as e:  # libsndfile raises LibsndfileError/RuntimeError/ValueError
         raise AudioError(path, f"corrupt or unreadable audio ({type(e).__name__}: {e})") from None
     if data.shape[0] == 0 and start_s == 0.0:
         raise AudioError(path, "zero-length audio (no samples)")
+    if start_s == 0.0 and duration_s is None and 0 < data.shape[0] < header_frames:
+        _warn_truncated(path, header_frames, data.shape[0], sr)  # e.g. a FLAC cut at a frame boundary
+    else:
+        _check_truncated(path, header_frames, sr)
     if not np.isfinite(data).all():
         raise AudioError(path, "contains NaN or Inf samples")
     x = data.T  # (C, N)
@@ -128,6 +205,7 @@ def audio_duration(path: str | Path) -> float:
         raise AudioError(path, f"corrupt or unreadable audio ({type(e).__name__}: {e})") from None
     if info.frames <= 0:
         raise AudioError(path, "zero-length audio (no samples)")
+    _check_truncated(path, info.frames, info.samplerate)
     return info.frames / float(info.samplerate)
 
 
