@@ -421,6 +421,37 @@ def test_checkpoint_roundtrip_and_caption_command(text_dir, tmp_path, capsys):
     assert line.startswith(f"{a}\t")
 
 
+def test_caption_streams_long_audio_like_one_pass(text_dir, tmp_path):
+    """Pipeline.caption encodes window by window (bounded memory for long files); the decoder
+    then reads all frames, so the caption equals decoding one-pass frames."""
+    from finelap.audio import load_audio
+    from finelap.infer import Pipeline
+    from finelap.streaming import plan_windows
+
+    cfg = tiny_cfg(text_dir)
+    torch.manual_seed(1)
+    model = build_model(cfg)
+    attach_slap_modules(model, cfg)
+    with torch.no_grad():  # a sharper decoder, so the token choice depends on the frames
+        for p in model.caption_decoder.parameters():
+            p.mul_(4.0)
+    ckpt = save_checkpoint(tmp_path / "run" / "step_1", model, cfg, step=1, rng=False)
+    path = _wav(tmp_path / "long.wav", 7.3, 440.0)
+    pipe = Pipeline.from_pretrained(ckpt, window_s=1.0, margin_s=1.0)
+    assert pipe.can_caption
+    assert len(plan_windows(int(7.3 * SR), pipe.timeline, pipe.window_s, pipe.margin_s)) == 8  # really streamed
+    got = pipe.caption(str(path), max_len=6, beam_size=2)
+    with torch.no_grad():
+        feats = pipe.model.audio(torch.from_numpy(load_audio(path, SR))[None])
+        ids = pipe.model.caption_decoder.generate(feats.frames, feats.frame_mask, max_len=6, beam_size=2)[0]
+    assert got["tokens"] == ids and got["duration_s"] == pytest.approx(7.3)
+    assert got["caption"] == pipe.model.text.tokenizer.decode(ids, skip_special_tokens=True).strip()
+    # the streamed frames themselves equal one pass (the CNN's receptive field fits in the margin)
+    chunks = list(pipe._stream(pipe._open(str(path)), lambda x: x, raw=True))
+    streamed = torch.cat([fe for _, fe in chunks])
+    torch.testing.assert_close(streamed, feats.frames[0], atol=1e-4, rtol=1e-4)
+
+
 def test_caption_command_errors(text_dir, tmp_path, capsys):
     from finelap.cli import main
 

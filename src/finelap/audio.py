@@ -137,6 +137,10 @@ def _check_truncated(path: Path, frames: int, sr: int) -> None:
 
 def _check_readable(path: Path) -> None:
     if not path.exists():
+        if path.is_symlink():
+            import os
+
+            raise AudioError(path, f"broken symbolic link (its target {os.readlink(path)} does not exist)")
         raise AudioError(path, "file not found")
     if path.is_dir():
         raise AudioError(path, "is a directory, not an audio file")

@@ -218,14 +218,16 @@ def _apply_template(labels: Sequence[str], template: str) -> list[str]:
 
 def find_audio_files(inputs: Sequence[str | os.PathLike]) -> list[Path]:
     """Expand folders (recursively, sorted) into audio files; files are kept as given (even if
-    missing, so the caller reports them). Hidden files and folders are skipped."""
+    missing, so the caller reports them). Hidden files and folders are skipped. Broken symbolic
+    links with an audio extension are kept too, so the caller lists them as failed rather than
+    dropping them unseen."""
     out: list[Path] = []
     for item in inputs:
         p = Path(item)
         if p.is_dir():
             found = sorted(
                 f for f in p.rglob("*")
-                if f.is_file() and f.suffix.lower() in AUDIO_EXTENSIONS
+                if (f.is_file() or f.is_symlink()) and f.suffix.lower() in AUDIO_EXTENSIONS
                 and not any(part.startswith(".") for part in f.relative_to(p).parts)
             )  # fmt: skip
             out.extend(found)
@@ -615,10 +617,12 @@ class Pipeline:
         finally:
             torch.set_num_threads(prev)
 
-    def _stream(self, src: _Source, fn: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[tuple[int, torch.Tensor]]:
+    def _stream(self, src: _Source, fn: Callable[[torch.Tensor], torch.Tensor], raw: bool = False) -> Iterator[tuple[int, torch.Tensor]]:
         """(first frame, fn(frame_embeds (t, D))) chunks covering every frame of `src` once, in
         order. Windows from `streaming.plan_windows` (frame-grid aligned, with margins); groups of
-        `batch_windows` are encoded together, groups run on `workers` threads."""
+        `batch_windows` are encoded together, groups run on `workers` threads. `raw`: the audio
+        encoder's own frames (t, Da) instead of the projected frame embeddings (what the caption
+        decoder reads)."""
         from .streaming import plan_windows
 
         windows = plan_windows(src.n_samples, self.timeline, self.window_s, self.margin_s)
@@ -629,7 +633,10 @@ class Pipeline:
         def work(group: list) -> list[tuple[int, torch.Tensor]]:
             wave, lengths = self._pad([src.read(w.read_start, w.read_end) for w in group])
             with torch.inference_mode():
-                fe = self.model.encode_audio(wave.to(dev), lengths.to(dev)).frame_embeds
+                if raw:
+                    fe = self.model.audio(wave.to(dev), lengths.to(dev)).frames
+                else:
+                    fe = self.model.encode_audio(wave.to(dev), lengths.to(dev)).frame_embeds
                 out = []
                 for j, w in enumerate(group):
                     local0 = w.keep_start - w.read_start // spf
@@ -1021,6 +1028,49 @@ class Pipeline:
                 except FinelapError as e:
                     yield EmbedResult(p, error=str(getattr(e, "problem", e)))
                 j += 1
+
+    # ------------------------------------------------------------------ captions
+    @property
+    def can_caption(self) -> bool:
+        """True when the checkpoint has a caption decoder (trained with loss.caption, preset slap)."""
+        return getattr(self.model, "caption_decoder", None) is not None
+
+    def caption(self, audio: AudioInput, max_len: int = 30, beam_size: int = 3, sample_rate: int | None = None) -> dict[str, Any]:
+        """Describe one input in words with the checkpoint's caption decoder:
+        {"caption": str, "tokens": [ids], "duration_s": float}.
+
+        The decoder cross-attends to all the audio encoder's frames of the input. Those frames are
+        computed window by window (`window_s` + `margin_s`, like `frame_scores`), so memory grows
+        with the number of frames (T, Da), not with the samples: a 30-min file never sits in memory
+        as a waveform or as one encoder pass. For encoders whose receptive field fits in the margin
+        the frames, hence the caption, equal one-pass encoding. Greedy for beam_size 1, else beam
+        search (length-normalised log-probability)."""
+        from .errors import CheckpointError
+
+        decoder = getattr(self.model, "caption_decoder", None)
+        if decoder is None:
+            where = getattr(self.checkpoint, "path", "this model")
+            raise CheckpointError(f"{where}: this checkpoint was not trained with a caption decoder (preset slap)")
+        if not 1 <= max_len <= decoder.max_len:
+            raise ConfigError(f"max_len must be in [1, {decoder.max_len}] (the decoder's maximum), got {max_len}")
+        if beam_size < 1:
+            raise ConfigError(f"beam_size must be >= 1, got {beam_size}")
+        src = self._open(audio, sample_rate)
+        t = self.timeline.num_frames_for_samples(src.n_samples)
+        frames: torch.Tensor | None = None
+        filled = 0
+        for start, fe in self._stream(src, lambda x: x, raw=True):
+            if frames is None:
+                frames = torch.empty(t, fe.shape[-1], dtype=fe.dtype, device=fe.device)
+            frames[start : start + len(fe)] = fe
+            filled += len(fe)
+        if frames is None or filled != t:
+            raise RuntimeError(f"{src.name}: encoder produced {filled} frames, its Timeline promises {t}")
+        mask = torch.ones(1, t, dtype=torch.bool, device=frames.device)
+        with torch.inference_mode():
+            ids = decoder.generate(frames[None], mask, max_len=max_len, beam_size=beam_size)[0]
+        text = self.model.text.tokenizer.decode(ids, skip_special_tokens=True).strip()
+        return {"caption": text, "tokens": list(ids), "duration_s": src.n_samples / self.sample_rate}
 
     # ------------------------------------------------------------------ plots
     def plot(

@@ -4,10 +4,14 @@ Examples:
   finelap caption a.wav b.flac --checkpoint runs/slap/final
   finelap caption a.wav --checkpoint CKPT --beam 1 --max-len 20 --json
 
-Each file is encoded whole (no cropping, at the model's sample rate) and decoded greedily
+Each file is encoded whole (no cropping, at the model's sample rate; long files window by window
+with bounded memory, the decoder reading all frames) and decoded greedily
 (--beam 1) or with beam search ranked by length-normalised log-probability. Only checkpoints
 trained with a caption decoder (loss.caption, preset slap) can caption. Output: one
 "FILE<TAB>caption" line per file, or JSON with --json.
+
+Several inputs: a file that cannot be used is skipped and named on stderr ("skipped FILE:
+problem"), the others are processed; the exit status is then 1 (0: all processed, 2: none).
 """
 from __future__ import annotations
 
@@ -54,11 +58,10 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from ..audio import load_audio
-    from ..errors import CheckpointError, ConfigError
-    from ..models.build import load_pretrained
+    from ..errors import AudioError, CheckpointError, ConfigError
+    from ..infer import Pipeline
     from ..utils import log
-    from ._pipeline import check_audio_files
+    from ._failures import FileFailures
 
     if args.beam < 1:
         raise ConfigError(f"--beam must be >= 1, got {args.beam}")
@@ -68,33 +71,32 @@ def run(args: argparse.Namespace) -> int:
         if args.threads < 1:
             raise ConfigError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    files = check_audio_files(args.audio)  # every input is checked before the model loads
+    failures = FileFailures("caption", len(args.audio))
+    files = failures.readable(args.audio)  # every input is checked before the model loads
     if has_caption_decoder(args.checkpoint) is False:  # a user error that needs no model: say it at once
         raise CheckpointError(f"{args.checkpoint}: this checkpoint was not trained with a caption decoder (preset slap)")
-    # The lead's `models.build.load_pretrained` does not attach SLAP modules (yet); this loader
-    # builds the model, attaches the caption decoder from the stored weights, then loads them.
-    model, run_cfg, ckpt = load_pretrained(args.checkpoint, use_ema=not args.no_ema, map_location=args.device)
-    decoder = getattr(model, "caption_decoder", None)
-    if decoder is None:
-        raise CheckpointError(f"{ckpt.path}: this checkpoint was not trained with a caption decoder (preset slap)")
+    pipe = Pipeline.from_pretrained(args.checkpoint, device=args.device, use_ema=not args.no_ema)
+    if not pipe.can_caption:
+        raise CheckpointError(f"{pipe.checkpoint.path}: this checkpoint was not trained with a caption decoder (preset slap)")
+    decoder = pipe.model.caption_decoder
     if args.max_len > decoder.max_len:
         raise ConfigError(f"--max-len {args.max_len} exceeds the decoder's maximum of {decoder.max_len} tokens")
-    tokenizer = model.text.tokenizer
-    sr = model.sample_rate
+    max_s = pipe.config.audio.max_seconds
     results = []
     for f in files:
-        wave = torch.from_numpy(load_audio(f, sr)).to(args.device)
-        seconds = wave.shape[0] / sr
-        if seconds > run_cfg.audio.max_seconds:
-            log(f"note: {f} is {seconds:.0f} s long, beyond the {run_cfg.audio.max_seconds:.0f} s clips the decoder was trained on")
-        with torch.no_grad():
-            out = model.audio(wave[None])  # raw encoder frames: what the decoder was trained on
-            ids = decoder.generate(out.frames, out.frame_mask, max_len=args.max_len, beam_size=args.beam)[0]
-        text = tokenizer.decode(ids, skip_special_tokens=True).strip()
-        results.append({"file": str(f), "caption": text, "tokens": ids})
+        try:
+            # streamed: the encoder runs window by window, the decoder reads all frames
+            r = pipe.caption(str(f), max_len=args.max_len, beam_size=args.beam)
+        except AudioError as e:  # e.g. NaN samples or corrupt data past the header: skip, report, go on
+            failures.add(f, e)
+            continue
+        if r["duration_s"] > max_s:
+            log(f"note: {f} is {r['duration_s']:.0f} s long, beyond the {max_s:.0f} s clips the decoder was trained on")
+        results.append({"file": str(f), "caption": r["caption"], "tokens": r["tokens"]})
     if args.json:
-        print(json.dumps({"checkpoint": str(ckpt.path), "beam": args.beam, "results": results}, indent=2))
+        print(json.dumps({"checkpoint": str(pipe.checkpoint.path), "beam": args.beam, "results": results,
+                          "failed": failures.as_json()}, indent=2))  # fmt: skip
     else:
         for r in results:
             print(f"{r['file']}\t{r['caption']}")
-    return 0
+    return failures.exit_status(len(results))

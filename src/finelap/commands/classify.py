@@ -11,6 +11,9 @@ one label per line. The number of labels parsed is printed on stderr.
 Each label becomes a prompt through the checkpoint's prompt template (e.g. "the sound of {}"),
 unless --template is given. Probabilities are a softmax over the labels (they sum to 1), or
 independent per-label sigmoids with --multi-label.
+
+Several inputs: a file that cannot be used is skipped and named on stderr ("skipped FILE:
+problem"), the others are processed; the exit status is then 1 (0: all processed, 2: none).
 """
 from __future__ import annotations
 
@@ -33,25 +36,43 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import json
 
-    from ..errors import ConfigError
-    from ._pipeline import check_audio_files, fmt_prob, fmt_table, load_pipeline, log_labels, read_labels
+    from ..errors import AudioError, ConfigError
+    from ._failures import FileFailures
+    from ._pipeline import fmt_prob, fmt_table, load_pipeline, log_labels, read_labels
 
     labels = read_labels(args.labels)
     if args.top_k < 1:
         raise ConfigError(f"--top-k must be >= 1, got {args.top_k}")
-    files = check_audio_files(args.audio)  # every user error is reported before the model loads
+    failures = FileFailures("classify", len(args.audio))
+    files = failures.readable(args.audio)  # unreadable files are reported before the model loads
     pipe = load_pipeline(args)
     log_labels(labels)  # after the checks and the load, so a user error stays the only line
     template = pipe.prompt_template if args.template is None else args.template
-    results = pipe.classify([str(f) for f in files], labels, template=template, top_k=args.top_k,
-                            multi_label=args.multi_label, batch_size=args.batch_size)  # fmt: skip
+
+    def classify(group):
+        return pipe.classify([str(f) for f in group], labels, template=template, top_k=args.top_k,
+                             multi_label=args.multi_label, batch_size=args.batch_size)  # fmt: skip
+
+    done: list = []  # (file, predictions [{"label", "score"}])
+    chunk = max(4 * args.batch_size, 16)  # files decoded together (bounded memory)
+    for g in range(0, len(files), chunk):
+        group = files[g : g + chunk]
+        try:
+            done += list(zip(group, classify(group)))
+        except AudioError:  # a file that only fails when decoded: isolate it, keep the others
+            for f in group:
+                try:
+                    done += list(zip([f], classify([f])))
+                except AudioError as e:
+                    failures.add(f, e)
     if args.json:
-        out = [{"file": str(f), "predictions": preds} for f, preds in zip(files, results)]  # [{"label", "score"}]
-        print(json.dumps({"template": template, "multi_label": args.multi_label, "results": out}, indent=2))
-        return 0
+        out = [{"file": str(f), "predictions": preds} for f, preds in done]
+        print(json.dumps({"template": template, "multi_label": args.multi_label, "results": out,
+                          "failed": failures.as_json()}, indent=2))  # fmt: skip
+        return failures.exit_status(len(done))
     kind = "sigmoid, multi-label" if args.multi_label else f"softmax over {len(labels)} labels"
     print(f"prompt template: {template!r} ({kind})")
-    for f, preds in zip(files, results):
+    for f, preds in done:
         print(f"\n{f}")
         print(fmt_table([(i + 1, r["label"], fmt_prob(r["score"])) for i, r in enumerate(preds)], ("rank", "label", "score")))
-    return 0
+    return failures.exit_status(len(done))

@@ -14,6 +14,9 @@ draws the spectrogram, one probability curve per label, the threshold and the de
 --scores-out writes sed_scores_eval score TSVs (onset, offset, one column per label) per file,
 for threshold-free evaluation (PSDS). Audio of any length is streamed. Post-processing is in
 seconds; defaults come from the checkpoint (eval section).
+
+Several inputs: a file that cannot be used is skipped and named on stderr ("skipped FILE:
+problem"), the others are processed; the exit status is then 1 (0: all processed, 2: none).
 """
 from __future__ import annotations
 
@@ -41,14 +44,17 @@ def run(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
+    from ..errors import AudioError
     from ..utils import atomic_path, log, write_text_atomic
-    from ._pipeline import (calibrated, check_audio_files, check_post_arguments, fmt_prob, fmt_table, load_pipeline, log_labels, per_file_path,
+    from ._failures import FileFailures
+    from ._pipeline import (calibrated, check_post_arguments, fmt_prob, fmt_table, load_pipeline, log_labels, per_file_path,
                             post_kwargs, read_labels, read_reference, reference_segments)  # fmt: skip
 
     labels = read_labels(args.labels)
-    files = check_audio_files(args.audio)  # every user error is reported before the model loads
     reference = read_reference(args.reference)
     check_post_arguments(args)
+    failures = FileFailures("detect", len(args.audio))
+    files = failures.readable(args.audio)  # unreadable files are reported before the model loads
     names = [f.name for f in files]
     if len(set(names)) != len(names):  # DCASE rows and score files are keyed by the base name
         from ..errors import FinelapError
@@ -60,11 +66,17 @@ def run(args: argparse.Namespace) -> int:
     template = pipe.prompt_template if args.template is None else args.template
     post = post_kwargs(args)
     pipe.resolve_postprocessing(**post)  # validate before any audio is decoded
-    multiple = len(files) > 1
+    multiple = len(args.audio) > 1  # output names do not change when some inputs fail
     rows = []
     peak = (-1.0, "")  # the highest probability seen, to say what to change when nothing is found
+    n_done = 0
     for f in files:
-        fs = pipe.frame_scores(str(f), labels, calibrated=calibrated(args), template=template)
+        try:
+            fs = pipe.frame_scores(str(f), labels, calibrated=calibrated(args), template=template)
+        except AudioError as e:  # e.g. NaN samples or corrupt data past the header: skip, report, go on
+            failures.add(f, e)
+            continue
+        n_done += 1
         p, j, k = fs.peak()
         if p > peak[0]:
             peak = (p, f"{labels[k]!r} in {f.name} at {fs.times[j]:.2f} s")
@@ -89,19 +101,20 @@ def run(args: argparse.Namespace) -> int:
         w.writerow(["filename", "onset", "offset", "event_label"])
         for r in rows:
             w.writerow([r["filename"], f"{r['onset']:.3f}", f"{r['offset']:.3f}", r["label"]])
-        write_text_atomic(args.out, buf.getvalue())
-        log(f"{len(rows)} events in {len(files)} file(s) -> {args.out}")
+        if n_done:  # nothing to write when every file failed (exit 2 below)
+            write_text_atomic(args.out, buf.getvalue())
+            log(f"{len(rows)} events in {n_done} file(s) -> {args.out}")
     if args.json:
-        print(json.dumps({"template": template, "events": rows}, indent=2))
+        print(json.dumps({"template": template, "events": rows, "failed": failures.as_json()}, indent=2))
     elif not args.out:
         if rows:
             print(fmt_table([(r["filename"], f"{r['onset']:.3f}", f"{r['offset']:.3f}", r["label"], fmt_prob(r["score"])) for r in rows],
                             ("filename", "onset", "offset", "label", "score"), indent=""))  # fmt: skip
-        else:
+        elif n_done:  # (none done: exit 2 below, the skipped files are listed)
             from ..scoring import suggest_threshold
 
-            print(f"no events above threshold {pipe.resolve_postprocessing(**post)[0]:g} in {len(files)} file(s); "
+            print(f"no events above threshold {pipe.resolve_postprocessing(**post)[0]:g} in {n_done} file(s); "
                   f"the highest probability was {fmt_prob(peak[0])} ({peak[1]}): try --threshold {suggest_threshold(peak[0]):g}")  # fmt: skip
-    if args.scores_out:
+    if args.scores_out and n_done:
         log(f"scores: {args.scores_out}")
-    return 0
+    return failures.exit_status(n_done)

@@ -6,8 +6,9 @@ Examples:
 
 Writes OUT (N, D) float32 L2-normalised clip embeddings, OUT.paths.txt (row i = line i) and, with
 --frames, OUT.frames.npz (frames (sum T, D) float32, offsets (N+1,) int64: file i's frames are
-frames[offsets[i]:offsets[i+1]], frame_rate_hz). Missing or corrupt files are skipped with a
-warning and listed in OUT.failed.tsv; they never stop the run.
+frames[offsets[i]:offsets[i+1]], frame_rate_hz). Missing or corrupt files (and broken links) are
+skipped, named on stderr and listed in OUT.failed.tsv; they never stop the run, but the exit
+status is then 1 (0: every file embedded).
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import AudioError, ConfigError, FinelapError
     from ..infer import find_audio_files
     from ..utils import atomic_path, log, progress, write_text_atomic
+    from ._failures import EXIT_SOME_FAILED
     from ._pipeline import load_pipeline
 
     out = Path(args.out)
@@ -53,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     embs, frames, kept, failed = [], [], [], []
     for r in progress(pipe.embed_files(files, with_frames=args.frames, batch_size=args.batch_size), total=len(files), desc="embedding"):
         if r.error is not None:
-            log(f"warning: skipped {r.path}: {r.error}")
+            log(f"finelap embed: skipped {r.path}: {r.error}")
             failed.append((str(r.path), r.error))
             continue
         kept.append(str(r.path))
@@ -81,5 +83,6 @@ def run(args: argparse.Namespace) -> int:
         msg += f", frames -> {fpath}"
     log(msg)
     if failed:
-        log(f"{len(failed)} file(s) skipped, listed in {failed_path}")
+        log(f"finelap embed: {len(failed)} of {len(files)} files failed and were skipped, listed in {failed_path}")
+        return EXIT_SOME_FAILED  # the embeddings of the others are written; the status says some failed
     return 0
