@@ -159,6 +159,35 @@ def test_decoder_overfits_two_captions_and_generates_them(tokenizer):
     assert dec.training  # generate restores the mode
 
 
+def test_incremental_decoding_equals_full_decode():
+    """Generation feeds one token per step with cached memory keys/values (shared by beams) and
+    cached self-attention inputs; its logits equal the full `decode` of the same prefix."""
+    dec = tiny_decoder().eval()
+    torch.manual_seed(2)
+    mem = torch.randn(2, 9, 12) * 3
+    mask = torch.tensor([[True] * 9, [True] * 5 + [False] * 4])
+    tokens = torch.randint(4, 27, (2, 7))
+    tokens[:, 0] = dec.bos_id
+    with torch.no_grad():
+        enc, kp = dec.encode_memory(mem, mask)
+        state = dec._start(enc, kp)
+        full = dec.decode(tokens, enc, kp)
+        for pos in range(tokens.shape[1]):  # one row per memory (greedy)
+            torch.testing.assert_close(dec._step(tokens[:, pos], pos, state), full[:, pos], atol=1e-5, rtol=1e-5)
+        # beams: three rows on one memory row, reordered between steps like beam search does
+        state = dec._start(enc[1:], kp[1:])
+        rows = tokens[[1, 1, 1]].clone()
+        rows[1:, 2:] = torch.randint(4, 27, (2, 5))
+        for pos in range(rows.shape[1]):
+            got = dec._step(rows[:, pos], pos, state)
+            want = dec.decode(rows[:, : pos + 1], enc[[1, 1, 1]], kp[[1, 1, 1]], last_only=True)[:, -1]
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+            if pos == 3:  # swap beams: the caches follow their rows
+                perm = torch.tensor([2, 0, 1])
+                dec._reorder(state, perm)
+                rows = rows[perm]
+
+
 def test_beam_size_one_equals_greedy():
     dec = tiny_decoder().eval()
     torch.manual_seed(1)
@@ -189,6 +218,9 @@ class _TableDecoder(CaptionDecoder):
             out[i, -1] = 2.0 * torch.randn(self.vocab_size, generator=g)
             out[i, -1, self.eos_id] += self.eos_bias
         return out
+
+    def _next_logits(self, prefix: torch.Tensor, state) -> torch.Tensor:  # generation's hook: the same table
+        return self.decode(prefix, None, None)[:, -1]
 
 
 def _exhaustive(dec: CaptionDecoder, max_len: int) -> tuple[float, list[int]]:

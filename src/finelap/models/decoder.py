@@ -199,6 +199,74 @@ class CaptionDecoder(nn.Module):
         mem, kp = self.encode_memory(memory, memory_mask)
         return self.decode(tokens.to(mem.device), mem, kp)
 
+    # ------------------------------------------------------------------ incremental decoding
+    # Generation feeds one token per step. Recomputing the whole prefix through
+    # nn.TransformerDecoderLayer would project the memory to keys/values again at every step and
+    # for every beam ((beams, T, dim) per layer): for a 30-min file (45,000 frames) that is
+    # minutes and ~1 GB. Here the memory's keys/values are projected once, beams share them, and
+    # self-attention keeps the (normed) inputs of earlier positions, which causal attention never
+    # changes. Same arithmetic as `decode` (tested), one position at a time.
+
+    def _start(self, mem: torch.Tensor, key_padding: torch.Tensor) -> dict[str, Any]:
+        """Per-layer cross-attention keys/values (Bm, heads, T, hd) of the encoded memory, an
+        additive mask (Bm, 1, 1, T) and empty self-attention caches."""
+        bm, t, _ = mem.shape
+        hd = self.dim // self.heads
+        cross = []
+        for blk in self.blocks:
+            mha = blk.multihead_attn
+            _, wk, wv = mha.in_proj_weight.chunk(3)
+            _, bk, bv = mha.in_proj_bias.chunk(3)
+            k = F.linear(mem, wk, bk).view(bm, t, self.heads, hd).transpose(1, 2)
+            v = F.linear(mem, wv, bv).view(bm, t, self.heads, hd).transpose(1, 2)
+            cross.append((k, v))
+        bias = torch.zeros(bm, 1, 1, t, dtype=mem.dtype, device=mem.device).masked_fill(key_padding[:, None, None, :], -math.inf)
+        return {"cross": cross, "bias": bias, "self": [None] * len(self.blocks)}
+
+    def _cross_attend(self, blk: nn.TransformerDecoderLayer, y: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      bias: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        """Cross-attention of queries y (n, 1, dim) to cached keys/values. With one memory row
+        and several beams, the beams are laid along the query axis (1, heads, n, hd), so the
+        memory's keys/values are never copied per beam."""
+        mha = blk.multihead_attn
+        n = y.shape[0]
+        hd = self.dim // self.heads
+        wq, _, _ = mha.in_proj_weight.chunk(3)
+        bq, _, _ = mha.in_proj_bias.chunk(3)
+        q = F.linear(y, wq, bq).view(n, 1, self.heads, hd).transpose(1, 2)  # (n, heads, 1, hd)
+        fold = k.shape[0] == 1 and n > 1
+        if fold:
+            q = q.transpose(0, 2)  # (1, heads, n, hd)
+        att = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(hd) + bias, dim=-1)
+        o = torch.matmul(att, v)
+        if fold:
+            o = o.transpose(0, 2)
+        return mha.out_proj(o.transpose(1, 2).reshape(n, 1, self.dim))
+
+    def _step(self, tokens: torch.Tensor, pos: int, state: dict[str, Any]) -> torch.Tensor:
+        """Feed tokens (n,) at position `pos` (0: BOS); returns logits (n, V) for the next token.
+        state["self"] grows by one position per call; reorder it with `_reorder` between calls."""
+        x = self.token_embed(tokens)[:, None] + self.pos_embed.weight[pos][None, None]  # (n, 1, dim)
+        for i, blk in enumerate(self.blocks):
+            # pre-norm TransformerDecoderLayer (norm_first=True), see `decode`
+            y = blk.norm1(x)
+            past = y if state["self"][i] is None else torch.cat([state["self"][i], y], 1)
+            state["self"][i] = past
+            x = x + blk.dropout1(blk.self_attn(y, past, past, need_weights=False)[0])
+            k, v = state["cross"][i]
+            x = x + blk.dropout2(self._cross_attend(blk, blk.norm2(x), k, v, state["bias"]))
+            x = x + blk.dropout3(blk.linear2(blk.dropout(blk.activation(blk.linear1(blk.norm3(x))))))
+        return F.linear(self.norm(x[:, 0]), self.token_embed.weight, self.out_bias)
+
+    def _next_logits(self, prefix: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
+        """Logits (n, V) of the token after each prefix (n, L). Generation calls it with prefixes
+        one token longer each time; `state` (from `_start`) already holds the earlier positions."""
+        return self._step(prefix[:, -1], prefix.shape[1] - 1, state)
+
+    @staticmethod
+    def _reorder(state: dict[str, Any], rows: torch.Tensor) -> None:
+        state["self"] = [None if c is None else c.index_select(0, rows) for c in state["self"]]
+
     # ------------------------------------------------------------------ inference
     def _banned(self, logp: torch.Tensor, step: int, min_len: int) -> torch.Tensor:
         """Never emit pad or BOS; no EOS before `min_len` tokens."""
@@ -241,8 +309,9 @@ class CaptionDecoder(nn.Module):
         b = mem.shape[0]
         tokens = torch.full((b, 1), self.bos_id, dtype=torch.long, device=mem.device)
         done = torch.zeros(b, dtype=torch.bool, device=mem.device)
+        state = self._start(mem, kp)
         for step in range(max_len):
-            logp = self._banned(F.log_softmax(self.decode(tokens, mem, kp, last_only=True)[:, -1].float(), -1), step, min_len)
+            logp = self._banned(F.log_softmax(self._next_logits(tokens, state).float(), -1), step, min_len)
             nxt = logp.argmax(-1)
             nxt = torch.where(done, torch.full_like(nxt, self.pad_id), nxt)
             tokens = torch.cat([tokens, nxt[:, None]], 1)
@@ -259,9 +328,9 @@ class CaptionDecoder(nn.Module):
         alive = torch.full((1, 1), self.bos_id, dtype=torch.long, device=mem.device)
         scores = torch.zeros(1, device=mem.device)
         finished: list[tuple[float, list[int]]] = []
+        state = self._start(mem, kp)  # one memory row, shared by every beam
         for step in range(max_len):
-            n = alive.shape[0]
-            logp = F.log_softmax(self.decode(alive, mem.expand(n, -1, -1), kp.expand(n, -1), last_only=True)[:, -1].float(), -1)
+            logp = F.log_softmax(self._next_logits(alive, state).float(), -1)
             cand = (scores[:, None] + self._banned(logp, step, min_len)).reshape(-1)
             top = cand.topk(min(2 * k, cand.numel()))
             keep_rows, keep_tok, keep_scores = [], [], []
@@ -282,6 +351,7 @@ class CaptionDecoder(nn.Module):
             if len(finished) >= k or not keep_rows:
                 break
             rows = torch.tensor(keep_rows, device=mem.device)
+            self._reorder(state, rows)
             alive = torch.cat([alive[rows], torch.tensor(keep_tok, device=mem.device)[:, None]], 1)
             scores = torch.tensor(keep_scores, device=mem.device)
         else:  # max_len reached: unterminated hypotheses compete too
