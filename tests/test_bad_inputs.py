@@ -128,7 +128,7 @@ def deadline(seconds: int):
 
 def run(capsys, *argv, limit: int = 120) -> tuple[int, str, str]:
     """finelap ARGV in-process: (exit status, stdout, stderr); never a traceback."""
-    finelap.audio._WARNED_TRUNCATED.clear()  # each command reports the truncated file itself
+    getattr(finelap.audio, "_WARNED_TRUNCATED", set()).clear()  # each command reports the truncated file itself
     capsys.readouterr()
     with deadline(limit):
         try:
@@ -319,6 +319,17 @@ def test_eval_data_file_that_is_not_utf8(corpus, capsys, tmp_path, fmt):
                      "--out", tmp_path / "x.json")  # fmt: skip
     assert rc == 2
     one_line_error(err, "eval", f"data.{fmt}:2: not valid UTF-8 text (byte 0xe9")
+
+
+def test_train_manifest_that_is_not_utf8(corpus, capsys, tmp_path):
+    from tinyfactory import tiny_overrides
+
+    man = tmp_path / "train.jsonl"
+    good = json.dumps({"audio": str(corpus["audio"] / "good.wav"), "captions": ["a dog"]}).encode()
+    man.write_bytes(good + b"\n" + good[:-1] + b', "labels": ["' + LATIN1 + b'"]}\n')
+    rc, _, err = run(capsys, "train", "--config", REPO / "configs" / "finelap.yaml", *tiny_overrides(corpus["root"], man, out="train_run"))
+    assert rc == 2
+    one_line_error(err, "train", "train.jsonl:2: not valid UTF-8 text (byte 0xe9")
 
 
 def test_index_build_and_search_name_every_bad_file(corpus, capsys, tmp_path):
