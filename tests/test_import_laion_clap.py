@@ -169,7 +169,7 @@ def test_cli_import_then_classify_detect_ground_eval(tmp_path, capsys):
     assert main(["classify", str(audio / "c1.wav"), "--labels", "dog;rain", "--json", "--checkpoint", str(ckpt)]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["template"] == "This is a sound of {}."
-    assert sum(p["prob"] for p in res["results"][0]["predictions"]) == pytest.approx(1.0, abs=1e-5)
+    assert sum(p["score"] for p in res["results"][0]["predictions"]) == pytest.approx(1.0, abs=1e-5)
     tsv = tmp_path / "det.tsv"
     assert main(["detect", str(audio / "c1.wav"), "--labels", "dog;rain", "--threshold", "0.5", "--out", str(tsv),
                  "--checkpoint", str(ckpt)]) == 0  # fmt: skip
