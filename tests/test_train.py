@@ -217,3 +217,22 @@ def test_resume_is_bitwise_identical_with_dropout(tmp_path):
     cfg_c, _ = _setup(tmp_path, out="nodrop", **{**extra, "model.dropout": "0.0"})
     c = load_file(train(cfg_c, progress=False) / "model.safetensors")
     assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+def test_signal_during_the_last_step_still_returns_a_checkpoint(tmp_path, monkeypatch):
+    """A SIGTERM in the last step used to return step-N (never saved: only steps before the last
+    save one); the run must end normally with `final`."""
+    import finelap.train.loop as loop
+
+    cfg, _ = _setup(tmp_path, **{"train.max_steps": "2"})
+    real, calls = loop.forward_backward, []
+
+    def signalling(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:  # inside the last step
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*a, **k)
+
+    monkeypatch.setattr(loop, "forward_backward", signalling)
+    out = train(cfg, progress=False)
+    assert out.name == "final" and (out / "model.safetensors").is_file()

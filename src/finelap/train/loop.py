@@ -594,7 +594,7 @@ def _train(cfg: RunConfig, info: dist.DistInfo, resume: str | bool | None, progr
                 _save(run_dir / checkpoint_name(step), model, ema, opt, sched, cfg, step, clusters, rank, slap)
                 if rank == 0:
                     rotate_checkpoints(run_dir, cfg.train.keep_last)
-            if signalled:  # interrupted: the step checkpoint above is the resume point
+            if signalled and step < total:  # interrupted: the step checkpoint above is the resume point
                 log(f"finelap train: stopped at step {step} ({stop_reason}); resume with --resume {run_dir}")
                 dist.barrier()
                 return run_dir / checkpoint_name(step)
