@@ -343,3 +343,159 @@ def test_outputs_have_normal_permissions(tmp_path):
     assert stat.S_IMODE((tmp_path / "r.json").stat().st_mode) == 0o644
     assert stat.S_IMODE(ck.stat().st_mode) == 0o755
     assert stat.S_IMODE((ck / "model.safetensors").stat().st_mode) == 0o644
+
+
+# ----------------------------------------------------------------------------- byte-identical files
+
+_SAVE_SCRIPT = r"""
+import sys, math, random
+from pathlib import Path
+import numpy as np, torch
+from torch import nn
+from finelap.train.checkpoint import save_checkpoint
+
+out, reverse = Path(sys.argv[1]), sys.argv[2] == "reverse"
+torch.manual_seed(0); np.random.seed(0); random.seed(0)
+model = nn.Sequential(nn.Linear(6, 6), nn.GELU(), nn.Linear(6, 6))
+model[2].weight = model[0].weight  # tied: stored once, recorded in the metadata as an alias
+opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 ** s)
+model(torch.randn(4, 6)).sum().backward(); opt.step(); sched.step()
+cfg = {"name": "same", "preset": "x", "audio": {"sample_rate": 16000, "n_mels": 64}, "eval": {"prompt_template": "{}"}}
+if reverse:  # the same config built in another order
+    cfg = {k: (dict(reversed(list(v.items()))) if isinstance(v, dict) else v) for k, v in reversed(list(cfg.items()))}
+for i in range(3):
+    random.seed(1); np.random.seed(1); torch.manual_seed(1)  # the same RNG state in every save
+    save_checkpoint(out / f"c{i}", model, cfg, step=7, optimizer=opt, scheduler=sched, ema_state=model,
+                    preprocessing={"frame_rate_hz": 25.0}, extra_json={"phrase_clusters": {"b": 1, "a": [2, 3]}},
+                    trainer_state={"z": 1, "a": torch.ones(2)})
+"""
+
+
+def test_identical_weights_give_byte_identical_files_across_processes(tmp_path: Path) -> None:
+    """Issue 10.9: safetensors kept its metadata in a hash map whose order changes per save and per
+    process, so identical checkpoints hashed differently (and the search index took them for
+    different models). Three saves in each of two processes must give the same bytes, file by file."""
+    import hashlib
+    import os
+    import subprocess
+    import sys
+
+    src = Path(finelap.__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(src), os.environ.get("PYTHONPATH", "")])}
+    for tag in ("same", "reverse"):
+        r = subprocess.run([sys.executable, "-c", _SAVE_SCRIPT, str(tmp_path / tag), tag], env=env,
+                           capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert r.returncode == 0, r.stderr[-2000:]
+    dirs = [tmp_path / tag / f"c{i}" for tag in ("same", "reverse") for i in range(3)]
+    names = sorted(p.name for p in dirs[0].iterdir())
+    assert {"model.safetensors", "ema.safetensors", "optimizer.safetensors", "config.json", "trainer_state.json"} <= set(names)
+    for name in names:
+        digests = {hashlib.sha256((d / name).read_bytes()).hexdigest() for d in dirs}
+        assert len(digests) == 1, f"{name}: {len(digests)} different files from 6 saves of the same state"
+    ckpt = load_checkpoint(dirs[-1])  # and the rewritten header still loads, ties and all
+    assert ckpt.step == 7 and torch.equal(ckpt.trainer_state["a"], torch.ones(2))
+
+
+# ----------------------------------------------------------------------------- LATEST stays inside the run
+
+
+def test_latest_cannot_point_outside_the_run_directory(tmp_path: Path) -> None:
+    """Issue 10.6: LATEST containing '..' loaded the parent directory (here a valid checkpoint)."""
+    save_checkpoint(tmp_path / "outside", {"w": torch.zeros(1)}, {}, step=99, rng=False)
+    parent = tmp_path / "parent"
+    save_checkpoint(parent, {"w": torch.zeros(1)}, {}, step=98, rng=False, update_latest=False)
+    run = parent / "run"
+    save_checkpoint(run / checkpoint_name(1), {"w": torch.ones(1)}, {}, step=1, rng=False)
+    (run / "escape").symlink_to(tmp_path / "outside", target_is_directory=True)
+    for bad in ("..", "../outside", str(tmp_path / "outside"), "escape", "./.."):
+        (run / "LATEST").write_text(bad + "\n")
+        with pytest.raises(CheckpointError, match=r"LATEST: names .* not a checkpoint folder inside .*refusing"):
+            load_checkpoint(run)
+        with pytest.raises(CheckpointError, match="refusing"):
+            latest_checkpoint(run)
+    (run / "LATEST").write_bytes(b"\xff\xfe step")
+    with pytest.raises(CheckpointError, match="LATEST file"):
+        load_checkpoint(run)
+    (run / "LATEST").write_text("step-00000001\n")
+    assert load_checkpoint(run).step == 1
+
+
+# ----------------------------------------------------------------------------- leftovers of killed saves
+
+_KILL_SCRIPT = r"""
+import os, sys
+from pathlib import Path
+import torch
+from finelap.train import checkpoint as ck
+
+run, mode = Path(sys.argv[1]), sys.argv[2]
+die = lambda *a, **k: os._exit(9)  # as a kill -9 would, without cleanup
+if mode == "writing":  # killed while writing: a half-written temp dir is left
+    ck._write_json = die
+    ck.save_checkpoint(run / "step-00000002", {"w": torch.ones(2)}, {}, step=2, rng=False)
+elif mode == "swapping":  # killed between the two renames of an overwrite: only the backup exists
+    ck.save_checkpoint(run / "final", {"w": torch.ones(2)}, {}, step=1, rng=False)
+    real, calls = os.rename, []
+    def rename(a, b):
+        real(a, b); calls.append(b)
+        if len(calls) == 1: os._exit(9)
+    ck.os.rename = rename
+    ck.save_checkpoint(run / "final", {"w": torch.zeros(2)}, {}, step=2, rng=False)
+elif mode == "cleaning":  # killed after the swap, before deleting the old copy
+    ck.save_checkpoint(run / "best", {"w": torch.ones(2)}, {}, step=1, rng=False)
+    ck._remove_dir = die
+    ck.save_checkpoint(run / "best", {"w": torch.zeros(2)}, {}, step=3, rng=False)
+"""
+
+
+def test_leftovers_of_killed_saves_are_swept_by_the_next_save(tmp_path: Path) -> None:
+    """Issue 10.8: `.step-N.tmp-*` / `.final.old-*` folders of killed saves stayed forever, since
+    only a later save of the *same* name looked at them. The next save of any name cleans those
+    that are provably stale (made here by a process that has exited) and keeps everything else."""
+    import os
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    run.mkdir()
+    src = Path(finelap.__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(src), os.environ.get("PYTHONPATH", "")])}
+    modes = ("writing", "swapping", "cleaning")
+    # one folder each (a save in one would already sweep the others' leftovers), merged afterwards
+    procs = [subprocess.Popen([sys.executable, "-c", _KILL_SCRIPT, str(tmp_path / m), m], env=env, stderr=subprocess.PIPE, text=True)
+             for m in modes]  # fmt: skip
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 9, err[-2000:]
+    for m in modes:
+        for p in (tmp_path / m).iterdir():
+            if p.name != "LATEST":
+                p.rename(run / p.name)
+    hidden = lambda: sorted(p.name for p in run.iterdir() if p.name.startswith("."))  # noqa: E731
+    left = hidden()
+    assert any(n.startswith(".step-00000002.tmp-") for n in left), left
+    assert any(n.startswith(".final.old-") for n in left) and not (run / "final").exists(), left
+    assert any(n.startswith(".best.old-") for n in left), left
+
+    # what must survive: a save in progress in a live process, an older finelap's unowned temp dir,
+    # and hidden folders that are not ours
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        # named as this host's saves name their temp dirs, with the live process as owner
+        host = next((m[1] for n in left if (m := re.match(r"^\.step-00000002\.tmp-([0-9a-f]{8})-\d+-", n))), "00000000")
+        live_tmp = run / f".step-00000007.tmp-{host}-{live.pid}-abcd1234"
+        live_tmp.mkdir()
+        (run / ".step-00000008.tmp-zq3x_9ab").mkdir()
+        (run / ".cache").mkdir()
+        save_checkpoint(run / "step-00000003", {"w": torch.ones(2)}, {}, step=3, rng=False)
+        assert hidden() == sorted([live_tmp.name, ".step-00000008.tmp-zq3x_9ab", ".cache"])
+    finally:
+        live.kill()
+        live.wait()
+    assert load_checkpoint(run / "final").step == 1  # the interrupted overwrite is rolled back
+    assert load_checkpoint(run / "best").step == 3  # the finished one is kept
+    assert [p.name for p in list_checkpoints(run)] == ["step-00000003"]
+    # once its owner has exited, the live one is stale too
+    save_checkpoint(run / "step-00000004", {"w": torch.ones(2)}, {}, step=4, rng=False)
+    assert hidden() == sorted([".step-00000008.tmp-zq3x_9ab", ".cache"])

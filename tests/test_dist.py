@@ -169,7 +169,8 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank)})
     info = fdist.init_distributed(device="cpu", timeout_s=60, init_method=f"file://{init_file}")
-    assert (info.rank, info.world_size, info.device.type) == (rank, world, "cpu")
+    assert (info.rank, info.world_size, info.device.type, info.owns_group) == (rank, world, "cpu", True)
+    clean = False
     assert dist.get_backend() == "gloo" and fdist.is_dist() and fdist.get_world_size() == world
     try:
         d = _data()
@@ -180,6 +181,8 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         (y * (rank + 1)).sum().backward()
         res["_gather"] = {"value": y.detach(), "grad": x.grad}
         res["_reduce"] = {"mean": fdist.all_reduce_mean(torch.tensor(float(rank))).item()}
+        # stop flags: any rank's True counts on every rank
+        res["_any"] = {"flags": fdist.any_rank([rank == 1, False, True, rank == 0])}
         # DDP: averaged parameter gradients equal the single-process ones
         model = torch.nn.parallel.DistributedDataParallel(_Tiny())
         xa, xt = _tiny_inputs()
@@ -187,8 +190,10 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         res["_ddp"] = {n: p.grad.clone() for n, p in model.module.named_parameters()}
         fdist.barrier()
         torch.save(res, Path(out_dir) / f"rank{rank}.pt")
+        clean = True
     finally:
-        dist.destroy_process_group()
+        # barrier then destroy (a bare destroy while the peer still writes can make gloo abort)
+        fdist.shutdown_distributed(info, clean=clean)
 
 
 def test_single_process_helpers(monkeypatch):
@@ -201,6 +206,8 @@ def test_single_process_helpers(monkeypatch):
     assert fdist.gather_with_grad(x) is x
     assert fdist.all_gather_sizes(7) == [7]
     assert fdist.all_reduce_mean(torch.tensor(3.0)).item() == 3.0
+    assert fdist.any_rank([True, False]) == [True, False] and not info.owns_group
+    fdist.shutdown_distributed(info)  # nothing to end: a no-op
 
 
 def test_two_gloo_processes_equal_one_process(tmp_path):
@@ -209,7 +216,7 @@ def test_two_gloo_processes_equal_one_process(tmp_path):
     mp.spawn(_worker, args=(WORLD, str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=WORLD, join=True)
     per_rank = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
     ref = _cases(_data(), 0, 1, slice(0, 5), slice(0, N_TEXT))
-    assert set(ref) == set(per_rank[0]) - {"_gather", "_reduce", "_ddp"}
+    assert set(ref) == set(per_rank[0]) - {"_gather", "_reduce", "_ddp", "_any"}
     for case, want in ref.items():
         got = [pr[case] for pr in per_rank]
         assert sum(g["loss"] for g in got) / WORLD == pytest.approx(want["loss"], rel=1e-9, abs=1e-12), case
@@ -225,6 +232,7 @@ def test_two_gloo_processes_equal_one_process(tmp_path):
         torch.testing.assert_close(per_rank[r]["_gather"]["value"], audio)
         torch.testing.assert_close(per_rank[r]["_gather"]["grad"], torch.full_like(audio[ROWS[r]], 3.0))
         assert per_rank[r]["_reduce"]["mean"] == pytest.approx(0.5)
+        assert per_rank[r]["_any"]["flags"] == [True, False, True, True]
     # DDP end to end
     model = _Tiny()
     xa, xt = _tiny_inputs()

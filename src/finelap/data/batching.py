@@ -6,13 +6,15 @@ batches exactly, whatever the number of data-loader workers.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 
-from ..audio import Timeline, load_audio
+from ..audio import Timeline, load_audio, resample
 from ..errors import AudioError
 from ..losses.clip import caption_ids
 from .phrases import PhraseClusters, _normalise
@@ -63,6 +65,49 @@ class Batch:
 
 def _item_rng(seed: int, step: int, slot: int, index: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([seed, step, slot, index]))
+
+
+# Audio beyond each side of a crop that is decoded and resampled with it, so the resampler's filter
+# sees real neighbours and the crop matches a crop of the whole resampled file (soxr HQ's filter
+# spans a few milliseconds; this is far more).
+_SPAN_MARGIN_S = 0.05
+
+
+def _file_frames(path: str | Path) -> tuple[int, int] | None:
+    """(frames, sample rate) from the header, without decoding; None when the header says nothing
+    usable (the caller then decodes the whole file, which also raises the precise AudioError)."""
+    try:
+        import soundfile as sf
+
+        info = sf.info(str(path))
+    except Exception:
+        return None
+    return (int(info.frames), int(info.samplerate)) if info.frames > 0 and info.samplerate > 0 else None
+
+
+def _resampled_length(frames: int, orig_sr: int, target_sr: int) -> int:
+    """Length `audio.resample` gives for `frames` samples: round half up of frames * target / orig."""
+    return frames if orig_sr == target_sr else (2 * frames * target_sr + orig_sr) // (2 * orig_sr)
+
+
+def _read_span(path: str | Path, start: int, n: int, frames: int, orig_sr: int, target_sr: int) -> np.ndarray:
+    """Samples [start, start + n) at `target_sr` of the file resampled whole, decoding only that span
+    (plus a margin when resampling). Returns fewer than n samples if the file is shorter than its header."""
+    if orig_sr == target_sr:
+        return load_audio(path, None, start_s=start / orig_sr, duration_s=n / orig_sr)
+    # Cut the span on a sample that is exact at both rates (a multiple of sr / gcd), so output sample
+    # j of the span is output sample first_t + j of the whole file.
+    g = math.gcd(orig_sr, target_sr)
+    per_t, per_f = target_sr // g, orig_sr // g
+    margin = int(math.ceil(_SPAN_MARGIN_S * target_sr))
+    k0 = max(0, (start - margin) // per_t)
+    k1 = -(-(start + n + margin) // per_t)
+    first_f, end_f = k0 * per_f, min(frames, k1 * per_f)
+    raw = load_audio(path, None, start_s=first_f / orig_sr, duration_s=(end_f - first_f) / orig_sr)
+    if raw.shape[-1] == 0:
+        return raw
+    off = start - k0 * per_t
+    return resample(raw, orig_sr, target_sr)[off : off + n]
 
 
 def caption_for(clip: Clip, rng: np.random.Generator, clusters: PhraseClusters | None, template: str) -> str:
@@ -119,16 +164,10 @@ class ClipDataset(torch.utils.data.Dataset):
         clip = self.clips[index]
         rng = _item_rng(self.seed, step, slot, index)
         try:
-            wave = load_audio(clip.audio, self.sample_rate)
+            wave, start = self._crop(clip.audio, rng)
         except AudioError as e:
             return {"error": str(e), "key": clip.key}
-        start_s = 0.0
-        if self.clip_seconds is not None:
-            n = int(round(self.clip_seconds * self.sample_rate))
-            if len(wave) > n:
-                start = int(rng.integers(len(wave) - n + 1)) if self.random_crop else 0
-                wave = wave[start : start + n]
-                start_s = start / self.sample_rate
+        start_s = start / self.sample_rate
         dur = len(wave) / self.sample_rate
         events = [
             Event(e.label, max(0.0, e.onset - start_s), min(dur, e.offset - start_s))
@@ -159,7 +198,33 @@ class ClipDataset(torch.utils.data.Dataset):
             "events": events,
             "labels": list(clip.labels) or sorted({e.label for e in clip.events}),
             "has_events": bool(clip.events),
+            "start_s": start_s,
         }
+
+    def _crop(self, path: str | Path, rng: np.random.Generator) -> tuple[np.ndarray, int]:
+        """(wave (N,) at self.sample_rate, start sample of the crop in the resampled file).
+
+        The crop offset is drawn from the length the header gives, so it is a pure function of
+        (seed, step, slot, index), and only the crop is decoded: a 30-min file in the manifest
+        costs a 10-s read per item, not a 30-min decode (and resample) per item."""
+        sr = self.sample_rate
+        header = _file_frames(path) if self.clip_seconds is not None else None
+        n = int(round(self.clip_seconds * sr)) if self.clip_seconds is not None else 0
+        total = _resampled_length(header[0], header[1], sr) if header is not None else 0
+        if header is None or total <= n:  # no crop needed (or no usable header): read it all
+            wave = load_audio(path, sr)
+            start = 0
+            if self.clip_seconds is not None and len(wave) > n:  # the header understated the length
+                start = int(rng.integers(len(wave) - n + 1)) if self.random_crop else 0
+                wave = wave[start : start + n]
+            return wave, start
+        start = int(rng.integers(total - n + 1)) if self.random_crop else 0
+        wave = _read_span(path, start, n, header[0], header[1], sr)
+        if len(wave) < n:  # shorter than its header says (a truncated file): crop what is really there
+            full = load_audio(path, sr)
+            start = min(start, max(0, len(full) - n))
+            wave = full[start : start + n]
+        return wave, start
 
 
 class Collate:

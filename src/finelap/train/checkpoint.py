@@ -21,15 +21,16 @@ naming the newest one.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
 import re
 import shutil
+import socket
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -65,6 +66,7 @@ __all__ = [
     "restore_training_state",
     "rotate_checkpoints",
     "save_checkpoint",
+    "sweep_stale",
 ]
 
 
@@ -90,7 +92,9 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+    # sorted keys: the same content gives the same bytes whichever code path built the dict (the
+    # search index identifies a model by its checkpoint files' hashes)
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     _fsync_file(path)
 
 
@@ -140,7 +144,37 @@ def _save_tensors(state: Mapping[str, torch.Tensor], path: Path, what: str) -> N
         out[name] = t.cpu()
     meta = {"format": "pt", _ALIASES_KEY: json.dumps(aliases), _KEYS_KEY: json.dumps(list(state.keys()))}
     save_file(out, str(path), metadata=meta)
+    _canonical_header(path)
     _fsync_file(path)
+
+
+def _canonical_header(path: Path) -> None:
+    """Rewrite a safetensors header with its `__metadata__` keys sorted and its tensors in data order.
+
+    The library keeps metadata in a Rust HashMap, whose order changes from one save to the next
+    (5 different byte strings in 10 saves of the same tensors), so identical weights hashed
+    differently. The header is 8 bytes of little-endian length, then JSON padded with spaces to a
+    multiple of 8; the tensor data after it is untouched (offsets are relative to its start)."""
+    with open(path, "r+b") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        meta = header.pop("__metadata__", None)
+        canon: dict[str, Any] = {} if meta is None else {"__metadata__": dict(sorted(meta.items()))}
+        for name in sorted(header, key=lambda k: (header[k]["data_offsets"][0], header[k]["data_offsets"][1], k)):
+            canon[name] = header[name]
+        text = json.dumps(canon, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        text += b" " * (-len(text) % 8)
+        if len(text) == n:  # the usual case: same content, same length; patch in place
+            f.seek(8)
+            f.write(text)
+            return
+    # a different length (the library escaped something differently): copy the data behind a new header
+    tmp = path.with_name(path.name + ".canon")
+    with open(path, "rb") as src, open(tmp, "wb") as dst:
+        src.seek(8 + n)
+        dst.write(len(text).to_bytes(8, "little") + text)
+        shutil.copyfileobj(src, dst, 1 << 20)
+    os.replace(tmp, path)
 
 
 def _load_tensors(path: Path, device: str = "cpu") -> dict[str, torch.Tensor]:
@@ -276,6 +310,60 @@ def _siblings(path: Path, kind: str) -> list[Path]:
     return sorted(path.parent.glob(f".{path.name}.{kind}-*")) if path.parent.is_dir() else []
 
 
+# Temp and backup directories are named `.<target>.<tmp|old>-<host>-<pid>-<random>`, so a later
+# process can prove a leftover is ours (the pattern) and stale (made on this host by a process that
+# no longer exists). Names without the owner part (older finelap) are only swept when provably useless.
+_LEFTOVER = re.compile(r"^\.(?P<target>.+)\.(?P<kind>tmp|old)-(?:(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-)?[A-Za-z0-9_]+$")
+
+
+def _host_tag() -> str:
+    return hashlib.blake2b(socket.gethostname().encode("utf-8", "replace"), digest_size=4).hexdigest()
+
+
+def _owned_prefix(name: str, kind: str) -> str:
+    return f".{name}.{kind}-{_host_tag()}-{os.getpid()}-"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, OSError):
+        return True  # exists (another user's), or cannot tell: keep
+    return True
+
+
+def sweep_stale(run_dir: str | Path) -> list[Path]:
+    """Clean what killed saves left in `run_dir`; returns the leftovers removed or restored.
+
+    A leftover counts as stale only when it carries this host's tag and the pid of a process that
+    has exited (a live save, here or on another host sharing the folder, is never touched), or when
+    it is a backup whose checkpoint is complete again (the save that made it finished). A stale
+    backup whose checkpoint is missing is the complete previous checkpoint: it is renamed back.
+    Called by every save; safe to call at any time.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    done: list[Path] = []
+    for p in sorted(run_dir.iterdir()):
+        m = _LEFTOVER.match(p.name)
+        if m is None or p.is_symlink() or not p.is_dir():
+            continue
+        target = run_dir / m["target"]
+        finished = m["kind"] == "old" and (target / CONFIG_FILE).is_file()
+        dead = m["host"] == _host_tag() and m["pid"] is not None and int(m["pid"]) != os.getpid() and not _pid_alive(int(m["pid"]))
+        if not (finished or dead):
+            continue
+        if m["kind"] == "old" and not target.exists() and (p / CONFIG_FILE).is_file():
+            os.rename(p, target)  # the save died between its two renames
+        else:
+            _remove_dir(p)
+        done.append(p)
+    return done
+
+
 def _remove_dir(p: Path) -> None:
     """Delete a checkpoint directory, config.json first: if the deletion is interrupted, what is left
     no longer looks like a complete checkpoint."""
@@ -297,8 +385,9 @@ def _recover(path: Path) -> None:
 @contextmanager
 def _atomic_dir(path: Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
+    sweep_stale(path.parent)  # other names' leftovers (step-N names are never saved twice)
     _recover(path)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=_owned_prefix(path.name, "tmp"), dir=path.parent))
     try:
         public_mode(tmp, directory=True)
         yield tmp
@@ -306,7 +395,7 @@ def _atomic_dir(path: Path) -> Iterator[Path]:
             public_mode(f, directory=f.is_dir())
         _fsync_dir(tmp)
         if path.exists():
-            backup = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+            backup = Path(tempfile.mkdtemp(prefix=_owned_prefix(path.name, "old"), dir=path.parent))
             os.rmdir(backup)  # we only wanted a unique name
             os.rename(path, backup)
             os.rename(tmp, path)
@@ -389,7 +478,7 @@ def save_checkpoint(
         "format_version": FORMAT_VERSION,
         "finelap_version": __version__,
         "step": int(step),
-        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        # no creation time: identical weights and config must give identical files
         "preset": cfg.get("preset"),
         "name": cfg.get("name"),
         "preprocessing": _preprocessing(cfg, preprocessing),
@@ -463,14 +552,31 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The checkpoint named by `run_dir/LATEST`, else the highest-step one; None if there is none."""
+    """The checkpoint named by `run_dir/LATEST`, else the highest-step one; None if there is none.
+
+    LATEST must name a folder directly inside `run_dir`: a name that leads anywhere else ('..',
+    a path, an absolute path, a symlink out of the run directory) raises CheckpointError rather than
+    loading whatever lies there. A name that no longer exists falls back to the highest step."""
     run_dir = Path(run_dir)
     pointer = run_dir / LATEST_FILE
     if pointer.is_file():
-        name = pointer.read_text(encoding="utf-8").strip()
-        cand = run_dir / name
-        if name and "/" not in name and (cand / CONFIG_FILE).is_file():
-            return cand
+        try:
+            name = pointer.read_text(encoding="utf-8").strip()
+        except UnicodeDecodeError:
+            raise CheckpointError(f"{pointer}: corrupt LATEST file (not UTF-8 text)") from None
+        if name:
+            outside = (
+                name in (".", "..") or "/" in name or "\\" in name or "\x00" in name or os.path.isabs(name)
+                or ((run_dir / name).exists() and (run_dir / name).resolve().parent != run_dir.resolve())
+            )  # fmt: skip
+            if outside:
+                raise CheckpointError(
+                    f"{pointer}: names {name!r}, which is not a checkpoint folder inside {run_dir}; "
+                    "refusing to load from outside the run directory (write a step-XXXXXXXX name into LATEST, or delete it)"
+                )
+            cand = run_dir / name
+            if (cand / CONFIG_FILE).is_file():
+                return cand
     ckpts = list_checkpoints(run_dir)
     return ckpts[-1] if ckpts else None
 

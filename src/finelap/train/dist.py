@@ -23,6 +23,7 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 import torch.distributed as dist
@@ -33,7 +34,9 @@ __all__ = [
     "get_rank",
     "get_world_size",
     "init_distributed",
+    "shutdown_distributed",
     "barrier",
+    "any_rank",
     "all_reduce_mean",
     "all_reduce_sum",
     "all_gather_sizes",
@@ -62,6 +65,7 @@ class DistInfo:
     world_size: int
     local_rank: int
     device: torch.device
+    owns_group: bool = False  # init_distributed created the process group, so shutdown_distributed ends it
 
     @property
     def is_main(self) -> bool:
@@ -90,7 +94,9 @@ def init_distributed(device: str | None = None, timeout_s: float = 1800.0, init_
         torch.cuda.set_device(dev)
     else:
         dev = torch.device(device)
+    owns_group = False
     if world_size > 1 and not is_dist():
+        owns_group = True
         backend = "nccl" if dev.type == "cuda" else "gloo"
         dist.init_process_group(
             backend=backend,
@@ -101,12 +107,46 @@ def init_distributed(device: str | None = None, timeout_s: float = 1800.0, init_
         )
     if is_dist():
         rank, world_size = dist.get_rank(), dist.get_world_size()
-    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
+    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev, owns_group=owns_group)
+
+
+def shutdown_distributed(info: DistInfo, clean: bool = True) -> None:
+    """End the process group that `init_distributed` created (a group the caller made is left alone).
+
+    clean=True (every rank got here by the same agreed path): barrier, then destroy. Destroying
+    while a peer is still inside a collective (or exiting without destroying at all) is what made
+    gloo abort with "terminate called without an active exception"; barrier-then-destroy did not
+    abort in 30 of 30 runs. clean=False (this rank is leaving on an unexpected exception): destroy
+    only, since the peers may be blocked in a different collective and a barrier would wait for
+    the full process-group timeout.
+    """
+    if not info.owns_group or not is_dist():
+        return
+    try:
+        if clean:
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
 
 
 def barrier() -> None:
     if is_dist():
         dist.barrier()
+
+
+def any_rank(flags: Sequence[bool], device: torch.device | str = "cpu") -> list[bool]:
+    """Each flag OR-ed over ranks, in one all_reduce (the flags as given when not distributed).
+
+    The training loop asks this once per step for every reason to stop, so that all ranks leave
+    at the same step even when only one of them saw the reason (a signal, its own clock).
+    device: where the collective runs (cuda under nccl).
+    """
+    out = [bool(f) for f in flags]
+    if not is_dist() or get_world_size() == 1 or not out:
+        return out
+    t = torch.tensor(out, dtype=torch.int32, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in t.tolist()]
 
 
 def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:

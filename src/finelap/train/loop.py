@@ -27,7 +27,7 @@ from ..config import RunConfig, save_config
 from ..data.batching import Batch, ClipDataset, Collate, MixedBatchSampler, split_by_supervision
 from ..data.phrases import PhraseClusters
 from ..data.types import Clip
-from ..errors import ConfigError, FinelapError
+from ..errors import CheckpointError, ConfigError, FinelapError
 from ..losses.compose import LossConfig, LossInputs, compute_losses
 from ..losses.frame import FrameLabels
 from ..models.build import build_model, checkpoint_state, complete_state
@@ -35,7 +35,9 @@ from ..models.model import FineLAPModel, param_groups
 from ..utils import log
 from . import dist
 from .slap import SLAPState, attach_slap_modules, needs_slap_modules
-from .checkpoint import checkpoint_name, load_checkpoint, restore_training_state, rotate_checkpoints, save_checkpoint
+from .checkpoint import (
+    checkpoint_name, load_checkpoint, restore_rng, restore_training_state, rotate_checkpoints, save_checkpoint,
+)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- small features
@@ -419,8 +421,19 @@ def _feature_cache(model: FineLAPModel, cfg: RunConfig) -> Any:
 def train(cfg: RunConfig, resume: str | bool | None = None, progress: bool = True, stop_after: int | None = None) -> Path:
     """Train `cfg`; returns the final checkpoint directory. `resume`: True (the run's latest
     checkpoint), a checkpoint/run directory, or None. `stop_after`: interrupt at this step as a
-    signal would (save a resumable checkpoint and return it), for schedulers and tests."""
+    signal would (save a resumable checkpoint and return it), for schedulers and tests.
+    Under torchrun every rank returns the same path, at the same step."""
     info = dist.init_distributed(device=None if cfg.train.device == "auto" else cfg.train.device)
+    clean = False
+    try:
+        out = _train(cfg, info, resume, progress, stop_after)
+        clean = True
+        return out
+    finally:
+        dist.shutdown_distributed(info, clean=clean)
+
+
+def _train(cfg: RunConfig, info: dist.DistInfo, resume: str | bool | None, progress: bool, stop_after: int | None) -> Path:
     rank, ws = info.rank, info.world_size
     device = torch.device(info.device)
     if cfg.train.num_threads:
@@ -451,13 +464,17 @@ def train(cfg: RunConfig, resume: str | bool | None = None, progress: bool = Tru
     ema = {k: v.detach().clone() for k, v in model.state_dict().items()} if cfg.train.ema_decay else None
     slap = SLAPState.create(model, cfg) if needs_slap_modules(cfg) else None
     step = 0
+    rng_state = None  # restored right before the first step (see below)
     if resume:
         src = run_dir if resume is True else Path(resume)
         ckpt = load_checkpoint(src)
         model.load_state_dict(complete_state(model, ckpt.state_dict))
         if ema is not None and ckpt.ema_state:
             ema = {k: v.to(device) for k, v in complete_state(model, ckpt.ema_state).items()}
-        step = restore_training_state(ckpt, opt, sched)
+        step = restore_training_state(ckpt, opt, sched, rng=False)
+        rng_state = ckpt.rng_state
+        if rng_state is None:
+            raise CheckpointError(f"{ckpt.path}: cannot resume: the checkpoint has no RNG state")
         if slap is not None:
             slap.load_state_dict((ckpt.trainer_state or {}).get("slap"), model)
         if _frozen_text(model):  # after load_state_dict, which invalidates the cache
@@ -504,8 +521,13 @@ def train(cfg: RunConfig, resume: str | bool | None = None, progress: bool = Tru
     model.train()
     bar = _progress(total, step, enabled=progress and rank == 0)
     stop_reason = "max_steps"
+    batches = iter(loader)
+    if rng_state is not None:
+        # after iter(loader), which draws a seed from the global torch RNG: restoring before it would
+        # shift every later dropout mask, and the resumed run would no longer equal the straight one
+        restore_rng(rng_state)
     with _Stop() as stopper:
-        for batch in loader:
+        for batch in batches:
             batch = batch.to(device)
             skipped.extend(batch.skipped)
             terms = forward_backward(model, loss_cfg, batch, clusters, cfg.train.accum_steps, autocast, rank, ws, slap, step,
@@ -515,9 +537,18 @@ def train(cfg: RunConfig, resume: str | bool | None = None, progress: bool = Tru
             # before opt.step() writes NaN into the weights (and into the next checkpoint)
             max_norm = cfg.train.grad_clip if cfg.train.grad_clip is not None else float("inf")
             grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
-            if not math.isfinite(grad_norm) or not all(math.isfinite(v) for v in terms.values()):
+            # Every reason to stop is agreed by all ranks here, once per step: a rank that left alone
+            # (its own clock, a signal only it received, a NaN only in its share) would leave the others
+            # waiting in the next collective until the process-group timeout.
+            non_finite, signalled, out_of_time = dist.any_rank([
+                not math.isfinite(grad_norm) or not all(math.isfinite(v) for v in terms.values()),
+                stopper.signum is not None,
+                cfg.train.max_minutes is not None and (time.time() - t_start) / 60 >= cfg.train.max_minutes,
+            ], device)  # fmt: skip
+            if non_finite:
+                dist.barrier()  # every rank raises at this same step
                 raise FinelapError(
-                    f"non-finite loss or gradient at step {step + 1} (loss terms {terms}, grad norm {grad_norm}); "
+                    f"non-finite loss or gradient at step {step + 1} (rank {rank}: loss terms {terms}, grad norm {grad_norm}); "
                     "the weights were not updated. Check the data, or lower train.lr"
                 )
             opt.step()
@@ -529,8 +560,8 @@ def train(cfg: RunConfig, resume: str | bool | None = None, progress: bool = Tru
             if slap is not None:
                 slap.update(model)
             bar(step, terms["loss"])
-            ending = step == total or stopper.signum is not None or (stop_after is not None and step >= stop_after) or (
-                cfg.train.max_minutes is not None and (time.time() - t_start) / 60 >= cfg.train.max_minutes)
+            halted = stop_after is not None and step >= stop_after  # the same on every rank
+            ending = step == total or signalled or halted or out_of_time
             if step % cfg.train.log_every == 0 or ending:  # the last step is always logged
                 now = time.time()
                 row = {"step": step, "lr": sched.get_last_lr()[0], **{f"train/{k}": v for k, v in terms.items()}}
@@ -548,22 +579,22 @@ def train(cfg: RunConfig, resume: str | bool | None = None, progress: bool = Tru
                 metrics = _validate_with(model, ema, val_clips, cfg)
                 writer.write({"step": step, **metrics})
                 log(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
-            out_of_time = cfg.train.max_minutes is not None and (time.time() - t_start) / 60 >= cfg.train.max_minutes
+            # only the flags agreed above decide from here on (a signal arriving now waits for the next step)
             if out_of_time:
                 stop_reason = "max_minutes"
-            if stopper.signum is not None:
-                stop_reason = signal.Signals(stopper.signum).name
-            if stop_after is not None and step >= stop_after and step < total:
+            if signalled:
+                stop_reason = signal.Signals(stopper.signum).name if stopper.signum is not None else "signal on another rank"
+            if halted and step < total:
                 stop_reason = f"stop_after={stop_after}"
                 _save(run_dir / checkpoint_name(step), model, ema, opt, sched, cfg, step, clusters, rank, slap)
                 dist.barrier()
                 return run_dir / checkpoint_name(step)
             periodic = cfg.train.ckpt_every and step % cfg.train.ckpt_every == 0
-            if (periodic or stopper.signum is not None) and step < total:
+            if (periodic or signalled) and step < total:
                 _save(run_dir / checkpoint_name(step), model, ema, opt, sched, cfg, step, clusters, rank, slap)
                 if rank == 0:
                     rotate_checkpoints(run_dir, cfg.train.keep_last)
-            if stopper.signum is not None:  # interrupted: the step checkpoint above is the resume point
+            if signalled and step < total:  # interrupted: the step checkpoint above is the resume point
                 log(f"finelap train: stopped at step {step} ({stop_reason}); resume with --resume {run_dir}")
                 dist.barrier()
                 return run_dir / checkpoint_name(step)
