@@ -592,3 +592,14 @@ def test_tag_segments_join_gaps_up_to_half_a_second():
     s[5:10] = s[14:20] = s[30:32] = 0.9  # gaps of 4 frames (0.4 s) and 10 frames (1.0 s)
     segs = M._tag_segments(s, tl, 0.5, 5)  # ceil(0.5 s x 10 Hz) = 5 frames
     np.testing.assert_allclose(segs, [[0.5, 2.0], [3.0, 3.2]])
+
+
+def test_tag_metrics_with_overlapping_segments_of_one_phrase():
+    """Two events of one class can overlap in a soundscape: the phrase's segments are merged
+    (sed_scores_eval rejects overlapping references), as for SED, instead of crashing."""
+    tl = Timeline(10.0)
+    s = np.zeros(100)
+    s[30:95] = 0.9
+    overlapping = M.tag_grounding_metrics({"q": s}, {"q": tl}, {"q": [(3.2, 8.2), (5.4, 9.9)]}, {"q": 10.0})
+    merged = M.tag_grounding_metrics({"q": s}, {"q": tl}, {"q": [(3.2, 9.9)]}, {"q": 10.0})
+    assert overlapping["th_auc"] == merged["th_auc"] and overlapping["psds"] == merged["psds"]
