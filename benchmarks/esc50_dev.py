@@ -153,7 +153,7 @@ def main() -> int:
     ap.add_argument("--unseen-seed", type=int, default=0)
     ap.add_argument("--skip-unseen", action="store_true")
     ap.add_argument("--no-titles", action="store_true", help="do not add the fold 1-3 Freesound titles as captions")
-    ap.add_argument("--eval-only", action="store_true", help="evaluate the runs' existing final checkpoints")
+    ap.add_argument("--eval-only", action="store_true", help="evaluate the runs' existing final checkpoints (train those that have none)")
     ap.add_argument("overrides", nargs="*", help="config overrides key=value")
     args = ap.parse_args()
 
@@ -206,7 +206,7 @@ def main() -> int:
 
     # ------------------------------------------------------------------ run 1: all 40 classes
     run_dir = out / "run_all40"
-    if args.eval_only:
+    if args.eval_only and (run_dir / "final").exists():
         final, info = run_dir / "final", {}
     else:
         final, info = train_run("all40", Path(args.config), [scapes_train, out / "esc_train.jsonl"], calib, steps, out, args.overrides)
@@ -236,7 +236,7 @@ def main() -> int:
         kept_calib = [c for c in read_manifest(calib) if not ({e.label for e in c.events} & hide)]
         write_manifest(out / "calib_seen30.jsonl", kept_calib)
         run2 = out / "run_unseen10"
-        if args.eval_only:
+        if args.eval_only and (run2 / "final").exists():
             final2, info2 = run2 / "final", {}
         else:
             final2, info2 = train_run("unseen10", Path(args.config), [out / "soundscapes_seen30.jsonl", out / "esc_train_seen30.jsonl"],
