@@ -223,6 +223,7 @@ def main() -> int:
     result["t2a_titles_R@10"] = ev["t2a_titles_R@10"]
     result["t2a_titles_n_queries"] = ev["t2a_titles_n_queries"]
     result["checkpoint"] = str(final)
+    (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")  # run 1's numbers survive an interrupted run 2
 
     # ------------------------------------------------------------------ run 2: 10 classes unseen
     if not args.skip_unseen:
