@@ -41,12 +41,21 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 _ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU}
 
 
-def _mlp(in_dim: int, hidden: int, out_dim: int, dropout: float = 0.0, activation: str = "gelu") -> nn.Module:
+HEAD_STYLES = ("mlp", "ln_mlp")
+
+
+def _mlp(in_dim: int, hidden: int, out_dim: int, dropout: float = 0.0, activation: str = "gelu", style: str = "mlp") -> nn.Module:
+    """style "mlp": Linear, act, Dropout, Linear. "ln_mlp": LayerNorm, Linear, act, LayerNorm, Linear
+    (MGA-CLAP's frame_proj / word_proj, same indices)."""
+    if style not in HEAD_STYLES:
+        raise ConfigError(f"head style must be one of {HEAD_STYLES}, got {style!r}")
     if hidden == 0:
         return nn.Linear(in_dim, out_dim)
     if activation not in _ACTIVATIONS:
         raise ConfigError(f"head activation must be one of {sorted(_ACTIVATIONS)}, got {activation!r}")
     act = _ACTIVATIONS[activation]()
+    if style == "ln_mlp":
+        return nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, hidden), act, nn.LayerNorm(hidden), nn.Linear(hidden, out_dim))
     return nn.Sequential(nn.Linear(in_dim, hidden), act, nn.Dropout(dropout), nn.Linear(hidden, out_dim))
 
 
@@ -58,13 +67,14 @@ class ClipHead(nn.Module):
     """
 
     def __init__(
-        self, in_dim: int, out_dim: int, hidden: int | None = None, pooling: str = "mean", dropout: float = 0.0, activation: str = "gelu"
-    ) -> None:
+        self, in_dim: int, out_dim: int, hidden: int | None = None, pooling: str = "mean", dropout: float = 0.0, activation: str = "gelu",
+        style: str = "mlp",
+    ) -> None:  # fmt: skip
         super().__init__()
         if pooling not in ("mean", "cls"):
             raise ConfigError(f"clip head pooling must be 'mean' or 'cls', got {pooling!r}")
         self.pooling = pooling
-        self.mlp = _mlp(in_dim, in_dim if hidden is None else hidden, out_dim, dropout, activation)
+        self.mlp = _mlp(in_dim, in_dim if hidden is None else hidden, out_dim, dropout, activation, style)
 
     def pool(self, frames: torch.Tensor, mask: torch.Tensor | None, cls: torch.Tensor | None = None) -> torch.Tensor:
         if self.pooling == "cls":
@@ -114,9 +124,10 @@ class FrameHead(nn.Module):
 class TextHead(nn.Module):
     """Text projection to the shared space: MLP (hidden=0: linear) -> L2 norm. Works on (N, H) or (N, L, H)."""
 
-    def __init__(self, in_dim: int, out_dim: int, hidden: int | None = None, dropout: float = 0.0, activation: str = "gelu") -> None:
+    def __init__(self, in_dim: int, out_dim: int, hidden: int | None = None, dropout: float = 0.0, activation: str = "gelu",
+                 style: str = "mlp") -> None:  # fmt: skip
         super().__init__()
-        self.mlp = _mlp(in_dim, max(in_dim, out_dim) if hidden is None else hidden, out_dim, dropout, activation)
+        self.mlp = _mlp(in_dim, max(in_dim, out_dim) if hidden is None else hidden, out_dim, dropout, activation, style)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.mlp(x), dim=-1)
@@ -221,6 +232,9 @@ class CodebookAggregator(nn.Module):
     For a sequence x (B, L, D) (frames or words) with mask (B, L): affinity to codeword k is
     max_l <x_l, c_k> / (sqrt(D) * temperature) over valid steps; weights = sparsemax over k; the
     embedding is sum_k w_k c_k. Both modalities use the same instance, so they share the codewords.
+
+    masked="exclude" leaves masked steps out of the max; masked="zero" gives them affinity 0, as
+    MGA-CLAP's released code does (it multiplies the affinities by the word mask before the max).
     """
 
     def __init__(self, dim: int, size: int = 512, temperature: float = 1.0) -> None:
@@ -233,15 +247,17 @@ class CodebookAggregator(nn.Module):
         self.temperature = temperature
         self.dim = dim
 
-    def affinities(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def affinities(self, x: torch.Tensor, mask: torch.Tensor | None = None, masked: str = "exclude") -> torch.Tensor:
         """(B, L, D) -> (B, K): max over valid steps of the scaled dot products."""
+        if masked not in ("exclude", "zero"):
+            raise ConfigError(f"codebook masked must be 'exclude' or 'zero', got {masked!r}")
         a = torch.matmul(x, self.codebook.t()) / (math.sqrt(self.dim) * self.temperature)
         if mask is not None:
-            a = a.masked_fill(~mask[..., None], float("-inf"))
+            a = a.masked_fill(~mask[..., None], float("-inf") if masked == "exclude" else 0.0)
         return a.amax(1)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> CodebookOutput:
-        w = sparsemax(self.affinities(x, mask), dim=-1)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, masked: str = "exclude") -> CodebookOutput:
+        w = sparsemax(self.affinities(x, mask, masked), dim=-1)
         return CodebookOutput(embeds=w @ self.codebook, weights=w)
 
 

@@ -90,6 +90,12 @@ class ModelConfig:
     scale_bias_input / scale_bias_hidden: what the per-text scale/bias MLPs read ("embeds": the
       projected text embedding; "pooled": the text tower's pooled output, as OpenFLAM's MLPs do)
       and their hidden width.
+    head_style: "mlp" (Linear, act, Linear) or "ln_mlp" (LayerNorm, Linear, act, LayerNorm, Linear:
+      MGA-CLAP's frame_proj / word_proj) for the clip and text MLPs.
+    codebook_inputs: what the codebook pools: "normalized" frame/word embeddings, or the
+      "projected" ones before L2 normalisation (MGA-CLAP's released code).
+    codebook_words: which text tokens the codebook pools: "tokens" (all under the attention mask)
+      or "words" (MGA-CLAP: the first token dropped, special tokens and padding given affinity 0).
     """
 
     audio_encoder: str = "cnn"
@@ -118,8 +124,19 @@ class ModelConfig:
     head_activation: str = "gelu"
     scale_bias_input: str = "embeds"
     scale_bias_hidden: int = 256
+    head_style: str = "mlp"
+    codebook_inputs: str = "normalized"
+    codebook_words: str = "tokens"
 
     def __post_init__(self) -> None:
+        if self.head_style not in ("mlp", "ln_mlp"):
+            raise ConfigError(f"model.head_style must be 'mlp' or 'ln_mlp', got {self.head_style!r}")
+        if self.codebook_inputs not in ("normalized", "projected"):
+            raise ConfigError(f"model.codebook_inputs must be 'normalized' or 'projected', got {self.codebook_inputs!r}")
+        if self.codebook_words not in ("tokens", "words"):
+            raise ConfigError(f"model.codebook_words must be 'tokens' or 'words', got {self.codebook_words!r}")
+        if self.codebook_inputs == "projected" and self.codebook_size and self.frame_head:
+            raise ConfigError("model.codebook_inputs='projected' pools the clip MLP's per-frame projections; it needs frame_head=false")
         if self.scale_bias_input not in ("embeds", "pooled"):
             raise ConfigError(f"model.scale_bias_input must be 'embeds' or 'pooled', got {self.scale_bias_input!r}")
         if self.scale_bias_input == "pooled" and self.codebook_size:
@@ -231,13 +248,13 @@ class FineLAPModel(nn.Module):
         self.text = text_encoder if text_encoder is not None else HFTextEncoder(cfg.text)
         da, dt, d = self.audio.dim, self.text.hidden_size, cfg.embed_dim
         self.la_block = LocalityAwareBlock(da) if cfg.la_block else None
-        self.clip_head = ClipHead(da, d, cfg.clip_head_hidden, cfg.clip_pooling, cfg.dropout, cfg.head_activation)
+        self.clip_head = ClipHead(da, d, cfg.clip_head_hidden, cfg.clip_pooling, cfg.dropout, cfg.head_activation, cfg.head_style)
         self.frame_head = (
             FrameHead(da, d, cfg.frame_head_layers, cfg.frame_head_heads, cfg.frame_head_window, dropout=cfg.dropout)
             if cfg.frame_head
             else None
         )
-        self.text_head = TextHead(dt, d, cfg.text_head_hidden, cfg.dropout, cfg.head_activation)
+        self.text_head = TextHead(dt, d, cfg.text_head_hidden, cfg.dropout, cfg.head_activation, cfg.head_style)
         self.clip_scale_bias = ScaleBias(cfg.clip_scale_init, cfg.clip_bias_init, cfg.clip_scale_bias_learnable, cfg.max_logit_scale)
         if cfg.text_conditioned_scale_bias:
             self.frame_scale_bias: nn.Module = TextConditionedScaleBias(
@@ -277,12 +294,18 @@ class FineLAPModel(nn.Module):
         x, m = feats.frames, feats.frame_mask
         if self.la_block is not None:
             x = self.la_block(x, m)
-        frame_embeds = self.frame_head(x, m) if self.frame_head is not None else self.clip_head.project(x)
         weights = None
-        if self.codebook is not None:
+        if self.codebook is not None and self.cfg.codebook_inputs == "projected":  # MGA-CLAP: pool before normalising
+            projected = self.clip_head.mlp(x)
+            frame_embeds = F.normalize(projected, dim=-1)
+            cb = self.codebook(projected, m)
+            audio_embeds, weights = F.normalize(cb.embeds, dim=-1), cb.weights
+        elif self.codebook is not None:
+            frame_embeds = self.frame_head(x, m) if self.frame_head is not None else self.clip_head.project(x)
             cb = self.codebook(frame_embeds, m)
             audio_embeds, weights = F.normalize(cb.embeds, dim=-1), cb.weights
         else:
+            frame_embeds = self.frame_head(x, m) if self.frame_head is not None else self.clip_head.project(x)
             audio_embeds = self.clip_head(x, m, feats.cls)
         frame_embeds = frame_embeds * m[..., None].to(frame_embeds.dtype)
         return AudioOutput(
@@ -304,8 +327,11 @@ class FineLAPModel(nn.Module):
         pooled = None
         if self.codebook is not None:
             tf = self.text.encode(texts)
-            words = self.text_head(tf.tokens)
-            cb = self.codebook(words, tf.mask)
+            tokens, mask, masked = tf.tokens, tf.mask, "exclude"
+            if self.cfg.codebook_words == "words":  # MGA-CLAP: word tokens after [CLS]; [SEP]/padding score 0
+                tokens, mask, masked = tokens[:, 1:], ~tf.special[:, 1:], "zero"  # type: ignore[index]
+            words = self.text_head.mlp(tokens) if self.cfg.codebook_inputs == "projected" else self.text_head(tokens)
+            cb = self.codebook(words, mask, masked)
             text_embeds, weights = F.normalize(cb.embeds, dim=-1), cb.weights
         else:
             pooled = self.text.embed_cached(texts)

@@ -108,15 +108,41 @@ class ReferenceLogMel(nn.Module):
 # ============================================================================ HTS-AT
 
 
+def locality_aware_frames(encoder: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """MGA-CLAP's locality-aware block on transformers' ClapAudioEncoder: the frames of the *value
+    path* of the last Swin block, given that block's input h (K, L, C) -> (K, T', C).
+
+    What MGA-CLAP's htsat.py changes in plain HTS-AT (read from Ming-er/MGA-CLAP): the last block
+    also returns v1 = h + proj(value(norm1(h))) (window attention replaced by each token's own value,
+    so no token mixing) and v2 = v1 + norm2(v1) (the feed-forward replaced by its LayerNorm, added
+    residually); the final LayerNorm and HTS-AT's token-semantic regrouping then make frames of v2
+    exactly as of the usual output, averaged over frequency. The usual path is left unchanged.
+    """
+    blk = encoder.layers[-1].blocks[-1]
+    v = h + blk.attention.output.dense(blk.attention.self.value(blk.layernorm_before(h)))
+    v = encoder.norm(v + blk.layernorm_after(v))
+    f, t = encoder.input_resolutions[-1]
+    k, _, c = v.shape
+    ratio = encoder.freq_ratio
+    grid = v.transpose(1, 2).reshape(k, c, ratio, f // ratio, t)  # HTS-AT's group-2D layout: freq_ratio time blocks stacked in F
+    return grid.permute(0, 1, 3, 2, 4).reshape(k, c, f // ratio, ratio * t).mean(2).transpose(1, 2)
+
+
 class _HTSATBackend(_WindowBackend):
     """transformers' ClapAudioModel (HTS-AT) on fixed windows of `window_samples`; frames are the
-    token-semantic grid before pooling (last_hidden_state (K, C, F', T') averaged over F')."""
+    token-semantic grid before pooling (last_hidden_state (K, C, F', T') averaged over F'), or, with
+    `locality_aware`, MGA-CLAP's locality-aware frames (`locality_aware_frames`)."""
 
-    def __init__(self, model: nn.Module, config: Any, frontend: ReferenceLogMel, sample_rate: int, window_samples: int) -> None:
+    def __init__(self, model: nn.Module, config: Any, frontend: ReferenceLogMel, sample_rate: int, window_samples: int,
+                 locality_aware: bool = False) -> None:  # fmt: skip
         super().__init__()
         self.model = model
         self.frontend = frontend
         self.fusion = bool(config.enable_fusion)
+        self.locality_aware = bool(locality_aware)
+        self._last_block_input: torch.Tensor | None = None
+        if self.locality_aware:
+            model.audio_encoder.layers[-1].blocks[-1].register_forward_pre_hook(self._keep_last_block_input)
         stride_t = config.patch_stride if isinstance(config.patch_stride, int) else config.patch_stride[1]
         freq_ratio = config.spec_size // config.num_mel_bins
         self.frames_per_window = (config.spec_size // stride_t // 2 ** (len(config.depths) - 1)) * freq_ratio
@@ -141,8 +167,14 @@ class _HTSATBackend(_WindowBackend):
             return {"input_features": x.repeat(1, 4, 1, 1), "is_longer": torch.zeros(x.shape[0], 1, dtype=torch.bool, device=x.device)}
         return {"input_features": x}
 
+    def _keep_last_block_input(self, module: nn.Module, args: tuple) -> None:
+        self._last_block_input = args[0]
+
     def run(self, feats: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
         out = self.model(**feats)
+        if self.locality_aware:
+            h, self._last_block_input = self._last_block_input, None
+            return locality_aware_frames(self.model.audio_encoder, h), out.pooler_output  # type: ignore[arg-type]
         return out.last_hidden_state.mean(2).transpose(1, 2), out.pooler_output  # (K, T', C), (K, C)
 
 
@@ -155,7 +187,8 @@ class HTSATEncoder(HFAudioEncoder):
 
     config: `transformers.ClapAudioConfig` fields (depths, heads, spec_size, enable_fusion, ...).
     sample_rate, n_fft, hop_length, fmin, fmax, mel_scale: the original front-end (n_mels is the
-    config's num_mel_bins). window_s: the model's clip length.
+    config's num_mel_bins). window_s: the model's clip length. locality_aware: frames from
+    MGA-CLAP's locality-aware block (the value path of the last Swin block) instead of its output.
 
     A frame is valid when it starts before the end of the audio (ceil(n / samples_per_frame)
     frames), so a 10-s clip has exactly the 32 frames of one window and its clip embedding is
@@ -175,6 +208,7 @@ class HTSATEncoder(HFAudioEncoder):
         freeze: bool = False,
         lr_mult: float = 1.0,
         window_batch: int = 16,
+        locality_aware: bool = False,
     ) -> None:
         AudioEncoder.__init__(self, freeze=False, lr_mult=lr_mult)
         from transformers import ClapAudioConfig, ClapAudioModel
@@ -186,7 +220,7 @@ class HTSATEncoder(HFAudioEncoder):
         except (TypeError, ValueError) as e:
             raise ConfigError(f"htsat: bad config ({e})") from None
         frontend = ReferenceLogMel(sample_rate, n_fft, hop_length, int(cfg.num_mel_bins), fmin, fmax, mel_scale)
-        self.backend = _HTSATBackend(ClapAudioModel(cfg), cfg, frontend, sample_rate, int(round(window_s * sample_rate)))
+        self.backend = _HTSATBackend(ClapAudioModel(cfg), cfg, frontend, sample_rate, int(round(window_s * sample_rate)), locality_aware)
         self.model_type = "htsat"
         self.path = None
         self.window_batch = int(window_batch)
@@ -676,3 +710,7 @@ def import_checkpoint(kind: str, src: str | os.PathLike, text_model: str | os.Pa
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return out_p
+
+
+# MGA-CLAP's importer lives in its own module and registers itself in IMPORTERS on import
+from . import published_mga as _published_mga  # noqa: E402,F401

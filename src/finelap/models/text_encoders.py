@@ -82,6 +82,8 @@ class TextEncoderConfig:
       from `path`'s config.json only (imported published models: the finelap checkpoint holds the
       tower's weights, `path` only its config and tokenizer). A relative `path` is resolved against
       the checkpoint directory by `load_pretrained`.
+    pooler_layer: False builds the tower without its pooler (BERT/RoBERTa `add_pooling_layer=False`),
+      as MGA-CLAP's text tower was trained; then pooling cannot be "pooler".
     """
 
     path: str | None = None
@@ -91,8 +93,11 @@ class TextEncoderConfig:
     lr_mult: float = 1.0
     cache_size: int = 8192
     weights: str = "pretrained"
+    pooler_layer: bool = True
 
     def __post_init__(self) -> None:
+        if not self.pooler_layer and self.pooling == "pooler":
+            raise ConfigError("text.pooling='pooler' needs the pooler layer (text.pooler_layer=False removes it)")
         if self.pooling not in ("mean", "cls", "pooler"):
             raise ConfigError(f"text.pooling must be 'mean', 'cls' or 'pooler', got {self.pooling!r}")
         if self.weights not in ("pretrained", "checkpoint"):
@@ -107,11 +112,13 @@ class TextEncoderConfig:
 
 @dataclass
 class TextFeatures:
-    """pooled (N, H); tokens (N, L, H) last hidden states; mask (N, L) bool, True at real tokens."""
+    """pooled (N, H); tokens (N, L, H) last hidden states; mask (N, L) bool, True at real tokens;
+    special (N, L) bool, True at the tokenizer's special tokens ([CLS], [SEP], ...) and padding."""
 
     pooled: torch.Tensor
     tokens: torch.Tensor
     mask: torch.Tensor
+    special: torch.Tensor | None = None
 
 
 def mean_pool(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -149,15 +156,18 @@ class HFTextEncoder(nn.Module):
 
             hf_logging.disable_progress_bar()  # a local load needs no "Loading weights" bar on every command
             self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+            kw = {} if cfg.pooler_layer else {"add_pooling_layer": False}
             if cfg.weights == "checkpoint":  # architecture only; the finelap checkpoint supplies the weights
                 from transformers import AutoConfig
 
                 hf_cfg = AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
-                self.model = AutoModel.from_config(hf_cfg, trust_remote_code=False)
+                self.model = AutoModel.from_config(hf_cfg, trust_remote_code=False, **kw)
             else:
-                self.model = AutoModel.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+                self.model = AutoModel.from_pretrained(str(path), local_files_only=True, trust_remote_code=False, **kw)
         except (OSError, ValueError) as e:
             raise ConfigError(f"{path}: cannot load text model/tokenizer ({type(e).__name__}: {e})") from None
+        except TypeError as e:  # add_pooling_layer on a model class without a pooler
+            raise ConfigError(f"{path}: text.pooler_layer=False is not supported by this model ({e})") from None
         self.hidden_size = int(self.model.config.hidden_size)
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._cache_key: tuple | None = None
@@ -206,14 +216,17 @@ class HFTextEncoder(nn.Module):
             truncation=True,
             max_length=self.cfg.max_length,
             return_tensors="pt",
+            return_special_tokens_mask=True,
         )
 
     def encode(self, texts: Sequence[str]) -> TextFeatures:
         """texts: N strings -> TextFeatures(pooled (N, H), tokens (N, L, H), mask (N, L) bool)."""
         if len(texts) == 0:
             z = torch.zeros(0, self.hidden_size, device=self.device)
-            return TextFeatures(z, z[:, None], torch.zeros(0, 1, dtype=torch.bool, device=self.device))
+            none = torch.zeros(0, 1, dtype=torch.bool, device=self.device)
+            return TextFeatures(z, z[:, None], none, none.clone())
         enc = {k: v.to(self.device) for k, v in self.tokenize(texts).items()}
+        special = enc.pop("special_tokens_mask").bool()
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self._frozen):
             out = self.model(**enc)
         tokens = out.last_hidden_state
@@ -226,7 +239,7 @@ class HFTextEncoder(nn.Module):
             pooled = out.pooler_output
         else:
             pooled = tokens[:, 0]
-        return TextFeatures(pooled=pooled, tokens=tokens, mask=mask)
+        return TextFeatures(pooled=pooled, tokens=tokens, mask=mask, special=special)
 
     forward = encode
 
