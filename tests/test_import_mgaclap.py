@@ -220,6 +220,32 @@ def test_cli_import_mgaclap_then_commands(tmp_path, capsys):
     capsys.readouterr()
     assert main(["ground", str(audio / "c1.wav"), "a dog barking", "--threshold", "0.5", "--json", "--checkpoint", str(ckpt)]) == 0
     assert json.loads(capsys.readouterr().out)["queries"][0]["text"] == "a dog barking"
+    emb = tmp_path / "emb.npy"
+    assert main(["embed", str(audio), "--out", str(emb), "--checkpoint", str(ckpt)]) == 0
+    assert np.load(emb).shape == (2, 12)
+    csv = tmp_path / "meta.csv"
+    csv.write_text("filename,fold,target,category\nc0.wav,1,0,dog\nc1.wav,1,1,rain\n")
+    out = tmp_path / "zs.json"
+    assert main(["eval", "zeroshot", "--checkpoint", str(ckpt), "--data", str(csv), "--audio-dir", str(audio), "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["n_items"] == 2
     pipe = Pipeline.from_pretrained(ckpt)
     fs = pipe.frame_scores(str(audio / "c1.wav"), ["dog"])
     assert fs.scores.shape == (pipe.timeline.num_frames_for_samples(int(7.3 * SR)), 1) and np.isfinite(fs.scores).all()
+
+
+def test_mga_model_traits_reject_bad_values():
+    from finelap.errors import ConfigError
+    from finelap.models.model import ModelConfig
+    from finelap.models.text_encoders import TextEncoderConfig
+
+    with pytest.raises(ConfigError, match="head_style"):
+        ModelConfig(head_style="prenorm")
+    with pytest.raises(ConfigError, match="codebook_inputs"):
+        ModelConfig(codebook_inputs="raw")
+    with pytest.raises(ConfigError, match="codebook_words"):
+        ModelConfig(codebook_words="all")
+    with pytest.raises(ConfigError, match="frame_head=false"):
+        ModelConfig(codebook_size=8, codebook_inputs="projected", frame_head=True)
+    with pytest.raises(ConfigError, match="pooler"):
+        TextEncoderConfig(pooling="pooler", pooler_layer=False)
+
