@@ -176,6 +176,15 @@ def test_mgaclap_imports_with_parity(tmp_path):
     assert fs.scores.shape[0] >= 2 * fpw
     np.testing.assert_allclose(fs.scores[: 2 * fpw], want, atol=1e-4, rtol=0)
     assert not pipe.frame_trained  # no frame objective upstream: thresholds need calibration
+    # a file of many windows, streamed in chunks on 3 threads, equals one pass on the file's window grid
+    par = Pipeline.from_pretrained(ckpt, window_s=6.0, margin_s=1.0, workers=3)
+    n = int(7.5 * win)
+    wave_long = 0.3 * torch.randn(1, n, generator=torch.Generator().manual_seed(8))
+    streamed = par.frame_scores(wave_long[0].numpy(), TEXTS, sample_rate=SR, template="{}").scores
+    with torch.no_grad():
+        one = torch.sigmoid(fl.frame_logits(fl.encode_audio(wave_long), fl.encode_text(TEXTS)))[0].numpy()
+    assert streamed.shape[0] == fl.timeline.num_frames_for_samples(n)
+    np.testing.assert_allclose(streamed, one[: streamed.shape[0]], atol=1e-4, rtol=0)
 
 
 def test_mgaclap_source_errors(tmp_path):

@@ -617,15 +617,29 @@ class Pipeline:
         finally:
             torch.set_num_threads(prev)
 
+    def _plan_windows(self, n_samples: int) -> list:
+        """`streaming.plan_windows` with this pipeline's window and margin, except for encoders that
+        run on fixed, non-overlapping windows of their own (HTS-AT, Whisper, the imported 10-s models):
+        their chunks are whole numbers of encoder windows starting on the file's window grid, without
+        margins, so a frame sees the same window whether the file is streamed or encoded in one pass
+        (with margins, each chunk would restart the window grid at its own first sample)."""
+        from .streaming import plan_windows
+
+        window_s, margin_s = self.window_s, self.margin_s
+        be = getattr(self.model.audio, "backend", None)
+        win = getattr(be, "window_samples", None)
+        if be is not None and getattr(be, "variable_length", True) is False and win and getattr(be, "step_samples", None) == win:
+            win_s = win / self.sample_rate
+            window_s, margin_s = max(1, round(window_s / win_s)) * win_s, 0.0
+        return plan_windows(n_samples, self.timeline, window_s, margin_s)
+
     def _stream(self, src: _Source, fn: Callable[[torch.Tensor], torch.Tensor], raw: bool = False) -> Iterator[tuple[int, torch.Tensor]]:
         """(first frame, fn(frame_embeds (t, D))) chunks covering every frame of `src` once, in
         order. Windows from `streaming.plan_windows` (frame-grid aligned, with margins); groups of
         `batch_windows` are encoded together, groups run on `workers` threads. `raw`: the audio
         encoder's own frames (t, Da) instead of the projected frame embeddings (what the caption
         decoder reads)."""
-        from .streaming import plan_windows
-
-        windows = plan_windows(src.n_samples, self.timeline, self.window_s, self.margin_s)
+        windows = self._plan_windows(src.n_samples)
         spf = self.timeline.hop_length * self.timeline.downsample  # type: ignore[operator]
         groups = [windows[i : i + self.batch_windows] for i in range(0, len(windows), self.batch_windows)]
         dev = self.device
@@ -669,9 +683,7 @@ class Pipeline:
         n = x.shape[1]
         t = self.timeline.num_frames_for_samples(n)
         out = np.empty((x.shape[0], t, self.embed_dim), dtype=np.float32)
-        from .streaming import plan_windows
-
-        if len(plan_windows(max(n, 1), self.timeline, self.window_s, self.margin_s)) == 1:
+        if len(self._plan_windows(max(n, 1))) == 1:
             dev = self.device
             with torch.inference_mode():
                 for b in range(0, x.shape[0], batch_size):

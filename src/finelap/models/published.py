@@ -20,6 +20,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -140,7 +141,8 @@ class _HTSATBackend(_WindowBackend):
         self.frontend = frontend
         self.fusion = bool(config.enable_fusion)
         self.locality_aware = bool(locality_aware)
-        self._last_block_input: torch.Tensor | None = None
+        # the last block's input, per thread (Pipeline encodes windows on several threads at once)
+        self._last_block_input: dict[int, torch.Tensor] = {}
         if self.locality_aware:
             model.audio_encoder.layers[-1].blocks[-1].register_forward_pre_hook(self._keep_last_block_input)
         stride_t = config.patch_stride if isinstance(config.patch_stride, int) else config.patch_stride[1]
@@ -168,12 +170,12 @@ class _HTSATBackend(_WindowBackend):
         return {"input_features": x}
 
     def _keep_last_block_input(self, module: nn.Module, args: tuple) -> None:
-        self._last_block_input = args[0]
+        self._last_block_input[threading.get_ident()] = args[0]
 
     def run(self, feats: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
         out = self.model(**feats)
         if self.locality_aware:
-            h, self._last_block_input = self._last_block_input, None
+            h = self._last_block_input.pop(threading.get_ident())
             return locality_aware_frames(self.model.audio_encoder, h), out.pooler_output  # type: ignore[arg-type]
         return out.last_hidden_state.mean(2).transpose(1, 2), out.pooler_output  # (K, T', C), (K, C)
 
