@@ -276,8 +276,44 @@ def test_cli_import_then_classify_detect_ground(tmp_path, capsys):
     capsys.readouterr()
     assert main(["ground", str(audio / "c1.wav"), "a dog barking", "--threshold", "0.5", "--json", "--checkpoint", str(ckpt)]) == 0
     assert json.loads(capsys.readouterr().out)["queries"][0]["text"] == "a dog barking"
+    csv = tmp_path / "meta.csv"
+    csv.write_text("filename,fold,target,category\nc0.wav,1,0,dog\nc1.wav,1,1,rain\n")
+    out = tmp_path / "zs.json"
+    assert main(["eval", "zeroshot", "--checkpoint", str(ckpt), "--data", str(csv), "--audio-dir", str(audio), "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["n_items"] == 2
     from finelap.infer import Pipeline
 
     pipe = Pipeline.from_pretrained(ckpt)
     fs = pipe.frame_scores(str(audio / "c1.wav"), ["dog"])
     assert fs.scores.shape == (pipe.timeline.num_frames_for_samples(23 * SR), 1) and np.isfinite(fs.scores).all()
+
+
+def test_model_traits_reject_contradictions():
+    from finelap.errors import ConfigError
+    from finelap.models.model import ModelConfig
+
+    with pytest.raises(ConfigError, match="frame_head_style"):
+        ModelConfig(frame_head_style="fancy")
+    with pytest.raises(ConfigError, match="frame_head_per_window"):
+        ModelConfig(frame_head_per_window=True)  # needs the post-norm head
+    with pytest.raises(ConfigError, match="rotary frame head only"):
+        ModelConfig(frame_head_style="post_norm", frame_head_window=4)
+
+
+def test_post_norm_frame_head_blocks_and_masks():
+    """Per-window attention: a frame's output depends only on its own block's valid frames."""
+    from finelap.models.heads import PostNormFrameHead
+
+    torch.manual_seed(0)
+    head = PostNormFrameHead(6, 16, layers=2, heads=8, block=4).eval()
+    x = torch.randn(1, 10, 6)
+    mask = torch.ones(1, 10, dtype=torch.bool)
+    mask[0, 9] = False
+    y = head(x, mask)
+    x2 = x.clone()
+    x2[0, 4:8] += 1.0  # the second block
+    x2[0, 9] = 100.0  # a masked frame of the third block
+    y2 = head(x2, mask)
+    torch.testing.assert_close(y2[0, :4], y[0, :4])
+    torch.testing.assert_close(y2[0, 8], y[0, 8])
+    assert (y2[0, 4:8] - y[0, 4:8]).abs().max() > 1e-3

@@ -74,8 +74,8 @@ def kaldi_fbank(
     """Kaldi log-mel filterbank with FineLAP's options. wave (K, N) -> (K, T, n_mels) float32,
     T = 1 + (N - win_length) // hop_length (snip_edges; 0 frames when N < win_length).
 
-    Computed in float64 (torchaudio computes in the input's float32; the two agree to ~1e-5 except
-    in near-silent bins where float32 rounding dominates).
+    Computed in float64; torchaudio computes in the input's dtype (float32), so expect rounding-level
+    differences from it, largest in near-silent bins (not measured: torchaudio does not run here).
     """
     x = wave.to(torch.float64)
     k, n = x.shape
