@@ -317,3 +317,23 @@ def test_post_norm_frame_head_blocks_and_masks():
     torch.testing.assert_close(y2[0, :4], y[0, :4])
     torch.testing.assert_close(y2[0, 8], y[0, 8])
     assert (y2[0, 4:8] - y[0, 4:8]).abs().max() > 1e-3
+
+
+class _Evil:
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+def test_unsafe_pickle_is_refused(tmp_path, capsys):
+    import pickle
+
+    evil = tmp_path / "finelap_fixed.pt"
+    with open(evil, "wb") as f:
+        pickle.dump({"model": {"x": _Evil()}}, f)
+    rb = finelap_roberta_dir(tmp_path / "rb")
+    with pytest.raises(SourceError, match="weights-only"):
+        import_checkpoint("finelap", evil, rb, tmp_path / "o1")
+    assert "this must never run" not in capsys.readouterr().out
+    # a bare state dict (what the hint above produces) imports
+    torch.save(finelap_state(), tmp_path / "bare.pt")
+    assert import_checkpoint("finelap", tmp_path / "bare.pt", rb, tmp_path / "o2").is_dir()

@@ -609,7 +609,14 @@ def _finelap_state(src: Path) -> tuple[dict[str, torch.Tensor], str]:
     if path.suffix == ".safetensors":
         raw, layout = _read_safetensors(path), "safetensors"
     else:
-        raw, layout = _tensor_state(read_pickle_state(path), path, key="model"), "pickle"
+        try:
+            obj = read_pickle_state(path)
+        except SourceError as e:  # e.g. a training config pickled as custom objects next to the weights
+            raise SourceError(
+                f"{e}. If you trust the file, keep only its tensors: torch.save(ckpt['model'], 'finelap_weights.pt') "
+                "in an environment that can load it, and import that"
+            ) from None
+        raw, layout = _tensor_state(obj, path, key="model"), "pickle"
     # the same names under a wrapper prefix (DDP, or a Hugging Face wrapper module)
     for pre in _FL_PREFIXES:
         if any(k.startswith(pre + _FL_EAT) for k in raw):
