@@ -192,3 +192,106 @@ def save_flam_pth(model, path: Path, seed: int = 0) -> Path:
     sd.update(flam_heads(model, seed))
     torch.save(sd, str(path))
     return path
+
+
+# ---------------------------------------------------------------------------- FineLAP
+
+# A tiny FineLAP in the layout of xiquan-li/FineLAP (`models/finelap.py` FineLAP with
+# `models/audio_encoder.py` AudioEncoder type "eat", which wraps the vendored EAT's
+# MaeImageClassificationModel around a data2vec-multi Data2VecMultiModel). Key names and shapes, read
+# from that code (EAT-base values in brackets):
+#   audio_encoder.audio_enc.model.modality_encoders.IMAGE.local_encoder.proj.{weight (D,1,16,16), bias}
+#   audio_encoder.audio_enc.model.modality_encoders.IMAGE.fixed_positional_encoder.positions (1, max_length*8, D)
+#   audio_encoder.audio_enc.model.modality_encoders.IMAGE.extra_tokens (1, 1, D)
+#   audio_encoder.audio_enc.model.modality_encoders.IMAGE.context_encoder.norm.{weight,bias} (D,)  [prenet_depth 0]
+#   audio_encoder.audio_enc.model.modality_encoders.IMAGE.decoder.*   (CNN decoder; absent after
+#       remove_pretraining_modules, kept here to check it is dropped)
+#   audio_encoder.audio_enc.model.blocks.{i}.{attn.qkv (3D,D), attn.proj, norm1, norm2, mlp.fc1 (4D,D), mlp.fc2}  [12 blocks, 12 heads]
+#   audio_encoder.audio_enc.{fc_norm, head (527, D)}   (EAT's AudioSet classifier, unused)
+#   text_encoder.text_encoder.*   (RobertaModel(add_pooling_layer=False))
+#   global_audio_proj.{0,2} / global_text_proj.{0,2}   Linear(D|768, E), ReLU, Linear(E, E)   [E 1024]
+#   local_audio_proj.0 Linear(D, E); local_audio_proj.1.layers.{0,1}.* nn.TransformerEncoderLayer(E, 8, 4E, relu, batch_first)
+#   temp_global, b_global, temp_local, b_local   0-d
+FL_DIM, FL_DEPTH, FL_HEADS, FL_EMBED, FL_POS_ROWS = 128, 2, 2, 32, 80  # tiny: 2 heads of 64 (finelap derives heads = D / 64)
+FL_TEMP = {"temp_global": 0.07, "b_global": -4.0, "temp_local": 0.1, "b_local": -6.0}
+
+
+def tiny_roberta_config():
+    from transformers import RobertaConfig
+
+    return RobertaConfig(vocab_size=261, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=24,
+                         max_position_embeddings=40, type_vocab_size=1, pad_token_id=1, hidden_dropout_prob=0.0,
+                         attention_probs_dropout_prob=0.0)  # fmt: skip
+
+
+def finelap_roberta_dir(dest: Path) -> Path:
+    """The local "roberta-base" folder for --text-model: the tiny tower's config and tokenizer."""
+    tiny_roberta_config().save_pretrained(str(dest))
+    roberta_tokenizer(dest)
+    return dest
+
+
+def finelap_state(seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random tensors in FineLAP's state-dict layout (tiny config above), scaled so that every
+    layer matters (LayerNorm affines, biases and the CLS token are random, not their inits)."""
+    import math
+
+    from torch import nn
+    from transformers import RobertaModel
+
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, s=1.0):
+        return s * torch.randn(*shape, generator=g)
+
+    d, e = FL_DIM, FL_EMBED
+    eat = "audio_encoder.audio_enc.model."
+    img = eat + "modality_encoders.IMAGE."
+    sd: dict[str, torch.Tensor] = {
+        img + "local_encoder.proj.weight": rnd(d, 1, 16, 16, s=1 / 16),
+        img + "local_encoder.proj.bias": rnd(d, s=0.1),
+        img + "fixed_positional_encoder.positions": rnd(1, FL_POS_ROWS * 8, d, s=0.5),
+        img + "extra_tokens": rnd(1, 1, d),
+        img + "context_encoder.norm.weight": 1 + rnd(d, s=0.1),
+        img + "context_encoder.norm.bias": rnd(d, s=0.1),
+        img + "decoder.blocks.0.0.weight": rnd(d, 1, 3, 3),
+        img + "decoder.proj.weight": rnd(d, d),
+        "audio_encoder.audio_enc.fc_norm.weight": rnd(d),
+        "audio_encoder.audio_enc.fc_norm.bias": rnd(d),
+        "audio_encoder.audio_enc.head.weight": rnd(527, d),
+        "audio_encoder.audio_enc.head.bias": rnd(527),
+    }
+    for i in range(FL_DEPTH):
+        b = f"{eat}blocks.{i}."
+        for name, (o, n) in {"attn.qkv": (3 * d, d), "attn.proj": (d, d), "mlp.fc1": (4 * d, d), "mlp.fc2": (d, 4 * d)}.items():
+            sd[b + name + ".weight"] = rnd(o, n, s=1 / math.sqrt(n))
+            sd[b + name + ".bias"] = rnd(o, s=0.1)
+        for n in ("norm1", "norm2"):
+            sd[b + n + ".weight"] = 1 + rnd(d, s=0.1)
+            sd[b + n + ".bias"] = rnd(d, s=0.1)
+    torch.manual_seed(seed)
+    text = RobertaModel(tiny_roberta_config(), add_pooling_layer=False)
+    for k, v in text.state_dict().items():
+        sd["text_encoder.text_encoder." + k] = v.clone()
+    h = text.config.hidden_size
+    for name, din in (("global_audio_proj", d), ("global_text_proj", h)):
+        sd[f"{name}.0.weight"] = rnd(e, din, s=1 / math.sqrt(din))
+        sd[f"{name}.0.bias"] = rnd(e, s=0.1)
+        sd[f"{name}.2.weight"] = rnd(e, e, s=1 / math.sqrt(e))
+        sd[f"{name}.2.bias"] = rnd(e, s=0.1)
+    sd["local_audio_proj.0.weight"] = rnd(e, d, s=1 / math.sqrt(d))
+    sd["local_audio_proj.0.bias"] = rnd(e, s=0.1)
+    layer = nn.TransformerEncoderLayer(e, 8, 4 * e, 0.1, activation="relu", batch_first=True)
+    enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+    for k, v in enc.state_dict().items():
+        sd["local_audio_proj.1." + k] = v + (rnd(*v.shape, s=0.1) if k.endswith(("norm1.weight", "norm2.weight", "bias")) else 0)
+    for k, v in FL_TEMP.items():
+        sd[k] = torch.tensor(v)
+    return sd
+
+
+def save_finelap_pt(path: Path, seed: int = 0) -> Path:
+    """What FineLAP's training (and utils/fix_ckpt.py) writes: {"model", "optimizer", "config", "epoch"}."""
+    torch.save({"model": finelap_state(seed), "optimizer": {"state": {}, "param_groups": []},
+                "config": {"model_args": {"embed_size": FL_EMBED}}, "epoch": 14}, str(path))  # fmt: skip
+    return path

@@ -67,7 +67,7 @@ class Registry(Generic[T]):
 
 
 AUDIO_ENCODERS: Registry = Registry(
-    "audio encoder", ["finelap.models.audio_encoders", "finelap.models.pretrained", "finelap.models.published"]
+    "audio encoder", ["finelap.models.audio_encoders", "finelap.models.pretrained", "finelap.models.published", "finelap.models.eat"]
 )
 LOSSES: Registry = Registry("loss", ["finelap.losses.clip", "finelap.losses.frame", "finelap.losses.aux"])
 DATASETS: Registry = Registry("dataset", ["finelap.data.manifests"])

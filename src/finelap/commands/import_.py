@@ -4,6 +4,7 @@ Examples:
   finelap import laion-clap 630k-audioset-best.pt --text-model ~/models/roberta-base --out ckpt/laion-clap
   finelap import laion-clap ~/models/clap-htsat-unfused --out ckpt/laion-clap-hf
   finelap import flam open_flam_oct17.pth --text-model ~/models/roberta-base --out ckpt/openflam
+  finelap import finelap finelap_fixed.pt --text-model ~/models/roberta-base --out ckpt/finelap
   finelap import mgaclap model.pt --text-model ~/models/bert-base-uncased --out ckpt/mgaclap
 
 The result is a normal checkpoint (model.safetensors + config.json with the original front-end,
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 
-KINDS = ("laion-clap", "flam")
+KINDS = ("laion-clap", "flam", "finelap")
 KINDS += ("mgaclap",)  # MGA-CLAP (finelap.models.published_mga)
 
 

@@ -48,12 +48,21 @@ __all__ = [
 
 @dataclass
 class AudioFeatures:
-    """frames (B, T, D); frame_mask (B, T) bool, True at valid frames; frame_rate_hz; cls (B, D) or None."""
+    """frames (B, T, D); frame_mask (B, T) bool, True at valid frames; frame_rate_hz; cls (B, D) or None.
+
+    context_frames (B, T', D) / context_mask (B, T'), optional (fixed-window encoders that emulate a
+    reference model, e.g. EAT): the frames of every whole window that holds audio (T' >= T: the
+    last window may reach past T), *not* zeroed past the end of the audio, i.e. what the reference
+    model's heads saw on that window (its padding included). Heads that reproduce such a reference
+    attend over these and keep the first T outputs; everything else uses `frames`.
+    """
 
     frames: torch.Tensor
     frame_mask: torch.Tensor
     frame_rate_hz: float
     cls: torch.Tensor | None = None
+    context_frames: torch.Tensor | None = None
+    context_mask: torch.Tensor | None = None
 
 
 def lengths_to_mask(lengths: torch.Tensor, size: int) -> torch.Tensor:
@@ -639,6 +648,8 @@ class _WindowBackend(nn.Module):
     frames; windows start every frames_per_window * samples_per_frame samples (a fixed grid)."""
 
     variable_length = False
+    uses_lengths = False  # features(chunks, valid_samples): the backend needs each window's audio length
+    returns_context = False  # _encode also returns the unmasked window frames (AudioFeatures.context_frames)
     frames_per_window: int
     step_samples: int
     window_samples: int
@@ -885,6 +896,7 @@ class HFAudioEncoder(AudioEncoder):
         valid = self.frame_lengths(lengths)
         fm = lengths_to_mask(valid, t)
         be = self.backend
+        context = context_mask = None
         if be.variable_length:
             h, cls = be(wave, lengths)
             if h.shape[1] < t:
@@ -898,20 +910,29 @@ class HFAudioEncoder(AudioEncoder):
             need = torch.arange(n_win, device=wave.device)[None, :] * fpw < valid[:, None]  # skip all-padding windows
             idx = need.flatten().nonzero().squeeze(1)
             flat = chunks.reshape(-1, win)
+            # samples of audio in each window (0 for windows past the end)
+            win_valid = (lengths[:, None] - torch.arange(n_win, device=wave.device)[None, :] * step).clamp(0, win).reshape(-1)
             out = torch.zeros(flat.shape[0], fpw, self.dim, device=wave.device, dtype=wave.dtype)
             cls_all = None
             for i in range(0, idx.numel(), self.window_batch):
                 sel = idx[i : i + self.window_batch]
-                f_i, c_i = be.run(be.features(flat[sel]))
+                feats_i = be.features(flat[sel], win_valid[sel]) if be.uses_lengths else be.features(flat[sel])
+                f_i, c_i = be.run(feats_i)
                 out = out.index_copy(0, sel, f_i.to(out.dtype))
                 if c_i is not None:
                     if cls_all is None:
                         cls_all = torch.zeros(flat.shape[0], c_i.shape[-1], device=wave.device, dtype=wave.dtype)
                     cls_all = cls_all.index_copy(0, sel, c_i.to(wave.dtype))
             frames = out.view(wave.shape[0], n_win * fpw, self.dim)[:, :t]
+            if be.returns_context:  # whole windows: the last one may extend past T
+                context = out.view(wave.shape[0], n_win * fpw, self.dim)
+                context_mask = need.repeat_interleave(fpw, dim=1)
             cls = None
             if cls_all is not None:  # clip token: mean over the item's windows
                 w = need.to(wave.dtype)
                 cls = (cls_all.view(wave.shape[0], n_win, -1) * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp(min=1)
         frames = frames * fm[..., None].to(frames.dtype)
+        if context is not None:
+            return AudioFeatures(frames=frames, frame_mask=fm, frame_rate_hz=tl.frame_rate_hz, cls=cls,
+                                 context_frames=context, context_mask=context_mask)  # fmt: skip
         return AudioFeatures(frames=frames, frame_mask=fm, frame_rate_hz=tl.frame_rate_hz, cls=cls)

@@ -20,6 +20,7 @@ __all__ = [
     "masked_mean",
     "ClipHead",
     "FrameHead",
+    "PostNormFrameHead",
     "TextHead",
     "ScaleBias",
     "TextConditionedScaleBias",
@@ -118,6 +119,47 @@ class FrameHead(nn.Module):
             for blk in self.blocks:
                 x = blk(x, am, rope)
             x = self.norm(x)
+        return F.normalize(x, dim=-1)
+
+
+class PostNormFrameHead(nn.Module):
+    """Frame embeddings with FineLAP's local projector layout: Linear -> `layers` post-norm
+    `torch.nn.TransformerEncoderLayer`s (ReLU feed-forward, no positions, no final norm) -> L2 norm.
+
+    forward(frames (B, T, Din), mask (B, T)) -> (B, T, Dout), unit norm. Keys are the valid frames
+    (every query also sees itself, so no row is empty). block: attention is confined to
+    consecutive blocks of `block` frames, the fixed windows of the encoder, as in a reference model
+    that projected one window at a time; None: global attention.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, layers: int = 2, heads: int = 8, mlp_ratio: float = 4.0,
+                 dropout: float = 0.0, block: int | None = None) -> None:  # fmt: skip
+        super().__init__()
+        if layers < 1:
+            raise ConfigError(f"post-norm frame head needs layers >= 1, got {layers}")
+        if out_dim % heads:
+            raise ConfigError(f"frame head dim ({out_dim}) must be divisible by heads ({heads})")
+        if block is not None and block < 1:
+            raise ConfigError(f"frame head block must be >= 1, got {block}")
+        self.proj = nn.Linear(in_dim, out_dim)
+        layer = nn.TransformerEncoderLayer(out_dim, heads, int(out_dim * mlp_ratio), dropout, activation="relu", batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.heads, self.block = heads, block
+
+    def forward(self, frames: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.proj(frames)
+        b, t, _ = x.shape
+        fm = mask if mask is not None else torch.ones(b, t, dtype=torch.bool, device=x.device)
+        allowed = fm[:, None, :].expand(b, t, t)
+        if self.block is not None:
+            blk = torch.arange(t, device=x.device) // self.block
+            allowed = allowed & (blk[:, None] == blk[None, :])
+        allowed = allowed | torch.eye(t, dtype=torch.bool, device=x.device)
+        if bool(allowed.all()):
+            x = self.encoder(x)
+        else:
+            bias = torch.zeros(b, t, t, dtype=x.dtype, device=x.device).masked_fill(~allowed, float("-inf"))
+            x = self.encoder(x, mask=bias.repeat_interleave(self.heads, dim=0))
         return F.normalize(x, dim=-1)
 
 

@@ -29,6 +29,7 @@ from .heads import (
     CodebookAggregator,
     FrameHead,
     LocalityAwareBlock,
+    PostNormFrameHead,
     ScaleBias,
     TextConditionedScaleBias,
     TextHead,
@@ -96,6 +97,13 @@ class ModelConfig:
       "projected" ones before L2 normalisation (MGA-CLAP's released code).
     codebook_words: which text tokens the codebook pools: "tokens" (all under the attention mask)
       or "words" (MGA-CLAP: the first token dropped, special tokens and padding given affinity 0).
+    frame_head_style: "rotary" (finelap's pre-norm rotary blocks, `FrameHead`) or "post_norm"
+      (FineLAP's released local projector: torch post-norm TransformerEncoder layers with a ReLU
+      feed-forward and no positions, `PostNormFrameHead`). frame_head_mlp_ratio: feed-forward width
+      / embed_dim. frame_head_per_window: the post-norm head attends within each fixed window of
+      the audio encoder only, over the window's frames as the reference saw them (padding
+      included; the encoder's `context_frames`), as a model that projected one 10.24-s input at a
+      time did.
     """
 
     audio_encoder: str = "cnn"
@@ -127,6 +135,9 @@ class ModelConfig:
     head_style: str = "mlp"
     codebook_inputs: str = "normalized"
     codebook_words: str = "tokens"
+    frame_head_style: str = "rotary"
+    frame_head_mlp_ratio: float = 2.0
+    frame_head_per_window: bool = False
 
     def __post_init__(self) -> None:
         if self.head_style not in ("mlp", "ln_mlp"):
@@ -137,6 +148,14 @@ class ModelConfig:
             raise ConfigError(f"model.codebook_words must be 'tokens' or 'words', got {self.codebook_words!r}")
         if self.codebook_inputs == "projected" and self.codebook_size and self.frame_head:
             raise ConfigError("model.codebook_inputs='projected' pools the clip MLP's per-frame projections; it needs frame_head=false")
+        if self.frame_head_style not in ("rotary", "post_norm"):
+            raise ConfigError(f"model.frame_head_style must be 'rotary' or 'post_norm', got {self.frame_head_style!r}")
+        if not self.frame_head_mlp_ratio > 0:
+            raise ConfigError(f"model.frame_head_mlp_ratio must be positive, got {self.frame_head_mlp_ratio}")
+        if self.frame_head_per_window and (not self.frame_head or self.frame_head_style != "post_norm"):
+            raise ConfigError("model.frame_head_per_window needs frame_head: true and frame_head_style: post_norm")
+        if self.frame_head and self.frame_head_style == "post_norm" and self.frame_head_window is not None:
+            raise ConfigError("model.frame_head_window (local attention) applies to the rotary frame head only")
         if self.scale_bias_input not in ("embeds", "pooled"):
             raise ConfigError(f"model.scale_bias_input must be 'embeds' or 'pooled', got {self.scale_bias_input!r}")
         if self.scale_bias_input == "pooled" and self.codebook_size:
@@ -249,11 +268,18 @@ class FineLAPModel(nn.Module):
         da, dt, d = self.audio.dim, self.text.hidden_size, cfg.embed_dim
         self.la_block = LocalityAwareBlock(da) if cfg.la_block else None
         self.clip_head = ClipHead(da, d, cfg.clip_head_hidden, cfg.clip_pooling, cfg.dropout, cfg.head_activation, cfg.head_style)
-        self.frame_head = (
-            FrameHead(da, d, cfg.frame_head_layers, cfg.frame_head_heads, cfg.frame_head_window, dropout=cfg.dropout)
-            if cfg.frame_head
-            else None
-        )
+        self.frame_head: nn.Module | None = None
+        if cfg.frame_head and cfg.frame_head_style == "post_norm":
+            block = None
+            if cfg.frame_head_per_window:
+                block = getattr(getattr(self.audio, "backend", None), "frames_per_window", None)
+                if block is None:
+                    raise ConfigError(f"model.frame_head_per_window needs a fixed-window audio encoder; {cfg.audio_encoder!r} has no windows")
+            self.frame_head = PostNormFrameHead(da, d, cfg.frame_head_layers, cfg.frame_head_heads, cfg.frame_head_mlp_ratio,
+                                                cfg.dropout, block)  # fmt: skip
+        elif cfg.frame_head:
+            self.frame_head = FrameHead(da, d, cfg.frame_head_layers, cfg.frame_head_heads, cfg.frame_head_window,
+                                        cfg.frame_head_mlp_ratio, cfg.dropout)  # fmt: skip
         self.text_head = TextHead(dt, d, cfg.text_head_hidden, cfg.dropout, cfg.head_activation, cfg.head_style)
         self.clip_scale_bias = ScaleBias(cfg.clip_scale_init, cfg.clip_bias_init, cfg.clip_scale_bias_learnable, cfg.max_logit_scale)
         if cfg.text_conditioned_scale_bias:
@@ -300,13 +326,18 @@ class FineLAPModel(nn.Module):
             frame_embeds = F.normalize(projected, dim=-1)
             cb = self.codebook(projected, m)
             audio_embeds, weights = F.normalize(cb.embeds, dim=-1), cb.weights
-        elif self.codebook is not None:
-            frame_embeds = self.frame_head(x, m) if self.frame_head is not None else self.clip_head.project(x)
-            cb = self.codebook(frame_embeds, m)
-            audio_embeds, weights = F.normalize(cb.embeds, dim=-1), cb.weights
         else:
-            frame_embeds = self.frame_head(x, m) if self.frame_head is not None else self.clip_head.project(x)
-            audio_embeds = self.clip_head(x, m, feats.cls)
+            if self.frame_head is None:
+                frame_embeds = self.clip_head.project(x)
+            elif self.cfg.frame_head_per_window and self.la_block is None and feats.context_frames is not None:
+                frame_embeds = self.frame_head(feats.context_frames, feats.context_mask)[:, : x.shape[1]]
+            else:
+                frame_embeds = self.frame_head(x, m)
+            if self.codebook is not None:
+                cb = self.codebook(frame_embeds, m)
+                audio_embeds, weights = F.normalize(cb.embeds, dim=-1), cb.weights
+            else:
+                audio_embeds = self.clip_head(x, m, feats.cls)
         frame_embeds = frame_embeds * m[..., None].to(frame_embeds.dtype)
         return AudioOutput(
             audio_embeds=audio_embeds,

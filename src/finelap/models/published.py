@@ -9,6 +9,9 @@ Encoders (frames first, like every finelap encoder):
 Importers (`import_checkpoint(kind, src, text_model, out)`):
 - "laion-clap": LAION-CLAP `.pt` training checkpoints (`{"state_dict": ...}`, `module.` prefixes,
   fusion and non-fusion) and the Hugging Face `ClapModel` layout (a folder with config.json).
+- "flam": OpenFLAM's `open_flam_oct17.pth`.
+- "finelap": FineLAP's `finelap_fixed.pt` (`{'model': state_dict}`): EAT (`models.eat`) + RoBERTa +
+  the decoupled projector (clip MLP on CLS, post-norm transformer frame head).
 
 Nothing downloads. Pickled sources are read with `torch.load(weights_only=True)`, which refuses
 anything but tensors and plain containers; no remote code is run.
@@ -33,6 +36,7 @@ from ..audio import Timeline, mel_filterbank
 from ..errors import CheckpointError, ConfigError, FinelapError
 from ..registry import AUDIO_ENCODERS
 from .audio_encoders import AudioEncoder, HFAudioEncoder, _WindowBackend
+from .eat import heads_for_width
 
 __all__ = [
     "SourceError",
@@ -614,6 +618,227 @@ def convert_flam(src: Path, text_model: Path | None) -> Converted:
     return Converted(run_config, state, _text_config_from_dir(text_model), text_model, notes)
 
 
+# ============================================================================ FineLAP
+
+_FL_EAT = "audio_encoder.audio_enc.model."
+# training-only parts of the FineLAP checkpoint: EAT's AudioSet classifier (fc_norm, head), the
+# data2vec teacher and decoders, the utterance-level (CLS) loss projection and centre
+_FL_DROP = re.compile(
+    r"^audio_encoder\.audio_enc\.(fc_norm|head)\.|"
+    r"^audio_encoder\.audio_enc\.model\.(_ema|ema\.|shared_decoder\.|recon_proj\.|cls_proj\.|center$|"
+    r"modality_encoders\.IMAGE\.decoder\.)"
+)
+_FL_BLOCK_PARTS = {"attn.qkv": "qkv", "attn.proj": "proj", "norm1": "norm1", "norm2": "norm2", "mlp.fc1": "fc1", "mlp.fc2": "fc2"}
+_FL_PREFIXES = ("", "module.", "model.", "finelap.", "model.finelap.")
+
+
+def _finelap_state(src: Path) -> tuple[dict[str, torch.Tensor], str]:
+    """The FineLAP state dict from `finelap_fixed.pt` ({'model': state_dict}, read weights-only),
+    a `.safetensors` file, or a folder holding either; and a word for the layout."""
+    path = src
+    if src.is_dir():
+        cands = [src / n for n in ("model.safetensors", "finelap_fixed.pt")] + sorted(src.glob("*.safetensors")) + sorted(src.glob("*.pt"))
+        found = next((c for c in cands if c.is_file()), None)
+        if found is None:
+            raise SourceError(f"{src}: no model.safetensors or finelap_fixed.pt in this folder")
+        path = found
+    if path.suffix == ".safetensors":
+        raw, layout = _read_safetensors(path), "safetensors"
+    else:
+        try:
+            obj = read_pickle_state(path)
+        except SourceError as e:  # e.g. a training config pickled as custom objects next to the weights
+            raise SourceError(
+                f"{e}. If you trust the file, keep only its tensors: torch.save(ckpt['model'], 'finelap_weights.pt') "
+                "in an environment that can load it, and import that"
+            ) from None
+        raw, layout = _tensor_state(obj, path, key="model"), "pickle"
+    # the same names under a wrapper prefix (DDP, or a Hugging Face wrapper module)
+    for pre in _FL_PREFIXES:
+        if any(k.startswith(pre + _FL_EAT) for k in raw):
+            state = {k[len(pre):]: v for k, v in raw.items() if k.startswith(pre)}
+            if len(state) != len(raw):
+                other = sorted(k for k in raw if not k.startswith(pre))
+                raise SourceError(f"{path}: keys outside the FineLAP model ({', '.join(other[:3])})")
+            return state, layout
+    sample = ", ".join(sorted(raw)[:4])
+    raise SourceError(
+        f"{path}: not a FineLAP checkpoint with an EAT audio tower (no '{_FL_EAT}...' keys; first keys: {sample}). "
+        "finelap reads the layout of xiquan-li/FineLAP's FineLAP module (finelap_fixed.pt)"
+    )
+
+
+def finelap_to_finelap(state: Mapping[str, torch.Tensor], path: Path | str = "checkpoint") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """FineLAP (EAT + RoBERTa + decoupled projector) parameter names -> FineLAPModel names, and the
+    architecture read off the shapes. Rules from xiquan-li/FineLAP `models/finelap.py`,
+    `models/audio_encoder.py` and the vendored EAT (`images.py`, `base.py`, `modules.py`):
+
+    - EAT: `modality_encoders.IMAGE.local_encoder.proj` (16x16 conv) -> patch_embed;
+      `fixed_positional_encoder.positions` (1, rows * 8, D) -> pos_embed (the first 64 rows, all
+      a 1024-frame input uses); `extra_tokens` -> cls_token; `context_encoder.norm` -> input_norm;
+      prenet blocks (`context_encoder.blocks`, none in EAT-base) then `blocks` -> blocks.
+    - text_encoder.text_encoder (RoBERTa without pooler) -> text.model (a zero pooler is added: the
+      tower pools the `<s>` state, the pooler is never used).
+    - global_audio_proj / global_text_proj (Linear, ReLU, Linear) -> clip_head / text_head MLPs;
+      local_audio_proj (Linear, TransformerEncoder) -> frame_head (post-norm layout).
+    - temp_global / b_global / temp_local / b_local: logits = cos / temp + b -> log_scale = -log temp.
+    """
+    out: dict[str, torch.Tensor] = {}
+    arch: dict[str, Any] = {}
+    prenet: dict[str, torch.Tensor] = {}
+    main: dict[str, torch.Tensor] = {}
+    scalars: dict[str, torch.Tensor] = {}
+    img = _FL_EAT + "modality_encoders.IMAGE."
+    for k, v in state.items():
+        if _FL_DROP.match(k) or k.endswith(_DERIVED_BUFFERS):
+            continue
+        if k.startswith(img):
+            name = k[len(img):]
+            if name.startswith("local_encoder.proj."):
+                out["audio.backend.vit.patch_embed." + name[len("local_encoder.proj."):]] = v
+            elif name == "fixed_positional_encoder.positions":
+                out["audio.backend.vit.pos_embed"] = v
+            elif name == "extra_tokens":
+                if v.dim() != 3 or v.shape[1] != 1:
+                    raise SourceError(f"{path}: {k} has shape {tuple(v.shape)}; finelap supports EAT with one extra (CLS) token")
+                out["audio.backend.vit.cls_token"] = v
+            elif name.startswith("context_encoder.norm."):
+                out["audio.backend.vit.input_norm." + name[len("context_encoder.norm."):]] = v
+            elif name.startswith("context_encoder.blocks."):
+                prenet[name[len("context_encoder.blocks."):]] = v
+            elif name.startswith(("alibi_scale", "alibi_bias")):
+                raise SourceError(f"{path}: {k}: EAT with ALiBi attention biases is not supported (FineLAP's EAT has none)")
+            else:
+                raise SourceError(f"{path}: unexpected EAT parameter {k!r}")
+        elif k.startswith(_FL_EAT + "blocks."):
+            main[k[len(_FL_EAT + "blocks."):]] = v
+        elif k.startswith(_FL_EAT + "norm."):
+            raise SourceError(f"{path}: {k}: a pre-norm EAT (layer_norm_first) is not supported; FineLAP's EAT is post-norm")
+        elif k.startswith("text_encoder.text_encoder."):
+            out["text.model." + k[len("text_encoder.text_encoder."):]] = v
+        elif re.match(r"^global_(audio|text)_proj\.[02]\.(weight|bias)$", k):
+            which, idx, p = k.split(".")
+            out[f"{'clip_head' if which == 'global_audio_proj' else 'text_head'}.mlp.{0 if idx == '0' else 3}.{p}"] = v
+        elif re.match(r"^local_audio_proj\.0\.(weight|bias)$", k):
+            out["frame_head.proj." + k.rsplit(".", 1)[1]] = v
+        elif k.startswith("local_audio_proj.1.layers."):
+            out["frame_head.encoder.layers." + k[len("local_audio_proj.1.layers."):]] = v
+        elif k in ("temp_global", "b_global", "temp_local", "b_local"):
+            scalars[k] = v.reshape(())
+        elif k.startswith("local_audio_proj."):
+            raise SourceError(
+                f"{path}: {k}: this FineLAP local projector is not the released 'transformer' type "
+                "(Linear + TransformerEncoder); finelap imports only that one"
+            )
+        else:
+            raise SourceError(f"{path}: unexpected FineLAP parameter {k!r}")
+    # EAT blocks: prenet blocks run first, then the main ones (both post-norm AltBlocks)
+    n_pre = len({n.split(".")[0] for n in prenet})
+    for offset, group in ((0, prenet), (n_pre, main)):
+        for name, v in group.items():
+            i, rest = name.split(".", 1)
+            part, p = rest.rsplit(".", 1)
+            if part not in _FL_BLOCK_PARTS:
+                raise SourceError(f"{path}: unexpected EAT block parameter {name!r}")
+            out[f"audio.backend.vit.blocks.{int(i) + offset}.{_FL_BLOCK_PARTS[part]}.{p}"] = v
+    need = ("audio.backend.vit.patch_embed.weight", "audio.backend.vit.pos_embed", "audio.backend.vit.cls_token",
+            "clip_head.mlp.0.weight", "text_head.mlp.0.weight", "frame_head.proj.weight", "audio.backend.vit.blocks.0.fc1.weight")  # fmt: skip
+    missing = [n for n in need if n not in out]
+    if missing:
+        raise SourceError(f"{path}: incomplete FineLAP checkpoint (nothing maps to {', '.join(missing[:3])})")
+    pe = out["audio.backend.vit.patch_embed.weight"]
+    dim, patch = int(pe.shape[0]), int(pe.shape[-1])
+    if pe.shape[1] != 1 or pe.shape[-2] != patch:
+        raise SourceError(f"{path}: EAT patch embedding of shape {tuple(pe.shape)}; expected (D, 1, p, p)")
+    cols = 128 // patch
+    rows = 1024 // patch
+    pos = out["audio.backend.vit.pos_embed"].reshape(-1, dim)
+    if pos.shape[0] < rows * cols or pos.shape[0] % cols:
+        raise SourceError(f"{path}: EAT position table of {pos.shape[0]} entries cannot cover a {rows} x {cols} patch grid")
+    out["audio.backend.vit.pos_embed"] = pos[: rows * cols].clone()
+    depth = n_pre + len({n.split(".")[0] for n in main})
+    fc1 = out["audio.backend.vit.blocks.0.fc1.weight"]
+    layers = sorted({int(k.split(".")[3]) for k in out if k.startswith("frame_head.encoder.layers.")})
+    if not layers:
+        raise SourceError(f"{path}: local_audio_proj has no TransformerEncoder layers")
+    ff = out["frame_head.encoder.layers.0.linear1.weight"]
+    embed = int(out["clip_head.mlp.3.weight"].shape[0])
+    arch.update(
+        audio={"dim": dim, "depth": depth, "heads": heads_for_width(dim), "mlp_ratio": fc1.shape[0] / dim, "patch_size": patch},
+        embed_dim=embed,
+        clip_head_hidden=int(out["clip_head.mlp.0.weight"].shape[0]),
+        text_head_hidden=int(out["text_head.mlp.0.weight"].shape[0]),
+        text_width=int(out["text_head.mlp.0.weight"].shape[1]),
+        frame_head_layers=len(layers),
+        frame_head_mlp_ratio=ff.shape[0] / ff.shape[1],
+    )
+    # logits = cos / temp + b; a scalar the config set to 0 was never created: no scaling / no bias
+    for stream in ("global", "local"):
+        temp = scalars.get(f"temp_{stream}")
+        bias = scalars.get(f"b_{stream}")
+        if temp is not None and not float(temp) > 0:
+            raise SourceError(f"{path}: temp_{stream} = {float(temp)} is not a positive temperature")
+        tgt = "clip_scale_bias" if stream == "global" else "frame_scale_bias"
+        out[f"{tgt}.log_scale"] = -torch.log(temp.double()).float() if temp is not None else torch.zeros(())
+        out[f"{tgt}.bias"] = bias.float() if bias is not None else torch.zeros(())
+    return out, arch
+
+
+def convert_finelap(src: Path, text_model: Path | None) -> Converted:
+    """FineLAP `finelap_fixed.pt` (AndreasXi/FineLAP_Pytorch: {'model': state_dict}) or a
+    safetensors file in the same naming; `text_model` = a local roberta-base folder (config and
+    tokenizer; the weights are in the checkpoint)."""
+    if text_model is None:
+        raise SourceError("finelap checkpoints need --text-model DIR (a local roberta-base folder: config and tokenizer)")
+    raw, layout = _finelap_state(src)
+    state, arch = finelap_to_finelap(raw, src)
+    text_cfg = _text_config_from_dir(text_model)
+    if int(text_cfg.hidden_size) != arch["text_width"]:
+        raise SourceError(f"{text_model}: text width {text_cfg.hidden_size} does not match the checkpoint's projector input ({arch['text_width']})")
+    if "text.model.pooler.dense.weight" not in state:  # FineLAP builds RoBERTa without its pooler
+        h = int(text_cfg.hidden_size)
+        state["text.model.pooler.dense.weight"] = torch.zeros(h, h)
+        state["text.model.pooler.dense.bias"] = torch.zeros(h)
+    scale = {n: float(state[f"{n}_scale_bias.log_scale"].exp()) for n in ("clip", "frame")}
+    embed = arch["embed_dim"]
+    if embed % 8:
+        raise SourceError(f"{src}: projector width {embed} is not divisible by the local projector's 8 heads")
+    model = {
+        "audio_encoder": "eat",
+        "audio": dict(arch["audio"]),
+        "text": {"path": "text", "pooling": "cls", "max_length": 30, "weights": "checkpoint"},
+        "embed_dim": embed,
+        "clip_pooling": "cls",
+        "clip_head_hidden": arch["clip_head_hidden"],
+        "text_head_hidden": arch["text_head_hidden"],
+        "head_activation": "relu",
+        "frame_head": True,
+        "frame_head_style": "post_norm",
+        "frame_head_layers": arch["frame_head_layers"],
+        "frame_head_heads": 8,
+        "frame_head_mlp_ratio": arch["frame_head_mlp_ratio"],
+        "frame_head_per_window": True,
+        "clip_scale_init": scale["clip"],
+        "clip_bias_init": float(state["clip_scale_bias.bias"]),
+        "frame_scale_init": scale["frame"],
+        "frame_bias_init": float(state["frame_scale_bias.bias"]),
+        "max_logit_scale": max(1e4, 2 * max(scale.values())),  # cos / temp exactly: never clamp the released scale
+    }
+    run_config = {
+        "preset": "finelap",
+        "name": "finelap-import",
+        "model": model,
+        # the fbank's framing (the encoder computes the Kaldi fbank itself; this section documents it)
+        "audio": {"sample_rate": 16000, "n_fft": 512, "win_length": 400, "hop_length": 160, "n_mels": 128,
+                  "fmin": 20.0, "fmax": 8000.0, "clip_seconds": 10.24, "max_seconds": 30.0},  # fmt: skip
+        "loss": {"clip": "sigmoid", "frame": "finelap"},
+        # FineLAP's evaluate.py: zero-shot prompt "The sound of {}", SED scores median-filtered over 3 frames
+        "eval": {"prompt_template": "The sound of {}", "median_filter_s": 3 * 0.16},
+    }
+    notes = [f"read the {layout} layout", f"EAT heads assumed {arch['audio']['heads']} (64 channels per head; not stored in the weights)"]
+    return Converted(run_config, state, text_cfg, text_model, notes)
+
+
 _CLAP_AUDIO_FIELDS = (
     "window_size", "num_mel_bins", "spec_size", "hidden_act", "patch_size", "patch_stride", "num_classes", "hidden_size",
     "projection_dim", "depths", "num_attention_heads", "enable_fusion", "fusion_type", "patch_embed_input_channels",
@@ -626,6 +851,7 @@ _CLAP_AUDIO_FIELDS = (
 IMPORTERS: dict[str, Callable[[Path, Path | None], Converted]] = {
     "laion-clap": convert_laion_clap,
     "flam": convert_flam,
+    "finelap": convert_finelap,
 }
 
 
