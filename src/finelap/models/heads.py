@@ -18,6 +18,7 @@ from .audio_encoders import TransformerBlock, attention_masks, rotary_tables
 
 __all__ = [
     "masked_mean",
+    "masked_max",
     "ClipHead",
     "FrameHead",
     "PostNormFrameHead",
@@ -39,6 +40,15 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return (x * m).sum(1) / m.sum(1).clamp(min=1.0)
 
 
+def masked_max(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """x (B, T, D), mask (B, T) bool -> (B, D) max over valid steps (a fully masked row gives 0)."""
+    if mask is None:
+        return x.amax(1)
+    top = x.masked_fill(~mask.unsqueeze(-1), float("-inf")).amax(1)
+    return torch.where(mask.any(1, keepdim=True), top, torch.zeros_like(top))
+
+
+CLIP_POOLINGS = ("mean", "cls", "meanmax")
 _ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU}
 
 
@@ -61,34 +71,50 @@ def _mlp(in_dim: int, hidden: int, out_dim: int, dropout: float = 0.0, activatio
 
 
 class ClipHead(nn.Module):
-    """Clip embedding from frames: masked mean (or the encoder's CLS) -> 2-layer GELU MLP -> L2 norm.
+    """Clip embedding from frames: pooled frames -> 2-layer GELU MLP -> L2 norm.
 
+    pooling: "mean" (masked mean of the frames), "cls" (the encoder's CLS vector) or "meanmax"
+    (masked mean and masked max concatenated: 2 * Din inputs; for a frozen pretrained tower the max
+    keeps short events that a mean over a long clip dilutes).
+    input_norm: LayerNorm (no affine) on the pooled vector before the MLP, so every feature of a
+    frozen tower speaks at one scale.
     forward(frames (B, T, Din), mask (B, T), cls (B, Din) | None) -> (B, Dout), unit norm.
-    `project(frames)` applies the same MLP per frame (frame stream when no frame head is used).
+    `project(frames)` applies the same MLP per frame (frame stream when no frame head is used;
+    with "meanmax" a single frame is its own mean and max).
     """
 
     def __init__(
         self, in_dim: int, out_dim: int, hidden: int | None = None, pooling: str = "mean", dropout: float = 0.0, activation: str = "gelu",
-        style: str = "mlp",
+        style: str = "mlp", input_norm: bool = False,
     ) -> None:  # fmt: skip
         super().__init__()
-        if pooling not in ("mean", "cls"):
-            raise ConfigError(f"clip head pooling must be 'mean' or 'cls', got {pooling!r}")
+        if pooling not in CLIP_POOLINGS:
+            raise ConfigError(f"clip head pooling must be one of {CLIP_POOLINGS}, got {pooling!r}")
         self.pooling = pooling
-        self.mlp = _mlp(in_dim, in_dim if hidden is None else hidden, out_dim, dropout, activation, style)
+        pooled = 2 * in_dim if pooling == "meanmax" else in_dim
+        self.norm = nn.LayerNorm(pooled, elementwise_affine=False) if input_norm else None
+        self.mlp = _mlp(pooled, in_dim if hidden is None else hidden, out_dim, dropout, activation, style)
 
     def pool(self, frames: torch.Tensor, mask: torch.Tensor | None, cls: torch.Tensor | None = None) -> torch.Tensor:
         if self.pooling == "cls":
             if cls is None:
                 raise ConfigError("clip head pooling='cls' but the audio encoder returns no CLS token; use pooling='mean'")
             return cls
-        return masked_mean(frames, mask)
+        mean = masked_mean(frames, mask)
+        if self.pooling == "mean":
+            return mean
+        return torch.cat([mean, masked_max(frames, mask)], dim=-1)
+
+    def _mlp_in(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(x if self.norm is None else self.norm(x))
 
     def forward(self, frames: torch.Tensor, mask: torch.Tensor | None = None, cls: torch.Tensor | None = None) -> torch.Tensor:
-        return F.normalize(self.mlp(self.pool(frames, mask, cls)), dim=-1)
+        return F.normalize(self._mlp_in(self.pool(frames, mask, cls)), dim=-1)
 
     def project(self, frames: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.mlp(frames), dim=-1)
+        if self.pooling == "meanmax":
+            frames = torch.cat([frames, frames], dim=-1)
+        return F.normalize(self._mlp_in(frames), dim=-1)
 
 
 class FrameHead(nn.Module):
@@ -164,12 +190,21 @@ class PostNormFrameHead(nn.Module):
 
 
 class TextHead(nn.Module):
-    """Text projection to the shared space: MLP (hidden=0: linear) -> L2 norm. Works on (N, H) or (N, L, H)."""
+    """Text projection to the shared space: MLP (hidden=0: linear) -> L2 norm. Works on (N, H) or (N, L, H).
+
+    identity=True: no projection at all (in_dim must equal out_dim): the audio heads learn to map
+    into the text tower's own space, which keeps its geometry for words never seen in training.
+    """
 
     def __init__(self, in_dim: int, out_dim: int, hidden: int | None = None, dropout: float = 0.0, activation: str = "gelu",
-                 style: str = "mlp") -> None:  # fmt: skip
+                 style: str = "mlp", identity: bool = False) -> None:  # fmt: skip
         super().__init__()
-        self.mlp = _mlp(in_dim, max(in_dim, out_dim) if hidden is None else hidden, out_dim, dropout, activation, style)
+        if identity:
+            if in_dim != out_dim:
+                raise ConfigError(f"an identity text projection needs model.embed_dim = the text tower's width ({in_dim}), got {out_dim}")
+            self.mlp: nn.Module = nn.Identity()
+        else:
+            self.mlp = _mlp(in_dim, max(in_dim, out_dim) if hidden is None else hidden, out_dim, dropout, activation, style)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.mlp(x), dim=-1)

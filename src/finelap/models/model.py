@@ -77,8 +77,11 @@ class ModelConfig:
     audio_encoder / audio: registry name and its keyword options (e.g. {"dim": 256, "mel": {...}},
       or {"path": "/models/wavlm"} for "hf"; "freeze" and "lr_mult" are accepted by all).
     text: the text tower. embed_dim: shared embedding size D.
-    clip_pooling: "mean" over valid frames or the encoder's "cls". clip_head_hidden: MLP width
-      (None: encoder width). text_head_hidden: None = max(H, D), 0 = linear projection.
+    clip_pooling: "mean" over valid frames, the encoder's "cls", or "meanmax" (mean and max of the
+      frames concatenated). clip_input_norm: LayerNorm (no affine) on the pooled vector before the
+      clip MLP. clip_head_hidden: MLP width (None: encoder width). text_head_hidden: None =
+      max(H, D), 0 = linear projection. text_projection: "mlp" (TextHead) or "identity" (no text
+      projection: embed_dim must equal the text tower's width; unseen words keep the tower's geometry).
     frame_head: the decoupled frame projector (Linear + transformer); False = the clip head's MLP
       applied to each frame (a coupled projector, CLAP-style).
     clip_/frame_ scale and bias: initial logit scale/bias and whether they learn.
@@ -113,6 +116,8 @@ class ModelConfig:
     clip_pooling: str = "mean"
     clip_head_hidden: int | None = None
     text_head_hidden: int | None = None
+    clip_input_norm: bool = False
+    text_projection: str = "mlp"
     frame_head: bool = True
     frame_head_layers: int = 1
     frame_head_heads: int = 4
@@ -171,14 +176,18 @@ class ModelConfig:
             raise ConfigError(f"model.audio must be a mapping of encoder options, got {type(self.audio).__name__}")
         if self.embed_dim <= 0:
             raise ConfigError(f"model.embed_dim must be positive, got {self.embed_dim}")
-        if self.clip_pooling not in ("mean", "cls"):
-            raise ConfigError(f"model.clip_pooling must be 'mean' or 'cls', got {self.clip_pooling!r}")
+        if self.clip_pooling not in ("mean", "cls", "meanmax"):
+            raise ConfigError(f"model.clip_pooling must be 'mean', 'cls' or 'meanmax', got {self.clip_pooling!r}")
+        if self.text_projection not in ("mlp", "identity"):
+            raise ConfigError(f"model.text_projection must be 'mlp' or 'identity', got {self.text_projection!r}")
         if self.clip_scale_init <= 0 or self.frame_scale_init <= 0:
             raise ConfigError("model.*_scale_init must be positive")
         if max(self.clip_scale_init, self.frame_scale_init) > self.max_logit_scale:
             raise ConfigError(f"initial logit scales exceed max_logit_scale={self.max_logit_scale}")
         if self.codebook_size < 0 or self.codebook_size == 1:
             raise ConfigError(f"model.codebook_size must be 0 (off) or >= 2, got {self.codebook_size}")
+        if self.codebook_size and self.clip_pooling == "meanmax":
+            raise ConfigError("model.codebook_size > 0 pools frames through the codebook; clip_pooling='meanmax' contradicts it")
         if self.codebook_size and self.clip_pooling == "cls":
             raise ConfigError("model.codebook_size > 0 pools frames through the codebook; clip_pooling='cls' contradicts it")
         if self.frame_head and self.frame_head_layers < 0:
@@ -267,7 +276,8 @@ class FineLAPModel(nn.Module):
         self.text = text_encoder if text_encoder is not None else HFTextEncoder(cfg.text)
         da, dt, d = self.audio.dim, self.text.hidden_size, cfg.embed_dim
         self.la_block = LocalityAwareBlock(da) if cfg.la_block else None
-        self.clip_head = ClipHead(da, d, cfg.clip_head_hidden, cfg.clip_pooling, cfg.dropout, cfg.head_activation, cfg.head_style)
+        self.clip_head = ClipHead(da, d, cfg.clip_head_hidden, cfg.clip_pooling, cfg.dropout, cfg.head_activation, cfg.head_style,
+                                  cfg.clip_input_norm)  # fmt: skip
         self.frame_head: nn.Module | None = None
         if cfg.frame_head and cfg.frame_head_style == "post_norm":
             block = None
@@ -280,7 +290,8 @@ class FineLAPModel(nn.Module):
         elif cfg.frame_head:
             self.frame_head = FrameHead(da, d, cfg.frame_head_layers, cfg.frame_head_heads, cfg.frame_head_window,
                                         cfg.frame_head_mlp_ratio, cfg.dropout)  # fmt: skip
-        self.text_head = TextHead(dt, d, cfg.text_head_hidden, cfg.dropout, cfg.head_activation, cfg.head_style)
+        self.text_head = TextHead(dt, d, cfg.text_head_hidden, cfg.dropout, cfg.head_activation, cfg.head_style,
+                                  cfg.text_projection == "identity")  # fmt: skip
         self.clip_scale_bias = ScaleBias(cfg.clip_scale_init, cfg.clip_bias_init, cfg.clip_scale_bias_learnable, cfg.max_logit_scale)
         if cfg.text_conditioned_scale_bias:
             self.frame_scale_bias: nn.Module = TextConditionedScaleBias(
