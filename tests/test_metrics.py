@@ -375,6 +375,66 @@ def test_psds_wrappers_equal_direct_calls(sed_set):
     assert d["params"]["cttc"] == 0.3 and len(d["psd_roc"]["efpr"]) == len(d["psd_roc"]["etpr"])
 
 
+def _long_sed_file(n_frames: int, seed: int = 0):
+    """One long file of 40-ms noisy scores (nearly every frame a distinct score) for 2 classes, a
+    few short events per class, confusions and near misses: the case whose cost grows with the
+    square of the file's length in sed_scores_eval."""
+    from sed_scores_eval.base_modules.scores import create_score_dataframe
+
+    rng = np.random.default_rng(seed)
+    ts = np.arange(n_frames + 1) * 0.04
+    d = float(ts[-1])
+    raw = 0.3 * rng.normal(size=(n_frames, 2)) - 3.0  # a low, noisy background
+    centers = 0.5 * (ts[:-1] + ts[1:])
+    events = []
+    for j, on in enumerate(np.linspace(5.0, d - 10.0, 8)):
+        k = j % 2
+        off = on + float(rng.uniform(0.5, 3.0))
+        events.append((round(float(on), 3), round(off, 3), "ab"[k]))
+        inside = (centers >= on) & (centers < off)
+        raw[inside, k] += float(rng.uniform(2.0, 4.5))
+        raw[inside, 1 - k] += 2.5  # cross triggers
+        raw[np.roll(inside, 20) & ~inside, k] += 3.0  # a detection next to the event
+    s = 1 / (1 + np.exp(-raw))
+    return {"long": create_score_dataframe(s, ts, ["a", "b"])}, {"long": sorted(events)}, {"long": d}
+
+
+def test_psds_on_a_long_file_is_exact_in_bounded_memory(monkeypatch):
+    """sed_scores_eval evaluates every distinct score of a file as a threshold at once: (U, M, G)
+    arrays (U distinct scores, M detections, G events), tens of GB for a 30-min file. The wrapper
+    computes the same statistics in threshold blocks, without the detections that overlap no event;
+    the arrays the statistics see stay small and the PSDS is bit-identical to a direct call."""
+    sse = _sse()
+    from sed_scores_eval.intersection_based import intermediate_statistics as ib
+
+    scores, gt, dur = _long_sed_file(3000)
+    refs = {
+        name: sse.intersection_based.psds(scores=scores, ground_truth=gt, audio_durations=dur, dtc_threshold=p["dtc"],
+                                          gtc_threshold=p["gtc"], cttc_threshold=p["cttc"], alpha_ct=p["alpha_ct"],
+                                          alpha_st=p["alpha_st"], max_efpr=p["max_efpr"])
+        for name, p in (("PSDS1", M.PSDS1_PARAMS), ("PSDS2", M.PSDS2_PARAMS))
+    }  # fmt: skip
+    seen: list[int] = []
+    original = ib.statistics_fn
+
+    def recording(**kw):
+        seen.append(kw["detection_onset_times"].size)
+        return original(**kw)
+
+    monkeypatch.setattr(ib, "statistics_fn", recording)
+    monkeypatch.setattr(M, "INTERSECTION_BLOCK", 50_000, raising=False)  # several threshold blocks per file and class
+    for name, fn in (("PSDS1", M.psds1), ("PSDS2", M.psds2)):
+        seen.clear()
+        ours = fn(scores, gt, dur)
+        ref = refs[name]
+        assert 0.0 < max(ours.per_class.values()) < 1.0 and 0.0 <= ours.value < 1.0  # not trivial
+        assert ours.value == ref[0] and ours.per_class == {k: float(v) for k, v in ref[1].items()}, name
+        np.testing.assert_array_equal(ours.etpr, ref[2][0])
+        np.testing.assert_array_equal(ours.efpr, ref[2][1])
+        # sed_scores_eval's own path: one (~3000 thresholds, ~1000 detections) array per class
+        assert len(seen) > 2 and max(seen) <= 100_000, (name, len(seen), max(seen))
+
+
 def test_dcase_parameter_constants():
     # DESIGN.md "Metric protocols" (cttc is not exercised by the data above, so pin it here)
     assert M.PSDS1_PARAMS == dict(dtc=0.7, gtc=0.7, cttc=None, alpha_ct=0.0, alpha_st=1.0, max_efpr=100.0)

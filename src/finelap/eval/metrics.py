@@ -523,6 +523,123 @@ class PSDSResult:
         }
 
 
+#: Doubles per block of (decision thresholds x frames / 2) that sed_scores_eval's
+#: `onset_offset_curves` allocates at once in `intersection_deltas` (x2 arrays, 8 bytes: 64 MB).
+INTERSECTION_BLOCK = 4_000_000
+
+
+def _drop_unmatchable(
+    onsets: np.ndarray, offsets: np.ndarray, gt_onsets: np.ndarray, gt_offsets: np.ndarray,
+    dtc: float, cttc: float | None, time_decimals: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+    """Drop the detections that no reference event can make relevant or a cross trigger.
+
+    onsets, offsets: (B, M) detections per decision threshold (inactive: onset == offset);
+    gt_onsets, gt_offsets: sorted (G,) reference events that the statistics look at (target
+    class, and other classes when cross triggers are counted). A detection that overlaps none of
+    them has zero intersection with all, so for `intersection_based.statistics_fn` it can only be
+    a false positive (unless it is so short that dtc/cttc * length rounds to 0: those are kept).
+    Returns the compacted (B, M') onsets and offsets (padding inactive, 0.0) and the number of
+    dropped active detections per row (B,), which are false positives.
+    """
+    active = offsets > onsets
+    length = offsets - onsets
+    droppable = active & (np.round(dtc * length, decimals=time_decimals) > 0)
+    if cttc is not None:
+        droppable &= np.round(cttc * length, decimals=time_decimals) > 0
+    if len(gt_onsets):
+        # events overlapping [on, off): #(g_on < off) - #(g_off <= on) (each g_on < g_off)
+        n_overlap = np.searchsorted(gt_onsets, offsets, side="left") - np.searchsorted(gt_offsets, onsets, side="right")
+        droppable &= n_overlap <= 0
+    keep = active & ~droppable
+    rows, cols = np.nonzero(keep)
+    slot = (np.cumsum(keep, axis=1) - 1)[rows, cols]  # kept ones first, in their order
+    m = max(1, int(slot.max(initial=-1)) + 1)
+    on = np.zeros((len(onsets), m))
+    off = np.zeros((len(onsets), m))
+    on[rows, slot] = onsets[rows, cols]
+    off[rows, slot] = offsets[rows, cols]
+    return on, off, droppable.sum(axis=1)
+
+
+def _blocked_intersection_deltas(
+    scores: np.ndarray, timestamps: np.ndarray, target_onset_times: np.ndarray, target_offset_times: np.ndarray,
+    other_onset_times: Mapping[str, np.ndarray], other_offset_times: Mapping[str, np.ndarray],
+    dtc_threshold: float, gtc_threshold: float, cttc_threshold: float | None, time_decimals: int = 6,
+) -> tuple[None, np.ndarray, dict[str, np.ndarray]]:  # fmt: skip
+    """sed_scores_eval `acceleration_fn` for intersection-based statistics of one file and class,
+    with the same result as its own path in bounded memory.
+
+    Its own path evaluates every distinct score of the file as a threshold at once: (U, T/2)
+    onset/offset arrays and (U, M, G) intersections (U distinct scores, M detections, G events),
+    tens of GB for a 30-min file of 40-ms frames. Here the thresholds go in blocks of
+    `INTERSECTION_BLOCK` / (T/2), and detections that overlap no reference event are counted as
+    false positives without entering the (U, M, G) products (`_drop_unmatchable`). The
+    statistics per threshold are sed_scores_eval's own `statistics_fn`, so they are identical.
+    """
+    from sed_scores_eval.base_modules.cy_detection import onset_offset_curves
+    from sed_scores_eval.base_modules.statistics import _deltas_from_intermediate_statistics
+    from sed_scores_eval.intersection_based import intermediate_statistics as ib
+
+    kw = dict(dtc_threshold=dtc_threshold, gtc_threshold=gtc_threshold, cttc_threshold=cttc_threshold,
+              time_decimals=time_decimals)  # fmt: skip
+    shortcut = ib.acceleration_fn(scores=scores, timestamps=timestamps, target_onset_times=target_onset_times,
+                                  target_offset_times=target_offset_times, other_onset_times=other_onset_times,
+                                  other_offset_times=other_offset_times, **kw)  # fmt: skip
+    if shortcut[1] is not None:  # no event that could match: sed_scores_eval's closed form
+        return shortcut
+    g_on = [np.asarray(target_onset_times, dtype=np.float64)]
+    g_off = [np.asarray(target_offset_times, dtype=np.float64)]
+    if cttc_threshold is not None:
+        g_on += [np.asarray(v, dtype=np.float64) for v in other_onset_times.values()]
+        g_off += [np.asarray(v, dtype=np.float64) for v in other_offset_times.values()]
+    gt_on, gt_off = np.sort(np.concatenate(g_on)), np.sort(np.concatenate(g_off))
+    candidates = np.unique(np.asarray(scores, dtype=np.float64))
+    step = max(1, INTERSECTION_BLOCK // max(1, (len(scores) + 1) // 2))
+    blocks: list[dict[str, Any]] = []
+    for lo in range(0, len(candidates), step):
+        _, on, off = onset_offset_curves(scores, timestamps, candidates[lo : lo + step])
+        on, off, n_dropped = _drop_unmatchable(on, off, gt_on, gt_off, dtc_threshold, cttc_threshold, time_decimals)
+        st = ib.statistics_fn(detection_onset_times=on, detection_offset_times=off, target_onset_times=target_onset_times,
+                              target_offset_times=target_offset_times, other_onset_times=other_onset_times,
+                              other_offset_times=other_offset_times, **kw)  # fmt: skip
+        st["fps"] = st["fps"] + n_dropped
+        blocks.append(st)
+    stats: dict[str, Any] = {k: np.concatenate([b[k] for b in blocks]) for k in ("tps", "fps")}
+    if isinstance(blocks[0]["cts"], dict):
+        stats["cts"] = {c: np.concatenate([b["cts"][c] for b in blocks]) for c in blocks[0]["cts"]}
+    else:
+        stats["cts"] = np.concatenate([b["cts"] for b in blocks])
+    cp_scores, deltas = _deltas_from_intermediate_statistics(candidates, stats)
+    return None, cp_scores, deltas
+
+
+def intersection_deltas(
+    scores: Mapping[Hashable, "pd.DataFrame"],
+    ground_truth: Mapping[Hashable, Sequence[tuple[float, float, str]]],
+    dtc: float,
+    gtc: float,
+    cttc: float | None = None,
+    time_decimals: int = 6,
+) -> dict:
+    """sed_scores_eval's intersection-based intermediate-statistics deltas ({file: {class:
+    (change-point scores, deltas)}}, to pass as ``deltas=`` to its `psds`/`psd_roc`), computed
+    in memory that does not grow with the square of a file's length (`_blocked_intersection_deltas`).
+    Inputs as sed_scores_eval takes them (ground truth already cleaned)."""
+    _sse()
+    from sed_scores_eval.base_modules.statistics import intermediate_statistics_deltas
+    from sed_scores_eval.intersection_based.intermediate_statistics import statistics_fn
+
+    deltas = intermediate_statistics_deltas(
+        dict(scores), dict(ground_truth), intermediate_statistics_fn=statistics_fn,
+        acceleration_fn=_blocked_intersection_deltas, dtc_threshold=dtc, gtc_threshold=gtc, cttc_threshold=cttc,
+        time_decimals=time_decimals,
+    )  # fmt: skip
+    # in the order of `scores`: given deltas, sed_scores_eval sums the durations in this order (without,
+    # in the durations' order), and the total duration must be bit-identical to its own path's
+    return {k: deltas[k] for k in scores}
+
+
 def psds(
     scores: Mapping[Hashable, "pd.DataFrame"],
     ground_truth: Mapping[Hashable, Sequence[tuple[float, float, str]]],
@@ -548,13 +665,15 @@ def psds(
     # is zero by definition; sed_scores_eval crashes on it (TypeError inside its statistics),
     # so drop the term explicitly. The reported params stay the ones asked for.
     one_class = len(classes) == 1
+    cttc_used = None if one_class else cttc
     value, per_class, (etpr, efpr), per_class_roc = sse.intersection_based.psds(
         scores=dict(scores),
         ground_truth=gt,
         audio_durations=dur,
+        deltas=intersection_deltas(scores, gt, dtc, gtc, cttc_used),  # bounded memory on long files
         dtc_threshold=dtc,
         gtc_threshold=gtc,
-        cttc_threshold=None if one_class else cttc,
+        cttc_threshold=cttc_used,
         alpha_ct=0.0 if one_class else alpha_ct,
         alpha_st=alpha_st,
         unit_of_time="hour",
@@ -887,9 +1006,10 @@ def tag_grounding_metrics(
         raise ValueError("no query has a ground-truth segment")
     dur = {k: float(durations[k]) for k in keys}
     psds_out: dict[str, float | None] = {}
+    deltas = intersection_deltas(dfs, gt, proto["dtc_threshold"], proto["gtc_threshold"])  # the same for every max_efpr
     for m in proto["max_efprs"]:
         (etpr, efpr), _ = _psd_roc(
-            scores=dfs, ground_truth=gt, audio_durations=dur, dtc_threshold=proto["dtc_threshold"],
+            scores=dfs, ground_truth=gt, audio_durations=dur, deltas=deltas, dtc_threshold=proto["dtc_threshold"],
             gtc_threshold=proto["gtc_threshold"], cttc_threshold=None, alpha_ct=proto["alpha_ct"],
             alpha_st=proto["alpha_st"], unit_of_time="hour", max_efpr=m,
         )  # fmt: skip
