@@ -11,7 +11,7 @@ from finelap.config import EvalConfig
 from finelap.data.types import Clip, Event
 from finelap.errors import ConfigError, FinelapError
 from finelap.eval.tasks import Evaluatable, calibrate_detection
-from finelap.scoring import FrameScores, make_prompt, resolve_detection_settings, suggest_threshold
+from finelap.scoring import FrameScores, fmt_threshold, make_prompt, resolve_detection_settings, suggest_threshold
 
 TEMPLATE = "the sound of {}"
 RATE = 10.0  # frames per second of the fake scores
@@ -137,6 +137,18 @@ def test_settings_resolve_from_calibration_defaults_and_flags():
         resolve_detection_settings(ev, ["dog"], threshold=2.0)
     with pytest.raises(ConfigError, match="calibration.threshold"):
         EvalConfig(calibration={"threshold": 1.5})
+
+
+def test_the_threshold_used_for_a_query_and_what_it_is():
+    cal = {"threshold": 0.285422, "class_thresholds": {"dog": 0.31265}, "classes": ["dog", "cat"]}
+    st = resolve_detection_settings(EvalConfig(calibration=cal), ["dog", "cat", "violin"])
+    assert st.threshold_for("dog") == (0.31265, "per-class")
+    assert st.threshold_for("cat") == (0.285422, "global") and st.threshold_for("violin") == (0.285422, "global")
+    assert st.threshold_note("dog") == "0.313 (per-class threshold)" and st.threshold_note("cat") == "0.285 (global threshold)"
+    given = resolve_detection_settings(EvalConfig(calibration=cal), ["dog"], threshold=0.4)
+    assert given.threshold_for("dog") == (0.4, "given")
+    assert resolve_detection_settings(EvalConfig(), ["dog"]).threshold_note("dog") == "0.5 (default threshold)"
+    assert [fmt_threshold(v) for v in (0.285422, 0.5, 0.0, 1.0, 0.0004)] == ["0.285", "0.5", "0", "1", "0.0004"]
 
 
 def test_suggested_threshold_is_just_below_the_peak():

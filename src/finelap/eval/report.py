@@ -254,7 +254,7 @@ def _plot_examples(examples: Sequence[Mapping[str, Any]], stem: Path, sample_rat
         plot_timeline(
             wave, ex["scores"], ex["timeline"], ex["queries"], p, sample_rate=sample_rate,
             detections=ex.get("detections"), ground_truth=ex.get("ground_truth"), threshold=ex.get("threshold"),
-            duration_s=ex.get("duration_s"), title=ex.get("title", ""),
+            duration_s=ex.get("duration_s"), title=ex.get("title", ""), threshold_kinds=ex.get("threshold_kinds"),
         )  # fmt: skip
         out[f"timeline_{i}"] = p
     return out

@@ -575,6 +575,12 @@ def evaluate_sed(
     return result
 
 
+def _threshold_kind(pp: PostProcess, query: str) -> str:
+    """"per-class" when `query` has a threshold of its own in `pp`, else "global"."""
+    thr = pp.threshold
+    return "per-class" if isinstance(thr, Mapping) and query in thr and query != "*" else "global"
+
+
 def _sed_classes(clips: Sequence[Clip], classes: Sequence[str] | None) -> list[str]:
     if classes is not None:
         classes = _check_labels(classes, "classes")
@@ -647,6 +653,7 @@ def _score_sed_files(fns: Evaluatable, clips: Sequence[Clip], classes: Sequence[
                 "detections": [[(on, off) for on, off, lab in dets if lab == classes[i]] for i in q],
                 "ground_truth": [[(on, off) for on, off, lab in events if lab == classes[i]] for i in q],
                 "threshold": [float(t) for t in pp.values("threshold", [classes[i] for i in q])],
+                "threshold_kinds": [_threshold_kind(pp, classes[i]) for i in q],
                 "title": f"{fname}: SED scores ({fns.name})",
             })  # fmt: skip
     return {"classes": classes, "raw": raw_df, "filtered": filt_df, "active": act_df, "gt": gt, "durations": durations,
@@ -901,6 +908,7 @@ def evaluate_grounding(
                 "detections": [[(on, off) for on, off, _ in d] for d in dets],
                 "ground_truth": [list(p.segments) for p in it.phrases],
                 "threshold": [float(t) for t in pp.values("threshold", phrases)],
+                "threshold_kinds": [_threshold_kind(pp, ph) for ph in phrases],
                 "title": f"{fname}: \"{_clip_text(it.caption)}\" ({fns.name})",
             })  # fmt: skip
     if not raw:
