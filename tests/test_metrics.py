@@ -402,8 +402,10 @@ def _long_sed_file(n_frames: int, seed: int = 0):
 def test_psds_on_a_long_file_is_exact_in_bounded_memory(monkeypatch):
     """sed_scores_eval evaluates every distinct score of a file as a threshold at once: (U, M, G)
     arrays (U distinct scores, M detections, G events), tens of GB for a 30-min file. The wrapper
-    computes the same statistics in threshold blocks, without the detections that overlap no event;
-    the arrays the statistics see stay small and the PSDS is bit-identical to a direct call."""
+    squeezes the stretches between events and counts the detections there in closed form, and
+    goes through the thresholds in blocks without the detections that overlap no event: the
+    arrays the statistics see stay small and the PSDS is bit-identical to a direct call, with
+    the squeezing and without it (blocks alone)."""
     sse = _sse()
     from sed_scores_eval.intersection_based import intermediate_statistics as ib
 
@@ -423,16 +425,21 @@ def test_psds_on_a_long_file_is_exact_in_bounded_memory(monkeypatch):
 
     monkeypatch.setattr(ib, "statistics_fn", recording)
     monkeypatch.setattr(M, "INTERSECTION_BLOCK", 50_000, raising=False)  # several threshold blocks per file and class
-    for name, fn in (("PSDS1", M.psds1), ("PSDS2", M.psds2)):
-        seen.clear()
-        ours = fn(scores, gt, dur)
-        ref = refs[name]
-        assert 0.0 < max(ours.per_class.values()) < 1.0 and 0.0 <= ours.value < 1.0  # not trivial
-        assert ours.value == ref[0] and ours.per_class == {k: float(v) for k, v in ref[1].items()}, name
-        np.testing.assert_array_equal(ours.etpr, ref[2][0])
-        np.testing.assert_array_equal(ours.efpr, ref[2][1])
-        # sed_scores_eval's own path: one (~3000 thresholds, ~1000 detections) array per class
-        assert len(seen) > 2 and max(seen) <= 100_000, (name, len(seen), max(seen))
+    for squeeze in (True, False):
+        if not squeeze:
+            monkeypatch.setattr(M, "_squeeze_background", lambda *a: None, raising=False)
+        for name, fn in (("PSDS1", M.psds1), ("PSDS2", M.psds2)):
+            seen.clear()
+            ours = fn(scores, gt, dur)
+            ref = refs[name]
+            assert 0.0 < max(ours.per_class.values()) < 1.0 and 0.0 <= ours.value < 1.0  # not trivial
+            assert ours.value == ref[0] and ours.per_class == {k: float(v) for k, v in ref[1].items()}, (name, squeeze)
+            np.testing.assert_array_equal(ours.etpr, ref[2][0])
+            np.testing.assert_array_equal(ours.efpr, ref[2][1])
+            # sed_scores_eval's own path: one (~3000 thresholds, ~1000 detections) array per class
+            assert seen and max(seen) <= 100_000, (name, squeeze, len(seen), max(seen))
+            if not squeeze:
+                assert len(seen) > 2, (name, seen)  # the threshold blocks
 
 
 def test_dcase_parameter_constants():

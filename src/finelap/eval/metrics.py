@@ -562,23 +562,105 @@ def _drop_unmatchable(
     return on, off, droppable.sum(axis=1)
 
 
+def _squeeze_background(
+    scores: np.ndarray, timestamps: np.ndarray, gt_onsets: np.ndarray, gt_offsets: np.ndarray
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """The score sequence with the stretches between reference events ("gaps") reduced to what
+    the detections that reach an event's frames see of them; None when there is no gap.
+
+    A frame is kept as it is when it overlaps a reference event (sorted `gt_onsets`,
+    `gt_offsets`) or is shorter than 1 ms. In a gap [a, b) between kept frames, a detection
+    coming from the left at threshold t covers the frames x with min(s[a..x]) >= t, one from the
+    right those with min(s[x..b-1]) >= t; so the gap becomes max(running min from the left,
+    running min from the right) (just one of them at the file's ends), whose frames above t are
+    exactly those covered by event-reaching detections, and equal neighbours are merged (they
+    never separate two detections). Detections that stay inside a gap disappear: the caller
+    counts them in closed form. Returns (scores (T',), timestamps (T' + 1,)).
+    """
+    starts, ends = timestamps[:-1], timestamps[1:]
+    n_overlap = np.searchsorted(gt_onsets, ends, side="left") - np.searchsorted(gt_offsets, starts, side="right")
+    kept = (n_overlap > 0) | (ends - starts < 1e-3)
+    if kept.all() or not kept.any():
+        return None
+    vals = scores.copy()
+    own = np.ones(len(scores), dtype=bool)  # frames that start a segment of the squeezed sequence
+    gap = np.flatnonzero(~kept)
+    cut = np.flatnonzero(np.diff(gap) > 1)
+    for a, b in zip(np.r_[gap[0], gap[cut + 1]], np.r_[gap[cut], gap[-1]] + 1):
+        seg = scores[a:b]
+        from_left = np.minimum.accumulate(seg)
+        from_right = np.minimum.accumulate(seg[::-1])[::-1]
+        g = from_left if b == len(scores) else from_right if a == 0 else np.maximum(from_left, from_right)
+        vals[a:b] = g
+        own[a + 1 : b] = g[1:] != g[:-1]
+    return vals[own], np.r_[starts[own], timestamps[-1]]
+
+
+def _deltas_in_blocks(
+    scores: np.ndarray, timestamps: np.ndarray, gt_onsets: np.ndarray, gt_offsets: np.ndarray, kw: dict[str, Any],
+    target_onset_times: np.ndarray, target_offset_times: np.ndarray,
+    other_onset_times: Mapping[str, np.ndarray], other_offset_times: Mapping[str, np.ndarray],
+    candidates: np.ndarray,
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:  # fmt: skip
+    """sed_scores_eval's change points and deltas of one file and class at the decision
+    thresholds `candidates` (sorted, unique). The detections at a threshold t are those at the
+    smallest score of the sequence >= t, so the statistics are computed at the sequence's own
+    scores (and once with no detection, for thresholds above all of them) and read off for each
+    candidate; in blocks of `INTERSECTION_BLOCK` / (T/2) thresholds, without the detections that
+    cannot match (`_drop_unmatchable`)."""
+    from sed_scores_eval.base_modules.cy_detection import onset_offset_curves
+    from sed_scores_eval.base_modules.statistics import _deltas_from_intermediate_statistics
+    from sed_scores_eval.intersection_based import intermediate_statistics as ib
+
+    events = dict(target_onset_times=target_onset_times, target_offset_times=target_offset_times,
+                  other_onset_times=other_onset_times, other_offset_times=other_offset_times)  # fmt: skip
+    own = np.unique(scores)
+    step = max(1, INTERSECTION_BLOCK // max(1, (len(scores) + 1) // 2))
+    blocks: list[dict[str, Any]] = []
+    for lo in range(0, len(own), step):
+        _, on, off = onset_offset_curves(scores, timestamps, own[lo : lo + step])
+        on, off, n_dropped = _drop_unmatchable(on, off, gt_onsets, gt_offsets, kw["dtc_threshold"], kw["cttc_threshold"],
+                                               kw["time_decimals"])  # fmt: skip
+        # statistics_fn builds (thresholds, detections, events) arrays: as many thresholds at a time as fit
+        rows = max(1, INTERSECTION_BLOCK // 4 // (on.shape[1] * max(1, len(gt_onsets))))
+        for r in range(0, len(on), rows):
+            st = ib.statistics_fn(detection_onset_times=on[r : r + rows], detection_offset_times=off[r : r + rows],
+                                  **events, **kw)  # fmt: skip
+            st["fps"] = st["fps"] + n_dropped[r : r + rows]
+            blocks.append(st)
+    none = np.zeros((1, 1))  # no detection (an inactive one: onset == offset)
+    blocks.append(ib.statistics_fn(detection_onset_times=none, detection_offset_times=none, **events, **kw))
+    at = np.searchsorted(own, candidates, side="left")  # len(own): above every score, the no-detection row
+    stats: dict[str, Any] = {k: np.concatenate([b[k] for b in blocks])[at] for k in ("tps", "fps")}
+    if isinstance(blocks[0]["cts"], dict):
+        stats["cts"] = {c: np.concatenate([b["cts"][c] for b in blocks])[at] for c in blocks[0]["cts"]}
+    else:
+        stats["cts"] = np.concatenate([b["cts"] for b in blocks])[at]
+    return _deltas_from_intermediate_statistics(candidates, stats)
+
+
 def _blocked_intersection_deltas(
     scores: np.ndarray, timestamps: np.ndarray, target_onset_times: np.ndarray, target_offset_times: np.ndarray,
     other_onset_times: Mapping[str, np.ndarray], other_offset_times: Mapping[str, np.ndarray],
     dtc_threshold: float, gtc_threshold: float, cttc_threshold: float | None, time_decimals: int = 6,
 ) -> tuple[None, np.ndarray, dict[str, np.ndarray]]:  # fmt: skip
-    """sed_scores_eval `acceleration_fn` for intersection-based statistics of one file and class,
-    with the same result as its own path in bounded memory.
+    """sed_scores_eval `acceleration_fn` for intersection-based statistics of one file and class:
+    the same change points and deltas as its own path, in memory and time that follow the
+    frames near reference events rather than the square of the file's length.
 
     Its own path evaluates every distinct score of the file as a threshold at once: (U, T/2)
     onset/offset arrays and (U, M, G) intersections (U distinct scores, M detections, G events),
-    tens of GB for a 30-min file of 40-ms frames. Here the thresholds go in blocks of
-    `INTERSECTION_BLOCK` / (T/2), and detections that overlap no reference event are counted as
-    false positives without entering the (U, M, G) products (`_drop_unmatchable`). The
-    statistics per threshold are sed_scores_eval's own `statistics_fn`, so they are identical.
+    tens of GB for a 30-min file of 40-ms frames. Here
+    1. the stretches between the events that the statistics look at (the target class's, and
+       the other classes' when cross triggers count) are squeezed (`_squeeze_background`): the
+       detections that reach an event keep their exact extent, the ones that stay between
+       events are false positives whatever the threshold, counted in closed form with
+       sed_scores_eval's `onset_deltas` (detections in the file minus those left);
+    2. the thresholds go in blocks, and detections that overlap no event are counted as false
+       positives outside the (U, M, G) products (`_drop_unmatchable`).
+    The statistics per threshold are sed_scores_eval's own `statistics_fn`, so they are identical.
     """
-    from sed_scores_eval.base_modules.cy_detection import onset_offset_curves
-    from sed_scores_eval.base_modules.statistics import _deltas_from_intermediate_statistics
+    from sed_scores_eval.base_modules.detection import onset_deltas
     from sed_scores_eval.intersection_based import intermediate_statistics as ib
 
     kw = dict(dtc_threshold=dtc_threshold, gtc_threshold=gtc_threshold, cttc_threshold=cttc_threshold,
@@ -588,30 +670,38 @@ def _blocked_intersection_deltas(
                                   other_offset_times=other_offset_times, **kw)  # fmt: skip
     if shortcut[1] is not None:  # no event that could match: sed_scores_eval's closed form
         return shortcut
+    scores = np.asarray(scores, dtype=np.float64)
+    timestamps = np.asarray(timestamps, dtype=np.float64)
     g_on = [np.asarray(target_onset_times, dtype=np.float64)]
     g_off = [np.asarray(target_offset_times, dtype=np.float64)]
     if cttc_threshold is not None:
         g_on += [np.asarray(v, dtype=np.float64) for v in other_onset_times.values()]
         g_off += [np.asarray(v, dtype=np.float64) for v in other_offset_times.values()]
     gt_on, gt_off = np.sort(np.concatenate(g_on)), np.sort(np.concatenate(g_off))
-    candidates = np.unique(np.asarray(scores, dtype=np.float64))
-    step = max(1, INTERSECTION_BLOCK // max(1, (len(scores) + 1) // 2))
-    blocks: list[dict[str, Any]] = []
-    for lo in range(0, len(candidates), step):
-        _, on, off = onset_offset_curves(scores, timestamps, candidates[lo : lo + step])
-        on, off, n_dropped = _drop_unmatchable(on, off, gt_on, gt_off, dtc_threshold, cttc_threshold, time_decimals)
-        st = ib.statistics_fn(detection_onset_times=on, detection_offset_times=off, target_onset_times=target_onset_times,
-                              target_offset_times=target_offset_times, other_onset_times=other_onset_times,
-                              other_offset_times=other_offset_times, **kw)  # fmt: skip
-        st["fps"] = st["fps"] + n_dropped
-        blocks.append(st)
-    stats: dict[str, Any] = {k: np.concatenate([b[k] for b in blocks]) for k in ("tps", "fps")}
-    if isinstance(blocks[0]["cts"], dict):
-        stats["cts"] = {c: np.concatenate([b["cts"][c] for b in blocks]) for c in blocks[0]["cts"]}
-    else:
-        stats["cts"] = np.concatenate([b["cts"] for b in blocks])
-    cp_scores, deltas = _deltas_from_intermediate_statistics(candidates, stats)
-    return None, cp_scores, deltas
+    events = (target_onset_times, target_offset_times, other_onset_times, other_offset_times)
+    # every distinct score of the file stays a threshold, as in sed_scores_eval (squeezing drops some
+    # scores, but the statistics at them can differ: e.g. an event shorter than 1 us counts as found
+    # at every threshold evaluated)
+    candidates = np.unique(scores)
+    squeezed = _squeeze_background(scores, timestamps, gt_on, gt_off) if len(gt_on) else None
+    if squeezed is None:
+        return None, *_deltas_in_blocks(scores, timestamps, gt_on, gt_off, kw, *events, candidates)
+    sq_scores, sq_times = squeezed
+    cp, deltas = _deltas_in_blocks(sq_scores, sq_times, gt_on, gt_off, kw, *events, candidates)
+    # the detections between events: those of the file minus those left after squeezing, each a false positive
+    d_all, d_left = onset_deltas(scores), onset_deltas(sq_scores)
+    m_all, m_left = d_all != 0, d_left != 0
+    keys = list(deltas)
+    points = np.concatenate([cp, scores[m_all], sq_scores[m_left]])
+    rows = np.zeros((len(points), len(keys)), dtype=np.result_type(d_all.dtype, *(deltas[k].dtype for k in keys)))
+    for i, k in enumerate(keys):
+        rows[: len(cp), i] = deltas[k]
+    rows[len(cp) :, keys.index("fps")] = np.concatenate([d_all[m_all], -d_left[m_left]])
+    unique, inverse = np.unique(points, return_inverse=True)
+    summed = np.zeros((len(unique), len(keys)), dtype=rows.dtype)
+    np.add.at(summed, inverse, rows)
+    changed = np.abs(summed).sum(axis=1) > 0  # as sed_scores_eval: only scores where a statistic changes
+    return None, unique[changed], {k: summed[changed, i] for i, k in enumerate(keys)}
 
 
 def intersection_deltas(
