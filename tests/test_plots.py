@@ -73,7 +73,7 @@ def test_empty_detections_say_so_with_the_peak():
     try:
         (text,) = [t.get_text() for t in fig.axes[1].texts]
         assert text.startswith("no detection above 0.954 (per-class threshold) for dog (peak ")
-        assert "; no detection above 0.285 (global threshold) for rain (peak 0.3)" in text
+        assert "\nno detection above 0.285 (global threshold) for rain (peak 0.3)" in text
         assert _legend_handle(fig, "per-class threshold 0.954 (dog)") is not None
         assert _legend_handle(fig, "global threshold 0.285 (rain)") is not None
     finally:

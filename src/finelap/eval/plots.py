@@ -389,8 +389,8 @@ def timeline_figure(
         # an empty plot must not look like a broken one: name what found nothing, and its peak
         empty = [k for k in range(q) if not detections[k]]
         if empty:
-            msg = "; ".join(f"no detection above {thr_text(k)} for {_short(names[k], 24)} (peak {np.nanmax(s[:, k]):.3g})"
-                            for k in empty[:4]) + ("; ..." if len(empty) > 4 else "")  # fmt: skip
+            msg = "\n".join(f"no detection above {thr_text(k)} for {_short(names[k], 24)} (peak {np.nanmax(s[:, k]):.3g})"
+                             for k in empty[:4]) + ("\n..." if len(empty) > 4 else "")  # one line each: fits the axes
             ax_s.text(0.01, 0.97, msg, transform=ax_s.transAxes, ha="left", va="top", fontsize=8,
                       bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "gray"})  # fmt: skip
     if detections is not None:
