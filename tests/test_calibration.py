@@ -49,6 +49,38 @@ def _fake(tmp_path, spec):
     return clips, Evaluatable(frame_scores=frame_scores, prompt_template=TEMPLATE, name="fake"), calls
 
 
+def test_calibration_on_a_long_file_keeps_the_statistics_small(tmp_path, monkeypatch):
+    """sed_scores_eval's collar statistics of one file are (thresholds x detections x events)
+    arrays: for a 30-min file of noisy scores, tens of GB. Calibration goes through
+    `metrics.collar_deltas`, which keeps them small."""
+    from sed_scores_eval.collar_based import intermediate_statistics as cb
+
+    rng = np.random.default_rng(0)
+    n = 3000  # 5 minutes at 10 frames/s, a distinct score in nearly every frame
+    s = 0.2 * rng.random((n, 1))
+    events = [Event("dog", float(a), float(a) + 2.0) for a in range(10, 290, 40)]
+    for e in events:
+        s[int(e.onset * RATE) : int(e.offset * RATE), 0] += 0.6
+    path = _wav(tmp_path / "long.wav")
+
+    def frame_scores(audio, texts):
+        return FrameScores(s, Timeline(RATE), n / RATE)
+
+    fns = Evaluatable(frame_scores=frame_scores, prompt_template=TEMPLATE, name="fake")
+    seen: list[int] = []
+    original = cb.statistics_fn
+
+    def recording(**kw):
+        seen.append(kw["detection_onset_times"].size)
+        return original(**kw)
+
+    monkeypatch.setattr(cb, "statistics_fn", recording)
+    cal = calibrate_detection(fns, [Clip(path, events=events, duration=n / RATE)],
+                              grid={"median_filter_s": [0.0], "min_duration_s": [0.0], "merge_gap_s": [0.0]})  # fmt: skip
+    assert 0.2 <= cal["threshold"] < 0.6 and cal["score"] == 1.0  # the events, and nothing else
+    assert seen and max(seen) <= 100_000, (len(seen), max(seen))
+
+
 def test_best_threshold_is_the_known_one_and_scores_are_computed_once(tmp_path):
     # dog: true events score 0.7 and 0.55, false blobs 0.45 and 0.35. Event F1 (micro) by
     # threshold: < 0.35 -> 2/3, [0.35, 0.45) -> 0.8, [0.45, 0.55) -> 1.0, [0.55, 0.7) -> 2/3.

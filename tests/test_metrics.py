@@ -442,6 +442,33 @@ def test_psds_on_a_long_file_is_exact_in_bounded_memory(monkeypatch):
                 assert len(seen) > 2, (name, seen)  # the threshold blocks
 
 
+def test_collar_statistics_on_a_long_file_are_exact_in_bounded_memory(monkeypatch):
+    """The same for the collar-based statistics that calibration searches thresholds on: equal to
+    sed_scores_eval's own, and the arrays its statistics see stay small."""
+    _sse()
+    from sed_scores_eval.base_modules.statistics import accumulated_intermediate_statistics_from_deltas
+    from sed_scores_eval.collar_based import intermediate_statistics as cb
+
+    scores, gt, _ = _long_sed_file(3000)
+    collars = dict(onset_collar=0.2, offset_collar=0.2, offset_collar_rate=0.2)
+    ref = accumulated_intermediate_statistics_from_deltas(cb.intermediate_statistics_deltas(scores, gt, **collars))
+    seen: list[int] = []
+    original = cb.statistics_fn
+
+    def recording(**kw):
+        seen.append(kw["detection_onset_times"].size)
+        return original(**kw)
+
+    monkeypatch.setattr(cb, "statistics_fn", recording)
+    ours = accumulated_intermediate_statistics_from_deltas(M.collar_deltas(scores, gt, **collars))
+    for c in ("a", "b"):
+        np.testing.assert_array_equal(ours[c][0], ref[c][0])
+        for k in ("tps", "fps"):
+            np.testing.assert_array_equal(ours[c][1][k], ref[c][1][k])
+        assert ref[c][1]["tps"].max() >= 1 and len(ref[c][0]) > 1000  # events found; thousands of thresholds
+    assert seen and max(seen) <= 100_000, (len(seen), max(seen))
+
+
 def test_dcase_parameter_constants():
     # DESIGN.md "Metric protocols" (cttc is not exercised by the data above, so pin it here)
     assert M.PSDS1_PARAMS == dict(dtc=0.7, gtc=0.7, cttc=None, alpha_ct=0.0, alpha_st=1.0, max_efpr=100.0)

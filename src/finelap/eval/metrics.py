@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Hashable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Hashable, Mapping, Sequence
 
 import numpy as np
 
@@ -530,25 +530,25 @@ INTERSECTION_BLOCK = 4_000_000
 
 def _drop_unmatchable(
     onsets: np.ndarray, offsets: np.ndarray, gt_onsets: np.ndarray, gt_offsets: np.ndarray,
-    dtc: float, cttc: float | None, time_decimals: int,
+    too_short: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
-    """Drop the detections that no reference event can make relevant or a cross trigger.
+    """Drop the detections that no reference event can count, whatever the statistics.
 
     onsets, offsets: (B, M) detections per decision threshold (inactive: onset == offset);
-    gt_onsets, gt_offsets: sorted (G,) reference events that the statistics look at (target
-    class, and other classes when cross triggers are counted). A detection that overlaps none of
-    them has zero intersection with all, so for `intersection_based.statistics_fn` it can only be
-    a false positive (unless it is so short that dtc/cttc * length rounds to 0: those are kept).
-    Returns the compacted (B, M') onsets and offsets (padding inactive, 0.0) and the number of
-    dropped active detections per row (B,), which are false positives.
+    gt_onsets, gt_offsets: sorted (G,) spans of the reference events that the statistics look at
+    (intersection-based: the target class's events, and the other classes' when cross triggers
+    count; collar-based: the target class's events widened by their collars). A detection that
+    overlaps none of them can only be a false positive, except those that `too_short(lengths)`
+    marks (intersection-based: dtc/cttc * length rounds to 0, so they pass with no overlap):
+    those are kept. Returns the compacted (B, M') onsets and offsets (padding inactive, 0.0) and
+    the number of dropped active detections per row (B,), which are false positives.
     """
     active = offsets > onsets
-    length = offsets - onsets
-    droppable = active & (np.round(dtc * length, decimals=time_decimals) > 0)
-    if cttc is not None:
-        droppable &= np.round(cttc * length, decimals=time_decimals) > 0
+    droppable = active.copy()
+    if too_short is not None:
+        droppable &= ~too_short(offsets - onsets)
     if len(gt_onsets):
-        # events overlapping [on, off): #(g_on < off) - #(g_off <= on) (each g_on < g_off)
+        # spans overlapping [on, off): #(g_on < off) - #(g_off <= on) (each g_on < g_off)
         n_overlap = np.searchsorted(gt_onsets, offsets, side="left") - np.searchsorted(gt_offsets, onsets, side="right")
         droppable &= n_overlap <= 0
     keep = active & ~droppable
@@ -597,46 +597,83 @@ def _squeeze_background(
 
 
 def _deltas_in_blocks(
-    scores: np.ndarray, timestamps: np.ndarray, gt_onsets: np.ndarray, gt_offsets: np.ndarray, kw: dict[str, Any],
-    target_onset_times: np.ndarray, target_offset_times: np.ndarray,
-    other_onset_times: Mapping[str, np.ndarray], other_offset_times: Mapping[str, np.ndarray],
-    candidates: np.ndarray,
+    scores: np.ndarray, timestamps: np.ndarray, gt_onsets: np.ndarray, gt_offsets: np.ndarray,
+    statistics_fn: Callable[..., dict[str, Any]], kw: Mapping[str, Any], candidates: np.ndarray,
+    too_short: Callable[[np.ndarray], np.ndarray] | None,
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:  # fmt: skip
     """sed_scores_eval's change points and deltas of one file and class at the decision
-    thresholds `candidates` (sorted, unique). The detections at a threshold t are those at the
-    smallest score of the sequence >= t, so the statistics are computed at the sequence's own
-    scores (and once with no detection, for thresholds above all of them) and read off for each
-    candidate; in blocks of `INTERSECTION_BLOCK` / (T/2) thresholds, without the detections that
-    cannot match (`_drop_unmatchable`)."""
+    thresholds `candidates` (sorted, unique), with its `statistics_fn` (kw: the events and the
+    criteria). The detections at a threshold t are those at the smallest score of the sequence
+    >= t, so the statistics are computed at the sequence's own scores (and once with no
+    detection, for thresholds above all of them) and read off for each candidate; in blocks of
+    `INTERSECTION_BLOCK` / (T/2) thresholds, without the detections that cannot count
+    (`_drop_unmatchable`)."""
     from sed_scores_eval.base_modules.cy_detection import onset_offset_curves
     from sed_scores_eval.base_modules.statistics import _deltas_from_intermediate_statistics
-    from sed_scores_eval.intersection_based import intermediate_statistics as ib
 
-    events = dict(target_onset_times=target_onset_times, target_offset_times=target_offset_times,
-                  other_onset_times=other_onset_times, other_offset_times=other_offset_times)  # fmt: skip
+    n_events = max(1, len(gt_onsets))
     own = np.unique(scores)
     step = max(1, INTERSECTION_BLOCK // max(1, (len(scores) + 1) // 2))
     blocks: list[dict[str, Any]] = []
     for lo in range(0, len(own), step):
         _, on, off = onset_offset_curves(scores, timestamps, own[lo : lo + step])
-        on, off, n_dropped = _drop_unmatchable(on, off, gt_onsets, gt_offsets, kw["dtc_threshold"], kw["cttc_threshold"],
-                                               kw["time_decimals"])  # fmt: skip
+        on, off, n_dropped = _drop_unmatchable(on, off, gt_onsets, gt_offsets, too_short)
         # statistics_fn builds (thresholds, detections, events) arrays: as many thresholds at a time as fit
-        rows = max(1, INTERSECTION_BLOCK // 4 // (on.shape[1] * max(1, len(gt_onsets))))
+        rows = max(1, INTERSECTION_BLOCK // 4 // (on.shape[1] * n_events))
         for r in range(0, len(on), rows):
-            st = ib.statistics_fn(detection_onset_times=on[r : r + rows], detection_offset_times=off[r : r + rows],
-                                  **events, **kw)  # fmt: skip
+            st = statistics_fn(detection_onset_times=on[r : r + rows], detection_offset_times=off[r : r + rows], **kw)
             st["fps"] = st["fps"] + n_dropped[r : r + rows]
             blocks.append(st)
     none = np.zeros((1, 1))  # no detection (an inactive one: onset == offset)
-    blocks.append(ib.statistics_fn(detection_onset_times=none, detection_offset_times=none, **events, **kw))
+    blocks.append(statistics_fn(detection_onset_times=none, detection_offset_times=none, **kw))
     at = np.searchsorted(own, candidates, side="left")  # len(own): above every score, the no-detection row
-    stats: dict[str, Any] = {k: np.concatenate([b[k] for b in blocks])[at] for k in ("tps", "fps")}
-    if isinstance(blocks[0]["cts"], dict):
-        stats["cts"] = {c: np.concatenate([b["cts"][c] for b in blocks])[at] for c in blocks[0]["cts"]}
-    else:
-        stats["cts"] = np.concatenate([b["cts"] for b in blocks])[at]
+    stats: dict[str, Any] = {}
+    for k, v in blocks[0].items():
+        if isinstance(v, dict):
+            stats[k] = {c: np.concatenate([b[k][c] for b in blocks])[at] for c in v}
+        else:
+            stats[k] = np.concatenate([b[k] for b in blocks])[at]
     return _deltas_from_intermediate_statistics(candidates, stats)
+
+
+def _squeezed_deltas(
+    scores: np.ndarray, timestamps: np.ndarray, gt_onsets: np.ndarray, gt_offsets: np.ndarray,
+    statistics_fn: Callable[..., dict[str, Any]], kw: Mapping[str, Any],
+    too_short: Callable[[np.ndarray], np.ndarray] | None,
+) -> tuple[None, np.ndarray, dict[str, np.ndarray]]:  # fmt: skip
+    """The acceleration_fn answer (None, change points, deltas) of one file and class: the
+    stretches away from the spans `gt_onsets`/`gt_offsets` (sorted) that the statistics look at
+    are squeezed (`_squeeze_background`): the detections that reach a span keep their exact
+    extent; the ones that stay between spans are false positives whatever the threshold, counted
+    in closed form with sed_scores_eval's `onset_deltas` (detections in the file minus those
+    left). The rest goes through `_deltas_in_blocks`."""
+    from sed_scores_eval.base_modules.detection import onset_deltas
+
+    scores = np.asarray(scores, dtype=np.float64)
+    timestamps = np.asarray(timestamps, dtype=np.float64)
+    # every distinct score of the file stays a threshold, as in sed_scores_eval (squeezing drops some
+    # scores, but the statistics at them can differ: e.g. an event shorter than 1 us counts as found
+    # at every threshold evaluated)
+    candidates = np.unique(scores)
+    squeezed = _squeeze_background(scores, timestamps, gt_onsets, gt_offsets) if len(gt_onsets) else None
+    if squeezed is None:
+        return None, *_deltas_in_blocks(scores, timestamps, gt_onsets, gt_offsets, statistics_fn, kw, candidates, too_short)
+    sq_scores, sq_times = squeezed
+    cp, deltas = _deltas_in_blocks(sq_scores, sq_times, gt_onsets, gt_offsets, statistics_fn, kw, candidates, too_short)
+    # the detections between spans: those of the file minus those left after squeezing, each a false positive
+    d_all, d_left = onset_deltas(scores), onset_deltas(sq_scores)
+    m_all, m_left = d_all != 0, d_left != 0
+    keys = list(deltas)
+    points = np.concatenate([cp, scores[m_all], sq_scores[m_left]])
+    rows = np.zeros((len(points), len(keys)), dtype=np.result_type(d_all.dtype, *(deltas[k].dtype for k in keys)))
+    for i, k in enumerate(keys):
+        rows[: len(cp), i] = deltas[k]
+    rows[len(cp) :, keys.index("fps")] = np.concatenate([d_all[m_all], -d_left[m_left]])
+    unique, inverse = np.unique(points, return_inverse=True)
+    summed = np.zeros((len(unique), len(keys)), dtype=rows.dtype)
+    np.add.at(summed, inverse, rows)
+    changed = np.abs(summed).sum(axis=1) > 0  # as sed_scores_eval: only scores where a statistic changes
+    return None, unique[changed], {k: summed[changed, i] for i, k in enumerate(keys)}
 
 
 def _blocked_intersection_deltas(
@@ -660,7 +697,6 @@ def _blocked_intersection_deltas(
        positives outside the (U, M, G) products (`_drop_unmatchable`).
     The statistics per threshold are sed_scores_eval's own `statistics_fn`, so they are identical.
     """
-    from sed_scores_eval.base_modules.detection import onset_deltas
     from sed_scores_eval.intersection_based import intermediate_statistics as ib
 
     kw = dict(dtc_threshold=dtc_threshold, gtc_threshold=gtc_threshold, cttc_threshold=cttc_threshold,
@@ -670,38 +706,71 @@ def _blocked_intersection_deltas(
                                   other_offset_times=other_offset_times, **kw)  # fmt: skip
     if shortcut[1] is not None:  # no event that could match: sed_scores_eval's closed form
         return shortcut
-    scores = np.asarray(scores, dtype=np.float64)
-    timestamps = np.asarray(timestamps, dtype=np.float64)
     g_on = [np.asarray(target_onset_times, dtype=np.float64)]
     g_off = [np.asarray(target_offset_times, dtype=np.float64)]
     if cttc_threshold is not None:
         g_on += [np.asarray(v, dtype=np.float64) for v in other_onset_times.values()]
         g_off += [np.asarray(v, dtype=np.float64) for v in other_offset_times.values()]
-    gt_on, gt_off = np.sort(np.concatenate(g_on)), np.sort(np.concatenate(g_off))
-    events = (target_onset_times, target_offset_times, other_onset_times, other_offset_times)
-    # every distinct score of the file stays a threshold, as in sed_scores_eval (squeezing drops some
-    # scores, but the statistics at them can differ: e.g. an event shorter than 1 us counts as found
-    # at every threshold evaluated)
-    candidates = np.unique(scores)
-    squeezed = _squeeze_background(scores, timestamps, gt_on, gt_off) if len(gt_on) else None
-    if squeezed is None:
-        return None, *_deltas_in_blocks(scores, timestamps, gt_on, gt_off, kw, *events, candidates)
-    sq_scores, sq_times = squeezed
-    cp, deltas = _deltas_in_blocks(sq_scores, sq_times, gt_on, gt_off, kw, *events, candidates)
-    # the detections between events: those of the file minus those left after squeezing, each a false positive
-    d_all, d_left = onset_deltas(scores), onset_deltas(sq_scores)
-    m_all, m_left = d_all != 0, d_left != 0
-    keys = list(deltas)
-    points = np.concatenate([cp, scores[m_all], sq_scores[m_left]])
-    rows = np.zeros((len(points), len(keys)), dtype=np.result_type(d_all.dtype, *(deltas[k].dtype for k in keys)))
-    for i, k in enumerate(keys):
-        rows[: len(cp), i] = deltas[k]
-    rows[len(cp) :, keys.index("fps")] = np.concatenate([d_all[m_all], -d_left[m_left]])
-    unique, inverse = np.unique(points, return_inverse=True)
-    summed = np.zeros((len(unique), len(keys)), dtype=rows.dtype)
-    np.add.at(summed, inverse, rows)
-    changed = np.abs(summed).sum(axis=1) > 0  # as sed_scores_eval: only scores where a statistic changes
-    return None, unique[changed], {k: summed[changed, i] for i, k in enumerate(keys)}
+
+    def too_short(length: np.ndarray) -> np.ndarray:  # relevant / a cross trigger with no overlap at all
+        short = np.round(dtc_threshold * length, decimals=time_decimals) <= 0
+        if cttc_threshold is not None:
+            short |= np.round(cttc_threshold * length, decimals=time_decimals) <= 0
+        return short
+
+    events = dict(target_onset_times=target_onset_times, target_offset_times=target_offset_times,
+                  other_onset_times=other_onset_times, other_offset_times=other_offset_times)  # fmt: skip
+    return _squeezed_deltas(scores, timestamps, np.sort(np.concatenate(g_on)), np.sort(np.concatenate(g_off)),
+                            ib.statistics_fn, {**events, **kw}, too_short)  # fmt: skip
+
+
+def _blocked_collar_deltas(
+    scores: np.ndarray, timestamps: np.ndarray, target_onset_times: np.ndarray, target_offset_times: np.ndarray,
+    other_onset_times: Any, other_offset_times: Any, onset_collar: float, offset_collar: float,
+    offset_collar_rate: float = 0.0, return_onset_offset_dist_sum: bool = False, time_decimals: int = 6,
+) -> tuple[None, np.ndarray, dict[str, np.ndarray]]:  # fmt: skip
+    """sed_scores_eval `acceleration_fn` for collar-based statistics of one file and class, as
+    `_blocked_intersection_deltas` does for intersection-based ones: a detection can only hit a
+    target event when its onset is within the onset collar of the event's onset, so one that
+    overlaps none of the events widened by their collars (plus 1 ms for the rounding) is a false
+    positive; those are squeezed out or dropped, the rest is sed_scores_eval's `statistics_fn`."""
+    from sed_scores_eval.collar_based import intermediate_statistics as cb
+
+    kw = dict(onset_collar=onset_collar, offset_collar=offset_collar, offset_collar_rate=offset_collar_rate,
+              return_onset_offset_dist_sum=return_onset_offset_dist_sum, time_decimals=time_decimals)  # fmt: skip
+    events = dict(target_onset_times=target_onset_times, target_offset_times=target_offset_times,
+                  other_onset_times=other_onset_times, other_offset_times=other_offset_times)  # fmt: skip
+    shortcut = cb.acceleration_fn(scores=scores, timestamps=timestamps, **events, **kw)
+    if shortcut[1] is not None:  # no target event: sed_scores_eval's closed form
+        return shortcut
+    on = np.asarray(target_onset_times, dtype=np.float64)
+    off = np.asarray(target_offset_times, dtype=np.float64)
+    off_collar = np.maximum(offset_collar, offset_collar_rate * (off - on))
+    margin = 1e-3
+    return _squeezed_deltas(scores, timestamps, np.sort(on - onset_collar - margin), np.sort(off + off_collar + margin),
+                            cb.statistics_fn, {**events, **kw}, None)  # fmt: skip
+
+
+def collar_deltas(
+    scores: Mapping[Hashable, "pd.DataFrame"],
+    ground_truth: Mapping[Hashable, Sequence[tuple[float, float, str]]],
+    onset_collar: float,
+    offset_collar: float,
+    offset_collar_rate: float = 0.0,
+    time_decimals: int = 6,
+) -> dict:
+    """sed_scores_eval's collar-based intermediate-statistics deltas (to pass as ``deltas=`` to its
+    `collar_based.accumulated_intermediate_statistics`), in memory that does not grow with the
+    square of a file's length (`_blocked_collar_deltas`). Ground truth already cleaned."""
+    _sse()
+    from sed_scores_eval.base_modules.statistics import intermediate_statistics_deltas
+    from sed_scores_eval.collar_based.intermediate_statistics import statistics_fn
+
+    return intermediate_statistics_deltas(
+        dict(scores), dict(ground_truth), intermediate_statistics_fn=statistics_fn, acceleration_fn=_blocked_collar_deltas,
+        onset_collar=onset_collar, offset_collar=offset_collar, offset_collar_rate=offset_collar_rate,
+        return_onset_offset_dist_sum=False, time_decimals=time_decimals,
+    )  # fmt: skip
 
 
 def intersection_deltas(

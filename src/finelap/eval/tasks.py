@@ -761,7 +761,8 @@ def calibrate_detection(
     for med in g["median_filter_s"]:
         pp = PostProcess(median_filter_s=med)
         dfs = {key: M.scores_to_dataframe(pp.smooth(s[:, col], tl, cal_classes), tl, cal_classes, dur) for _, key, s, tl, dur in items}
-        stats, _ = accumulated_intermediate_statistics(scores=dfs, ground_truth=gt_sse, **_COLLAR)
+        deltas = M.collar_deltas(dfs, gt_sse, **_COLLAR)  # bounded memory on long files
+        stats, _ = accumulated_intermediate_statistics(scores=dfs, ground_truth=gt_sse, deltas=deltas, **_COLLAR)
         cps = np.unique(np.concatenate([np.asarray(stats[c][0])[np.isfinite(stats[c][0])] for c in cal_classes]))
         cps = cps[(cps > 0) & (cps < 1)] if ((cps > 0) & (cps < 1)).any() else cps
         if len(cps) > _MAX_CANDIDATES:  # keep the search bounded on big sets: quantiles of the change points
