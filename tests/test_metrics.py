@@ -467,6 +467,15 @@ def test_collar_statistics_on_a_long_file_are_exact_in_bounded_memory(monkeypatc
             np.testing.assert_array_equal(ours[c][1][k], ref[c][1][k])
         assert ref[c][1]["tps"].max() >= 1 and len(ref[c][0]) > 1000  # events found; thousands of thresholds
     assert seen and max(seen) <= 100_000, (len(seen), max(seen))
+    # collar F1 at a threshold on raw scores (as grounding reports it) goes the same way
+    monkeypatch.setattr(cb, "statistics_fn", original)
+    f_ref = _sse().collar_based.fscore(scores=scores, ground_truth=gt, threshold=0.5, **collars)
+    monkeypatch.setattr(cb, "statistics_fn", recording)
+    seen.clear()
+    f1 = M.collar_f1(scores, gt, threshold=0.5)
+    assert 0.0 < f1["event_F1_micro"] < 1.0
+    assert f1["event_F1_micro"] == f_ref[0]["micro_average"] and f1["event_F1_macro"] == f_ref[0]["macro_average"]
+    assert seen and max(seen) <= 100_000, (len(seen), max(seen))
 
 
 def test_dcase_parameter_constants():

@@ -911,6 +911,7 @@ def collar_f1(
     f, p, r, stats = sse.collar_based.fscore(
         scores=dict(scores),
         ground_truth=gt,
+        deltas=collar_deltas(scores, gt, onset_collar, offset_collar, offset_collar_rate),  # bounded memory on long files
         threshold=dict(threshold) if isinstance(threshold, Mapping) else float(threshold),
         onset_collar=onset_collar,
         offset_collar=offset_collar,
