@@ -338,16 +338,45 @@ def test_train_manifest_that_is_not_utf8(corpus, capsys, tmp_path):
 def test_index_build_and_search_name_every_bad_file(corpus, capsys, tmp_path):
     idx = tmp_path / "idx"
     rc, out, err = run(capsys, "index", "build", corpus["audio"], "--checkpoint", corpus["ckpt"], "--out", idx, "--frames")
-    assert rc in (0, 1), err
-    failed = json.loads(out)["failed"]
-    text = json.dumps(failed, ensure_ascii=False)
+    assert rc == 1, err  # some files failed, the others are indexed
+    res = json.loads(out)
+    text = json.dumps(res["failed"], ensure_ascii=False)
     for name in BAD:
-        assert name in text, (name, failed)
+        assert name in text, (name, res["failed"])
+    assert res["total"] == len(ODD)
+    check_skipped(err, "index")  # same wording as the other multi-file commands
+    # update retries the failed files: still failing, still named, still exit 1
+    rc, out, err = run(capsys, "index", "update", idx)
+    assert rc == 1, err
+    for name, problem in BAD.items():
+        assert any(f"finelap index: skipped" in ln and name in ln and problem in ln for ln in err.splitlines()), (name, err)
     rc, out, err = run(capsys, "search", "a dog barking", "--index", idx, "--json")
     assert rc == 0, err
     hits = json.loads(out)
     scores = [h["score"] for h in (hits["results"] if isinstance(hits, dict) else hits)]
     assert scores and _finite(scores)
+
+
+def test_index_exit_status_follows_the_multi_file_rule(corpus, capsys, tmp_path):
+    import shutil
+
+    folder = tmp_path / "sounds"
+    folder.mkdir()
+    shutil.copy(corpus["audio"] / "garbage.wav", folder / "garbage.wav")
+    idx = tmp_path / "idx"
+    # nothing could be indexed: exit 2, one error line after the file is named
+    rc, _, err = run(capsys, "index", "build", folder, "--checkpoint", corpus["ckpt"], "--out", idx)
+    assert rc == 2, err
+    assert "finelap index: skipped" in err and "garbage.wav" in err and BAD["garbage.wav"] in err, err
+    one_line_error(err, "index", "none of the 1 input files could be processed")
+    # one good file next to it: exit 1; then update after the bad one is gone: exit 0
+    shutil.copy(corpus["audio"] / "good.wav", folder / "good.wav")
+    rc, out, err = run(capsys, "index", "build", folder, "--checkpoint", corpus["ckpt"], "--out", idx)
+    assert rc == 1 and json.loads(out)["total"] == 1, err
+    assert "1 of 2 files failed" in err, err
+    (folder / "garbage.wav").unlink()
+    rc, out, err = run(capsys, "index", "update", idx)
+    assert rc == 0 and json.loads(out)["failed"] == [], err
 
 
 def test_synth_with_a_bad_pool(corpus, capsys, tmp_path):

@@ -11,7 +11,7 @@ from finelap.config import EvalConfig
 from finelap.data.types import Clip, Event
 from finelap.errors import ConfigError, FinelapError
 from finelap.eval.tasks import Evaluatable, calibrate_detection
-from finelap.scoring import FrameScores, make_prompt, resolve_detection_settings, suggest_threshold
+from finelap.scoring import FrameScores, fmt_threshold, make_prompt, resolve_detection_settings, suggest_threshold
 
 TEMPLATE = "the sound of {}"
 RATE = 10.0  # frames per second of the fake scores
@@ -47,6 +47,38 @@ def _fake(tmp_path, spec):
         return FrameScores(table[path][:, cols], Timeline(RATE), 4.0)
 
     return clips, Evaluatable(frame_scores=frame_scores, prompt_template=TEMPLATE, name="fake"), calls
+
+
+def test_calibration_on_a_long_file_keeps_the_statistics_small(tmp_path, monkeypatch):
+    """sed_scores_eval's collar statistics of one file are (thresholds x detections x events)
+    arrays: for a 30-min file of noisy scores, tens of GB. Calibration goes through
+    `metrics.collar_deltas`, which keeps them small."""
+    from sed_scores_eval.collar_based import intermediate_statistics as cb
+
+    rng = np.random.default_rng(0)
+    n = 3000  # 5 minutes at 10 frames/s, a distinct score in nearly every frame
+    s = 0.2 * rng.random((n, 1))
+    events = [Event("dog", float(a), float(a) + 2.0) for a in range(10, 290, 40)]
+    for e in events:
+        s[int(e.onset * RATE) : int(e.offset * RATE), 0] += 0.6
+    path = _wav(tmp_path / "long.wav")
+
+    def frame_scores(audio, texts):
+        return FrameScores(s, Timeline(RATE), n / RATE)
+
+    fns = Evaluatable(frame_scores=frame_scores, prompt_template=TEMPLATE, name="fake")
+    seen: list[int] = []
+    original = cb.statistics_fn
+
+    def recording(**kw):
+        seen.append(kw["detection_onset_times"].size)
+        return original(**kw)
+
+    monkeypatch.setattr(cb, "statistics_fn", recording)
+    cal = calibrate_detection(fns, [Clip(path, events=events, duration=n / RATE)],
+                              grid={"median_filter_s": [0.0], "min_duration_s": [0.0], "merge_gap_s": [0.0]})  # fmt: skip
+    assert 0.2 <= cal["threshold"] < 0.6 and cal["score"] == 1.0  # the events, and nothing else
+    assert seen and max(seen) <= 100_000, (len(seen), max(seen))
 
 
 def test_best_threshold_is_the_known_one_and_scores_are_computed_once(tmp_path):
@@ -137,6 +169,18 @@ def test_settings_resolve_from_calibration_defaults_and_flags():
         resolve_detection_settings(ev, ["dog"], threshold=2.0)
     with pytest.raises(ConfigError, match="calibration.threshold"):
         EvalConfig(calibration={"threshold": 1.5})
+
+
+def test_the_threshold_used_for_a_query_and_what_it_is():
+    cal = {"threshold": 0.285422, "class_thresholds": {"dog": 0.31265}, "classes": ["dog", "cat"]}
+    st = resolve_detection_settings(EvalConfig(calibration=cal), ["dog", "cat", "violin"])
+    assert st.threshold_for("dog") == (0.31265, "per-class")
+    assert st.threshold_for("cat") == (0.285422, "global") and st.threshold_for("violin") == (0.285422, "global")
+    assert st.threshold_note("dog") == "0.313 (per-class threshold)" and st.threshold_note("cat") == "0.285 (global threshold)"
+    given = resolve_detection_settings(EvalConfig(calibration=cal), ["dog"], threshold=0.4)
+    assert given.threshold_for("dog") == (0.4, "given")
+    assert resolve_detection_settings(EvalConfig(), ["dog"]).threshold_note("dog") == "0.5 (default threshold)"
+    assert [fmt_threshold(v) for v in (0.285422, 0.5, 0.0, 1.0, 0.0004)] == ["0.285", "0.5", "0", "1", "0.0004"]
 
 
 def test_suggested_threshold_is_just_below_the_peak():

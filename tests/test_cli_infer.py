@@ -95,7 +95,37 @@ def test_detect_writes_dcase_tsv_scores_and_plots(files, pipe, capsys, tmp_path)
     assert rc == 0 and all(e.pop("filename") == "a.wav" for e in events)
     assert events == pipe.detect(str(files["a.wav"]), labels, threshold=thr)
     rc, out, _ = run(capsys, "detect", files["a.wav"], "--labels", "dog", "--threshold", "1.0", "--checkpoint", files["ckpt"])
-    assert rc == 0 and "no events above threshold 1" in out
+    assert rc == 0 and "no events above the threshold" in out and "threshold 1 (given threshold) used for 'dog'" in out
+
+
+def test_nothing_found_names_the_threshold_used_for_each_query(files, capsys, tmp_path):
+    """A calibrated checkpoint with its own threshold for 'dog' and a global one for the rest: the
+    "nothing found" notes (CLI, library, plot) give each query the threshold it was held to,
+    rounded, and say which it is."""
+    cal = {"threshold": 0.912345, "class_thresholds": {"dog": 0.954321}, "median_filter_s": 0.0, "min_duration_s": 0.0,
+           "merge_gap_s": 0.0, "classes": ["dog", "rain"], "data": "val.jsonl", "score": 0.5}  # fmt: skip
+    ck = make_checkpoint(tmp_path, "calibrated", calibration=json.dumps(cal))  # a random model: peaks far below both
+    png = tmp_path / "g.png"
+    rc, out, err = run(capsys, "ground", files["a.wav"], "dog", "rain", "--plot", png, "--checkpoint", ck)
+    assert rc == 0, err
+    notes = [ln for ln in out.splitlines() if "no segment above" in ln]
+    assert len(notes) == 2, out
+    assert "threshold 0.954 (per-class threshold)" in notes[0] and "threshold 0.912 (global threshold)" in notes[1], out
+    assert "0.912345" not in out + err and "0.954321" not in out + err
+    rc, out, _ = run(capsys, "ground", files["a.wav"], "dog", "rain", "--json", "--checkpoint", ck)
+    q = json.loads(out)["queries"]
+    assert [(x["threshold"], x["threshold_kind"]) for x in q] == [(0.954321, "per-class"), (0.912345, "global")]
+    rc, out, err = run(capsys, "detect", files["a.wav"], "--labels", "dog", "--checkpoint", ck)
+    assert rc == 0 and "no events above the threshold" in out and "0.954 (per-class threshold) used for 'dog'" in out, out
+    # the library says the same on stderr
+    cpipe = Pipeline.from_pretrained(ck)
+    assert cpipe.ground(str(files["a.wav"]), "rain") == []
+    assert "threshold 0.912 (global threshold) used for 'rain'" in capsys.readouterr().err
+    assert cpipe.detect(str(files["a.wav"]), ["dog"]) == []
+    assert "threshold 0.954 (per-class threshold) used for 'dog'" in capsys.readouterr().err
+    # with --threshold, every query is held to the given one
+    rc, out, _ = run(capsys, "ground", files["a.wav"], "dog", "--threshold", "0.99", "--checkpoint", ck)
+    assert "no segment above the threshold 0.99 (given threshold)" in out, out
 
 
 def test_ground_prints_segments_json_and_plot(files, pipe, capsys, tmp_path):

@@ -375,6 +375,109 @@ def test_psds_wrappers_equal_direct_calls(sed_set):
     assert d["params"]["cttc"] == 0.3 and len(d["psd_roc"]["efpr"]) == len(d["psd_roc"]["etpr"])
 
 
+def _long_sed_file(n_frames: int, seed: int = 0):
+    """One long file of 40-ms noisy scores (nearly every frame a distinct score) for 2 classes, a
+    few short events per class, confusions and near misses: the case whose cost grows with the
+    square of the file's length in sed_scores_eval."""
+    from sed_scores_eval.base_modules.scores import create_score_dataframe
+
+    rng = np.random.default_rng(seed)
+    ts = np.arange(n_frames + 1) * 0.04
+    d = float(ts[-1])
+    raw = 0.3 * rng.normal(size=(n_frames, 2)) - 3.0  # a low, noisy background
+    centers = 0.5 * (ts[:-1] + ts[1:])
+    events = []
+    for j, on in enumerate(np.linspace(5.0, d - 10.0, 8)):
+        k = j % 2
+        off = on + float(rng.uniform(0.5, 3.0))
+        events.append((round(float(on), 3), round(off, 3), "ab"[k]))
+        inside = (centers >= on) & (centers < off)
+        raw[inside, k] += float(rng.uniform(2.0, 4.5))
+        raw[inside, 1 - k] += 2.5  # cross triggers
+        raw[np.roll(inside, 20) & ~inside, k] += 3.0  # a detection next to the event
+    s = 1 / (1 + np.exp(-raw))
+    return {"long": create_score_dataframe(s, ts, ["a", "b"])}, {"long": sorted(events)}, {"long": d}
+
+
+def test_psds_on_a_long_file_is_exact_in_bounded_memory(monkeypatch):
+    """sed_scores_eval evaluates every distinct score of a file as a threshold at once: (U, M, G)
+    arrays (U distinct scores, M detections, G events), tens of GB for a 30-min file. The wrapper
+    squeezes the stretches between events and counts the detections there in closed form, and
+    goes through the thresholds in blocks without the detections that overlap no event: the
+    arrays the statistics see stay small and the PSDS is bit-identical to a direct call, with
+    the squeezing and without it (blocks alone)."""
+    sse = _sse()
+    from sed_scores_eval.intersection_based import intermediate_statistics as ib
+
+    scores, gt, dur = _long_sed_file(3000)
+    refs = {
+        name: sse.intersection_based.psds(scores=scores, ground_truth=gt, audio_durations=dur, dtc_threshold=p["dtc"],
+                                          gtc_threshold=p["gtc"], cttc_threshold=p["cttc"], alpha_ct=p["alpha_ct"],
+                                          alpha_st=p["alpha_st"], max_efpr=p["max_efpr"])
+        for name, p in (("PSDS1", M.PSDS1_PARAMS), ("PSDS2", M.PSDS2_PARAMS))
+    }  # fmt: skip
+    seen: list[int] = []
+    original = ib.statistics_fn
+
+    def recording(**kw):
+        seen.append(kw["detection_onset_times"].size)
+        return original(**kw)
+
+    monkeypatch.setattr(ib, "statistics_fn", recording)
+    monkeypatch.setattr(M, "INTERSECTION_BLOCK", 50_000, raising=False)  # several threshold blocks per file and class
+    for squeeze in (True, False):
+        if not squeeze:
+            monkeypatch.setattr(M, "_squeeze_background", lambda *a: None, raising=False)
+        for name, fn in (("PSDS1", M.psds1), ("PSDS2", M.psds2)):
+            seen.clear()
+            ours = fn(scores, gt, dur)
+            ref = refs[name]
+            assert 0.0 < max(ours.per_class.values()) < 1.0 and 0.0 <= ours.value < 1.0  # not trivial
+            assert ours.value == ref[0] and ours.per_class == {k: float(v) for k, v in ref[1].items()}, (name, squeeze)
+            np.testing.assert_array_equal(ours.etpr, ref[2][0])
+            np.testing.assert_array_equal(ours.efpr, ref[2][1])
+            # sed_scores_eval's own path: one (~3000 thresholds, ~1000 detections) array per class
+            assert seen and max(seen) <= 100_000, (name, squeeze, len(seen), max(seen))
+            if not squeeze:
+                assert len(seen) > 2, (name, seen)  # the threshold blocks
+
+
+def test_collar_statistics_on_a_long_file_are_exact_in_bounded_memory(monkeypatch):
+    """The same for the collar-based statistics that calibration searches thresholds on: equal to
+    sed_scores_eval's own, and the arrays its statistics see stay small."""
+    _sse()
+    from sed_scores_eval.base_modules.statistics import accumulated_intermediate_statistics_from_deltas
+    from sed_scores_eval.collar_based import intermediate_statistics as cb
+
+    scores, gt, _ = _long_sed_file(3000)
+    collars = dict(onset_collar=0.2, offset_collar=0.2, offset_collar_rate=0.2)
+    ref = accumulated_intermediate_statistics_from_deltas(cb.intermediate_statistics_deltas(scores, gt, **collars))
+    seen: list[int] = []
+    original = cb.statistics_fn
+
+    def recording(**kw):
+        seen.append(kw["detection_onset_times"].size)
+        return original(**kw)
+
+    monkeypatch.setattr(cb, "statistics_fn", recording)
+    ours = accumulated_intermediate_statistics_from_deltas(M.collar_deltas(scores, gt, **collars))
+    for c in ("a", "b"):
+        np.testing.assert_array_equal(ours[c][0], ref[c][0])
+        for k in ("tps", "fps"):
+            np.testing.assert_array_equal(ours[c][1][k], ref[c][1][k])
+        assert ref[c][1]["tps"].max() >= 1 and len(ref[c][0]) > 1000  # events found; thousands of thresholds
+    assert seen and max(seen) <= 100_000, (len(seen), max(seen))
+    # collar F1 at a threshold on raw scores (as grounding reports it) goes the same way
+    monkeypatch.setattr(cb, "statistics_fn", original)
+    f_ref = _sse().collar_based.fscore(scores=scores, ground_truth=gt, threshold=0.5, **collars)
+    monkeypatch.setattr(cb, "statistics_fn", recording)
+    seen.clear()
+    f1 = M.collar_f1(scores, gt, threshold=0.5)
+    assert 0.0 < f1["event_F1_micro"] < 1.0
+    assert f1["event_F1_micro"] == f_ref[0]["micro_average"] and f1["event_F1_macro"] == f_ref[0]["macro_average"]
+    assert seen and max(seen) <= 100_000, (len(seen), max(seen))
+
+
 def test_dcase_parameter_constants():
     # DESIGN.md "Metric protocols" (cttc is not exercised by the data above, so pin it here)
     assert M.PSDS1_PARAMS == dict(dtc=0.7, gtc=0.7, cttc=None, alpha_ct=0.0, alpha_st=1.0, max_efpr=100.0)

@@ -67,6 +67,17 @@ def test_empty_detections_say_so_with_the_peak():
         assert texts == ["no detection above 0.5 for rain (peak 0.3)"]  # not for dog, which has one
     finally:
         fig.clf()
+    # each query's own threshold, rounded to 3 decimals, and what it is (a class's own or the global one)
+    fig = P.timeline_figure(_wave(), _scores(), Timeline(25.0), ["dog", "rain"], sample_rate=SR, threshold=[0.954321, 0.285422],
+                            threshold_kinds=["per-class", "global"], detections=[[], []])  # fmt: skip
+    try:
+        (text,) = [t.get_text() for t in fig.axes[1].texts]
+        assert text.startswith("no detection above 0.954 (per-class threshold) for dog (peak ")
+        assert "\nno detection above 0.285 (global threshold) for rain (peak 0.3)" in text
+        assert _legend_handle(fig, "per-class threshold 0.954 (dog)") is not None
+        assert _legend_handle(fig, "global threshold 0.285 (rain)") is not None
+    finally:
+        fig.clf()
 
 
 def test_reference_overlay_spans_the_right_seconds_and_marks_false_positive_queries():

@@ -143,6 +143,35 @@ def test_sed_report_writes_scores_detections_and_timelines(tmp_path):
         np.testing.assert_allclose(back_df.to_numpy(dtype=float), df.to_numpy(dtype=float), rtol=0, atol=1e-12)
 
 
+def test_example_timelines_read_a_long_file_window_by_window(tmp_path, monkeypatch):
+    """The report's timeline of a 10-min file computes its spectrogram from spans of the file: the
+    whole file is never decoded at once (a 30-min file took ~1 GB that way)."""
+    import finelap.audio
+    import finelap.streaming
+    from finelap.eval.report import _plot_examples
+
+    path = tmp_path / "long.wav"
+    with sf.SoundFile(path, "w", 8000, 1, subtype="PCM_16") as f:
+        for _ in range(10):
+            f.write(np.zeros(8000 * 60, np.int16))
+    spans: list[float | None] = []
+
+    def recording(original):
+        def load(p, sr, *a, **kw):
+            spans.append(kw.get("duration_s"))
+            return original(p, sr, *a, **kw)
+        return load
+
+    for mod in (finelap.audio, finelap.streaming):
+        monkeypatch.setattr(mod, "load_audio", recording(mod.load_audio))
+    n = 600 * 25
+    ex = {"audio": str(path), "scores": np.zeros((n, 1), np.float32), "timeline": Timeline(25.0), "queries": ["dog"],
+          "duration_s": 600.0, "detections": [[]], "ground_truth": [[(1.0, 2.0)]], "threshold": [0.5]}  # fmt: skip
+    out = _plot_examples([ex], tmp_path / "rep", 16000)
+    _assert_png(out["timeline_0"])
+    assert spans and all(d is not None and d <= 120 for d in spans), spans
+
+
 def test_grounding_report_and_missing_example_audio(tmp_path):
     item = GroundingItem(audio=_tone(tmp_path / "g.wav"), caption="a beep", duration=2.0,
                          phrases=[GroundingPhrase("a beep", [(0.7, 2.0)]), GroundingPhrase("a cat", [])])  # fmt: skip

@@ -54,7 +54,7 @@ import torch.nn.functional as F
 
 from .audio import AUDIO_EXTENSIONS, LogMel, MelConfig, Timeline, audio_duration, load_audio, resample, to_float32
 from .errors import AudioError, ConfigError, FinelapError
-from .scoring import DetectionSettings, FrameScores, make_prompts, resolve_detection_settings, suggest_threshold
+from .scoring import DetectionSettings, FrameScores, fmt_threshold, make_prompts, resolve_detection_settings, suggest_threshold
 from .utils import log
 
 __all__ = ["Pipeline", "FrameScores", "FrameEmbeddings", "AudioInput", "parse_labels", "find_audio_files", "display_mel_stream"]
@@ -889,7 +889,7 @@ class Pipeline:
             if new:
                 said.update(new)
                 n = len((st.calibration or {}).get("classes") or [])
-                log(f"not among the {n} calibrated classes, so using the global threshold {st.global_threshold:.3g}: "
+                log(f"not among the {n} calibrated classes, so using the global threshold {fmt_threshold(st.global_threshold)}: "
                     + ", ".join(repr(q) for q in new[:8]) + (f" and {len(new) - 8} more" if len(new) > 8 else ""))  # fmt: skip
         return st
 
@@ -919,9 +919,12 @@ class Pipeline:
         return st.postprocess.segments(scores)
 
     @staticmethod
-    def _say_nothing_found(peak: float, where: str, threshold: float) -> None:
-        log(f"no detection above the threshold {threshold:.3g}; the highest probability was {peak:.3g} ({where}): "
-            f"pass threshold={suggest_threshold(peak):g} (or calibrate the checkpoint: `finelap calibrate`)")
+    def _say_nothing_found(peak: float, where: str, settings: DetectionSettings, query: str) -> None:
+        """One line when nothing was detected: the peak (`where`: its query, file and time) and the
+        threshold that was used for that query (its own or the global one, rounded)."""
+        log(f"no detection above the threshold; the highest probability was {peak:.3g} ({where}), under the "
+            f"threshold {settings.threshold_note(query)} used for {query!r}: pass threshold={suggest_threshold(peak):g} "
+            "(or calibrate the checkpoint: `finelap calibrate`)")
 
     def detect(
         self,
@@ -950,16 +953,16 @@ class Pipeline:
         cal = self._use_calibration(calibrated)
         text = self._text(prompts)  # once for all files
         results: list[list[dict[str, Any]]] = []
-        best = (-1.0, "")
+        best = (-1.0, "", labels[0])
         for i, item in enumerate(items):
             src = self._open(item, sample_rate, i, channel_axis)
             fs = self._frame_scores(src, labels, text, cal)
             p, j, k = fs.peak()
             if p > best[0]:
-                best = (p, f"{labels[k]!r} in {src.name} at {fs.times[j]:.2f} s")
+                best = (p, f"{labels[k]!r} in {src.name} at {fs.times[j]:.2f} s", labels[k])
             results.append([_event(on, off, conf, lab) for on, off, lab, conf in st.postprocess.segments(fs)])
         if not any(results):
-            self._say_nothing_found(best[0], best[1], st.global_threshold)
+            self._say_nothing_found(best[0], best[1], st, best[2])
         return results if is_batch else results[0]
 
     def ground(
@@ -987,7 +990,7 @@ class Pipeline:
         segs = st.postprocess.segments(fs)
         if not segs:
             p, j, _ = fs.peak()
-            self._say_nothing_found(p, f"at {fs.times[j]:.2f} s", st.global_threshold)
+            self._say_nothing_found(p, f"at {fs.times[j]:.2f} s", st, text.strip())
         return [_event(on, off, c, lab) for on, off, lab, c in segs]
 
     # ------------------------------------------------------------------ evaluators
@@ -1097,11 +1100,14 @@ class Pipeline:
         reference: Sequence[Sequence[tuple[float, float]]] | None = None,
         log_scale: bool = False,
         channel_axis: int | None = None,
+        threshold_kinds: str | Sequence[str] | None = None,
     ) -> Path:
         """PNG: spectrogram with one probability curve per query, the threshold, the detected
         spans shaded (`segments`: one list of (onset, offset) per query) and, when given, the
         reference events (`reference`: one list per query) in a lane below. `log_scale`: a log
-        probability axis. Long audio is read window by window. See `eval.plots.plot_timeline`."""
+        probability axis. `threshold`: one value, or one per query (as `detection_settings(...)
+        .threshold_for` gives them, with their `threshold_kinds`: "per-class", "global", ...).
+        Long audio is read window by window. See `eval.plots.plot_timeline`."""
         from .eval.plots import plot_timeline
 
         src = self._open(audio, sample_rate, channel_axis=channel_axis)
@@ -1111,4 +1117,5 @@ class Pipeline:
             audio_timeline=mel_tl, sample_rate=self.sample_rate, mel_config=mel_cfg,
             detections=segments, ground_truth=reference, threshold=threshold, duration_s=scores.duration_s,
             title=title or f"{Path(scores.name).name}: frame probabilities", log_scale=log_scale,
+            threshold_kinds=threshold_kinds,
         )  # fmt: skip

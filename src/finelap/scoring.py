@@ -243,6 +243,23 @@ class DetectionSettings:
         thr = self.postprocess.threshold
         return float(thr.get("*", min(thr.values()))) if isinstance(thr, Mapping) else float(thr)
 
+    def threshold_for(self, query: str) -> tuple[float, str]:
+        """The threshold detection uses for `query` and what it is: "per-class" (the class's own
+        calibrated threshold), "global" (the calibrated global one: the query has none of its own),
+        "given" (passed by the caller, for every query) or "default" (the checkpoint's eval default:
+        it was never calibrated)."""
+        thr = self.postprocess.threshold
+        if isinstance(thr, Mapping) and query in thr and query != "*":
+            return float(thr[query]), "per-class"
+        if any(o.startswith("threshold=") for o in self.overridden):
+            return self.global_threshold, "given"
+        return self.global_threshold, "global" if self.source == "calibration" else "default"
+
+    def threshold_note(self, query: str) -> str:
+        """The threshold used for `query`, rounded, and what it is: "0.312 (per-class threshold)"."""
+        value, kind = self.threshold_for(query)
+        return f"{fmt_threshold(value)} ({kind} threshold)"
+
     def describe(self) -> str:
         """One line: which settings and where from."""
         pp = self.postprocess
@@ -271,6 +288,15 @@ def _scalar(v: PerClass) -> float:
     if isinstance(v, Mapping):
         return float(v.get("*", next(iter(v.values()), 0.0)))
     return float(v)
+
+
+def fmt_threshold(value: float) -> str:
+    """A threshold as people read it: 3 decimals, no trailing zeros (0.285422 -> "0.285",
+    0.5 -> "0.5"); one significant digit below 0.0005 rather than a misleading 0."""
+    v = float(value)
+    if 0 < abs(v) < 0.0005:
+        return f"{v:.1g}"
+    return f"{round(v, 3):g}"
 
 
 def suggest_threshold(peak: float) -> float:

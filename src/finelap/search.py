@@ -47,7 +47,7 @@ from typing import Any, Iterable, Iterator, Literal, Protocol, Sequence, runtime
 import numpy as np
 
 from .audio import AUDIO_EXTENSIONS, Timeline
-from .errors import CheckpointError, DataFormatError, FinelapError
+from .errors import AudioError, CheckpointError, DataFormatError, FinelapError
 from .utils import atomic_path, log, progress, write_json_atomic
 
 __all__ = [
@@ -198,6 +198,20 @@ class Hit:
             "span_score": self.span_score,
             "duration": self.duration_s,
         }
+
+
+def _unreadable_reason(path: Path, err: OSError) -> str:
+    """Why a file could not be read, in the words the audio loader uses for it (a broken link, a
+    missing file, ...), else the OS error."""
+    from .audio import _check_readable
+
+    try:
+        _check_readable(path)
+    except AudioError as e:
+        return e.problem
+    except OSError:
+        pass
+    return f"cannot read file ({err.strerror or err})"
 
 
 @dataclass
@@ -1009,7 +1023,7 @@ class _Builder:
                 else:
                     h = file_hash(p)
             except OSError as e:
-                self._fail(rel, f"cannot read file ({e.strerror or e})")
+                self._fail(rel, _unreadable_reason(p, e))
                 continue
             self.files.append((rel, p, size, mtime))
             self.hashes[rel] = h

@@ -66,9 +66,11 @@ def run(args: argparse.Namespace) -> int:
     template = pipe.prompt_template if args.template is None else args.template
     post = post_kwargs(args)
     pipe.resolve_postprocessing(**post)  # validate before any audio is decoded
+    used = pipe.detection_settings(labels, **post, announce=False)  # each label's own threshold, or the global one
+    thresholds = [used.threshold_for(lab) for lab in labels]
     multiple = len(args.audio) > 1  # output names do not change when some inputs fail
     rows = []
-    peak = (-1.0, "")  # the highest probability seen, to say what to change when nothing is found
+    peak = (-1.0, "", labels[0])  # the highest probability seen, to say what to change when nothing is found
     n_done = 0
     for f in files:
         try:
@@ -79,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
         n_done += 1
         p, j, k = fs.peak()
         if p > peak[0]:
-            peak = (p, f"{labels[k]!r} in {f.name} at {fs.times[j]:.2f} s")
+            peak = (p, f"{labels[k]!r} in {f.name} at {fs.times[j]:.2f} s", labels[k])
         segs = pipe.segments_from_scores(fs, **post)
         rows += [{"filename": f.name, "onset": round(on, 3), "offset": round(off, 3), "score": c, "label": lab}
                  for on, off, lab, c in segs]  # fmt: skip
@@ -90,9 +92,8 @@ def run(args: argparse.Namespace) -> int:
                 fs.to_dataframe(labels).to_csv(tmp, sep="\t", index=False)
         if args.plot:
             per_label = [[(on, off) for on, off, lab, _ in segs if lab == name] for name in labels]
-            thr = pipe.resolve_postprocessing(**post)[0]
-            png = pipe.plot(str(f), fs, per_file_path(args.plot, f, multiple, ".png"), segments=per_label, threshold=thr,
-                            title=f"{f.name}: detection (template {template!r})", log_scale=args.log_scale,
+            png = pipe.plot(str(f), fs, per_file_path(args.plot, f, multiple, ".png"), segments=per_label,
+                            threshold=[v for v, _ in thresholds], threshold_kinds=[k for _, k in thresholds], title=f"{f.name}: detection (template {template!r})", log_scale=args.log_scale,
                             reference=reference_segments(reference, f, labels, args.reference))  # fmt: skip
             log(f"plot: {png}")
     if args.out:
@@ -113,8 +114,9 @@ def run(args: argparse.Namespace) -> int:
         elif n_done:  # (none done: exit 2 below, the skipped files are listed)
             from ..scoring import suggest_threshold
 
-            print(f"no events above threshold {pipe.resolve_postprocessing(**post)[0]:g} in {n_done} file(s); "
-                  f"the highest probability was {fmt_prob(peak[0])} ({peak[1]}): try --threshold {suggest_threshold(peak[0]):g}")  # fmt: skip
+            print(f"no events above the threshold in {n_done} file(s); the highest probability was {fmt_prob(peak[0])} "
+                  f"({peak[1]}), under the threshold {used.threshold_note(peak[2])} used for {peak[2]!r}: "
+                  f"try --threshold {suggest_threshold(peak[0]):g}")  # fmt: skip
     if args.scores_out and n_done:
         log(f"scores: {args.scores_out}")
     return failures.exit_status(n_done)

@@ -36,6 +36,7 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
 
     from ..errors import FinelapError
+    from ..scoring import fmt_threshold
     from ..utils import log
     from ._pipeline import calibrated, check_audio_files, check_post_arguments, fmt_prob, fmt_table, load_pipeline, post_kwargs, read_reference, reference_segments
 
@@ -51,18 +52,24 @@ def run(args: argparse.Namespace) -> int:
     fs = pipe.frame_scores(str(path), texts, calibrated=calibrated(args), template=args.template)
     segs = pipe.segments_from_scores(fs, **post)
     per_text = [[(on, off, c) for on, off, lab, c in segs if lab == t] for t in texts]
+    used = pipe.detection_settings(texts, **post, announce=False)  # each query's own threshold, or the global one
+    thresholds = [used.threshold_for(t) for t in texts]
     if args.plot:
-        png = pipe.plot(str(path), fs, args.plot, segments=[[(a, b) for a, b, _ in s] for s in per_text], threshold=thr,
+        png = pipe.plot(str(path), fs, args.plot, segments=[[(a, b) for a, b, _ in s] for s in per_text],
+                        threshold=[v for v, _ in thresholds], threshold_kinds=[k for _, k in thresholds],
                         title=f"{path.name}: grounding", log_scale=args.log_scale,
                         reference=reference_segments(reference, path, texts, args.reference))  # fmt: skip
         log(f"plot: {png}")
     if args.json:
-        out = [{"text": t, "segments": [{"onset": round(a, 3), "offset": round(b, 3), "score": c, "label": t} for a, b, c in s]}
-               for t, s in zip(texts, per_text)]  # fmt: skip
+        out = [{"text": t, "threshold": v, "threshold_kind": kind,
+                "segments": [{"onset": round(a, 3), "offset": round(b, 3), "score": c, "label": t} for a, b, c in s]}
+               for t, s, (v, kind) in zip(texts, per_text, thresholds)]  # fmt: skip
         print(json.dumps({"file": str(path), "duration": round(fs.duration_s, 3), "threshold": thr,
                           "calibrated": fs.calibrated, "queries": out}, indent=2))  # fmt: skip
         return 0
-    print(f"{path} ({fs.duration_s:.2f} s), threshold {thr:g}")
+    kinds = {kind for _, kind in thresholds}
+    print(f"{path} ({fs.duration_s:.2f} s), threshold {fmt_threshold(thr)}"
+          + (" (global; some queries have their own)" if "per-class" in kinds else ""))  # fmt: skip
     for k, (t, s) in enumerate(zip(texts, per_text)):
         print(f"\n\"{t}\"")
         if s:
@@ -72,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
             from ..scoring import suggest_threshold
 
             top = float(fs.scores[j, k])
-            print(f"  no segment above the threshold {thr:g} (highest probability {fmt_prob(top)} at {fs.times[j]:.2f} s): "
+            print(f"  no segment above the threshold {used.threshold_note(t)} (highest probability {fmt_prob(top)} "
+                  f"at {fs.times[j]:.2f} s): "
                   f"try --threshold {suggest_threshold(top):g}")  # fmt: skip
     return 0

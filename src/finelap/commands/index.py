@@ -11,6 +11,10 @@ anything: the folder, the checkpoint (and EMA choice), frames and storage type a
 index records. Either way only new or changed files are embedded and deleted ones are dropped;
 unreadable files are skipped, listed in the index and retried next time. A different checkpoint
 needs --rebuild (every file is re-embedded). `info` prints what an index holds (JSON).
+
+As in the other multi-file commands, each file that fails is named on stderr with its reason
+(`finelap index: skipped FILE: problem`) and the exit status says how it went: 0 every file is
+indexed, 1 some failed (the index holds the others), 2 a user error or no file could be indexed.
 """
 from __future__ import annotations
 
@@ -50,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import ConfigError, FinelapError
     from ..search import META_FILE, Index
     from ..utils import log
+    from ._failures import FileFailures
     from ._pipeline import load_pipeline
 
     if args.action == "info":
@@ -87,6 +92,12 @@ def run(args: argparse.Namespace) -> int:
     pipe = load_pipeline(args)
     idx = Index.build(root, pipe, out, with_frames=with_frames, batch_size=args.batch_size,
                       rebuild=args.rebuild, rehash=args.rehash, clip_dtype=clip_dtype)  # fmt: skip
-    log(idx.report.summary())
-    print(json.dumps({"index": str(out), **idx.report.counts(), "failed": idx.report.failed}, indent=2, default=str))
-    return 0
+    report = idx.report
+    log(report.summary())
+    print(json.dumps({"index": str(out), **report.counts(), "failed": report.failed}, indent=2, default=str))
+    # the rule of the other multi-file commands: each failed file named with its reason, the others
+    # indexed; exit 1 when some failed, 2 when the index holds none
+    failures = FileFailures("index", n_inputs=report.total + len(report.failed))
+    for f in report.failed:
+        failures.add(Path(root) / f["path"], f["error"])
+    return failures.exit_status(n_done=report.total)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Hashable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Hashable, Mapping, Sequence
 
 import numpy as np
 
@@ -523,6 +523,282 @@ class PSDSResult:
         }
 
 
+#: Doubles per block of (decision thresholds x frames / 2) that sed_scores_eval's
+#: `onset_offset_curves` allocates at once in `intersection_deltas` (x2 arrays, 8 bytes: 64 MB).
+INTERSECTION_BLOCK = 4_000_000
+
+
+def _drop_unmatchable(
+    onsets: np.ndarray, offsets: np.ndarray, gt_onsets: np.ndarray, gt_offsets: np.ndarray,
+    too_short: Callable[[np.ndarray], np.ndarray] | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+    """Drop the detections that no reference event can count, whatever the statistics.
+
+    onsets, offsets: (B, M) detections per decision threshold (inactive: onset == offset);
+    gt_onsets, gt_offsets: sorted (G,) spans of the reference events that the statistics look at
+    (intersection-based: the target class's events, and the other classes' when cross triggers
+    count; collar-based: the target class's events widened by their collars). A detection that
+    overlaps none of them can only be a false positive, except those that `too_short(lengths)`
+    marks (intersection-based: dtc/cttc * length rounds to 0, so they pass with no overlap):
+    those are kept. Returns the compacted (B, M') onsets and offsets (padding inactive, 0.0) and
+    the number of dropped active detections per row (B,), which are false positives.
+    """
+    active = offsets > onsets
+    droppable = active.copy()
+    if too_short is not None:
+        droppable &= ~too_short(offsets - onsets)
+    if len(gt_onsets):
+        # spans overlapping [on, off): #(g_on < off) - #(g_off <= on) (each g_on < g_off)
+        n_overlap = np.searchsorted(gt_onsets, offsets, side="left") - np.searchsorted(gt_offsets, onsets, side="right")
+        droppable &= n_overlap <= 0
+    keep = active & ~droppable
+    rows, cols = np.nonzero(keep)
+    slot = (np.cumsum(keep, axis=1) - 1)[rows, cols]  # kept ones first, in their order
+    m = max(1, int(slot.max(initial=-1)) + 1)
+    on = np.zeros((len(onsets), m))
+    off = np.zeros((len(onsets), m))
+    on[rows, slot] = onsets[rows, cols]
+    off[rows, slot] = offsets[rows, cols]
+    return on, off, droppable.sum(axis=1)
+
+
+def _squeeze_background(
+    scores: np.ndarray, timestamps: np.ndarray, gt_onsets: np.ndarray, gt_offsets: np.ndarray
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """The score sequence with the stretches between reference events ("gaps") reduced to what
+    the detections that reach an event's frames see of them; None when there is no gap.
+
+    A frame is kept as it is when it overlaps a reference event (sorted `gt_onsets`,
+    `gt_offsets`) or is shorter than 1 ms. In a gap [a, b) between kept frames, a detection
+    coming from the left at threshold t covers the frames x with min(s[a..x]) >= t, one from the
+    right those with min(s[x..b-1]) >= t; so the gap becomes max(running min from the left,
+    running min from the right) (just one of them at the file's ends), whose frames above t are
+    exactly those covered by event-reaching detections, and equal neighbours are merged (they
+    never separate two detections). Detections that stay inside a gap disappear: the caller
+    counts them in closed form. Returns (scores (T',), timestamps (T' + 1,)).
+    """
+    starts, ends = timestamps[:-1], timestamps[1:]
+    n_overlap = np.searchsorted(gt_onsets, ends, side="left") - np.searchsorted(gt_offsets, starts, side="right")
+    kept = (n_overlap > 0) | (ends - starts < 1e-3)
+    if kept.all() or not kept.any():
+        return None
+    vals = scores.copy()
+    own = np.ones(len(scores), dtype=bool)  # frames that start a segment of the squeezed sequence
+    gap = np.flatnonzero(~kept)
+    cut = np.flatnonzero(np.diff(gap) > 1)
+    for a, b in zip(np.r_[gap[0], gap[cut + 1]], np.r_[gap[cut], gap[-1]] + 1):
+        seg = scores[a:b]
+        from_left = np.minimum.accumulate(seg)
+        from_right = np.minimum.accumulate(seg[::-1])[::-1]
+        g = from_left if b == len(scores) else from_right if a == 0 else np.maximum(from_left, from_right)
+        vals[a:b] = g
+        own[a + 1 : b] = g[1:] != g[:-1]
+    return vals[own], np.r_[starts[own], timestamps[-1]]
+
+
+def _deltas_in_blocks(
+    scores: np.ndarray, timestamps: np.ndarray, gt_onsets: np.ndarray, gt_offsets: np.ndarray,
+    statistics_fn: Callable[..., dict[str, Any]], kw: Mapping[str, Any], candidates: np.ndarray,
+    too_short: Callable[[np.ndarray], np.ndarray] | None,
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:  # fmt: skip
+    """sed_scores_eval's change points and deltas of one file and class at the decision
+    thresholds `candidates` (sorted, unique), with its `statistics_fn` (kw: the events and the
+    criteria). The detections at a threshold t are those at the smallest score of the sequence
+    >= t, so the statistics are computed at the sequence's own scores (and once with no
+    detection, for thresholds above all of them) and read off for each candidate; in blocks of
+    `INTERSECTION_BLOCK` / (T/2) thresholds, without the detections that cannot count
+    (`_drop_unmatchable`)."""
+    from sed_scores_eval.base_modules.cy_detection import onset_offset_curves
+    from sed_scores_eval.base_modules.statistics import _deltas_from_intermediate_statistics
+
+    n_events = max(1, len(gt_onsets))
+    own = np.unique(scores)
+    step = max(1, INTERSECTION_BLOCK // max(1, (len(scores) + 1) // 2))
+    blocks: list[dict[str, Any]] = []
+    for lo in range(0, len(own), step):
+        _, on, off = onset_offset_curves(scores, timestamps, own[lo : lo + step])
+        on, off, n_dropped = _drop_unmatchable(on, off, gt_onsets, gt_offsets, too_short)
+        # statistics_fn builds (thresholds, detections, events) arrays: as many thresholds at a time as fit
+        rows = max(1, INTERSECTION_BLOCK // 4 // (on.shape[1] * n_events))
+        for r in range(0, len(on), rows):
+            st = statistics_fn(detection_onset_times=on[r : r + rows], detection_offset_times=off[r : r + rows], **kw)
+            st["fps"] = st["fps"] + n_dropped[r : r + rows]
+            blocks.append(st)
+    none = np.zeros((1, 1))  # no detection (an inactive one: onset == offset)
+    blocks.append(statistics_fn(detection_onset_times=none, detection_offset_times=none, **kw))
+    at = np.searchsorted(own, candidates, side="left")  # len(own): above every score, the no-detection row
+    stats: dict[str, Any] = {}
+    for k, v in blocks[0].items():
+        if isinstance(v, dict):
+            stats[k] = {c: np.concatenate([b[k][c] for b in blocks])[at] for c in v}
+        else:
+            stats[k] = np.concatenate([b[k] for b in blocks])[at]
+    return _deltas_from_intermediate_statistics(candidates, stats)
+
+
+def _squeezed_deltas(
+    scores: np.ndarray, timestamps: np.ndarray, gt_onsets: np.ndarray, gt_offsets: np.ndarray,
+    statistics_fn: Callable[..., dict[str, Any]], kw: Mapping[str, Any],
+    too_short: Callable[[np.ndarray], np.ndarray] | None,
+) -> tuple[None, np.ndarray, dict[str, np.ndarray]]:  # fmt: skip
+    """The acceleration_fn answer (None, change points, deltas) of one file and class: the
+    stretches away from the spans `gt_onsets`/`gt_offsets` (sorted) that the statistics look at
+    are squeezed (`_squeeze_background`): the detections that reach a span keep their exact
+    extent; the ones that stay between spans are false positives whatever the threshold, counted
+    in closed form with sed_scores_eval's `onset_deltas` (detections in the file minus those
+    left). The rest goes through `_deltas_in_blocks`."""
+    from sed_scores_eval.base_modules.detection import onset_deltas
+
+    scores = np.asarray(scores, dtype=np.float64)
+    timestamps = np.asarray(timestamps, dtype=np.float64)
+    # every distinct score of the file stays a threshold, as in sed_scores_eval (squeezing drops some
+    # scores, but the statistics at them can differ: e.g. an event shorter than 1 us counts as found
+    # at every threshold evaluated)
+    candidates = np.unique(scores)
+    squeezed = _squeeze_background(scores, timestamps, gt_onsets, gt_offsets) if len(gt_onsets) else None
+    if squeezed is None:
+        return None, *_deltas_in_blocks(scores, timestamps, gt_onsets, gt_offsets, statistics_fn, kw, candidates, too_short)
+    sq_scores, sq_times = squeezed
+    cp, deltas = _deltas_in_blocks(sq_scores, sq_times, gt_onsets, gt_offsets, statistics_fn, kw, candidates, too_short)
+    # the detections between spans: those of the file minus those left after squeezing, each a false positive
+    d_all, d_left = onset_deltas(scores), onset_deltas(sq_scores)
+    m_all, m_left = d_all != 0, d_left != 0
+    keys = list(deltas)
+    points = np.concatenate([cp, scores[m_all], sq_scores[m_left]])
+    rows = np.zeros((len(points), len(keys)), dtype=np.result_type(d_all.dtype, *(deltas[k].dtype for k in keys)))
+    for i, k in enumerate(keys):
+        rows[: len(cp), i] = deltas[k]
+    rows[len(cp) :, keys.index("fps")] = np.concatenate([d_all[m_all], -d_left[m_left]])
+    unique, inverse = np.unique(points, return_inverse=True)
+    summed = np.zeros((len(unique), len(keys)), dtype=rows.dtype)
+    np.add.at(summed, inverse, rows)
+    changed = np.abs(summed).sum(axis=1) > 0  # as sed_scores_eval: only scores where a statistic changes
+    return None, unique[changed], {k: summed[changed, i] for i, k in enumerate(keys)}
+
+
+def _blocked_intersection_deltas(
+    scores: np.ndarray, timestamps: np.ndarray, target_onset_times: np.ndarray, target_offset_times: np.ndarray,
+    other_onset_times: Mapping[str, np.ndarray], other_offset_times: Mapping[str, np.ndarray],
+    dtc_threshold: float, gtc_threshold: float, cttc_threshold: float | None, time_decimals: int = 6,
+) -> tuple[None, np.ndarray, dict[str, np.ndarray]]:  # fmt: skip
+    """sed_scores_eval `acceleration_fn` for intersection-based statistics of one file and class:
+    the same change points and deltas as its own path, in memory and time that follow the
+    frames near reference events rather than the square of the file's length.
+
+    Its own path evaluates every distinct score of the file as a threshold at once: (U, T/2)
+    onset/offset arrays and (U, M, G) intersections (U distinct scores, M detections, G events),
+    tens of GB for a 30-min file of 40-ms frames. Here
+    1. the stretches between the events that the statistics look at (the target class's, and
+       the other classes' when cross triggers count) are squeezed (`_squeeze_background`): the
+       detections that reach an event keep their exact extent, the ones that stay between
+       events are false positives whatever the threshold, counted in closed form with
+       sed_scores_eval's `onset_deltas` (detections in the file minus those left);
+    2. the thresholds go in blocks, and detections that overlap no event are counted as false
+       positives outside the (U, M, G) products (`_drop_unmatchable`).
+    The statistics per threshold are sed_scores_eval's own `statistics_fn`, so they are identical.
+    """
+    from sed_scores_eval.intersection_based import intermediate_statistics as ib
+
+    kw = dict(dtc_threshold=dtc_threshold, gtc_threshold=gtc_threshold, cttc_threshold=cttc_threshold,
+              time_decimals=time_decimals)  # fmt: skip
+    shortcut = ib.acceleration_fn(scores=scores, timestamps=timestamps, target_onset_times=target_onset_times,
+                                  target_offset_times=target_offset_times, other_onset_times=other_onset_times,
+                                  other_offset_times=other_offset_times, **kw)  # fmt: skip
+    if shortcut[1] is not None:  # no event that could match: sed_scores_eval's closed form
+        return shortcut
+    g_on = [np.asarray(target_onset_times, dtype=np.float64)]
+    g_off = [np.asarray(target_offset_times, dtype=np.float64)]
+    if cttc_threshold is not None:
+        g_on += [np.asarray(v, dtype=np.float64) for v in other_onset_times.values()]
+        g_off += [np.asarray(v, dtype=np.float64) for v in other_offset_times.values()]
+
+    def too_short(length: np.ndarray) -> np.ndarray:  # relevant / a cross trigger with no overlap at all
+        short = np.round(dtc_threshold * length, decimals=time_decimals) <= 0
+        if cttc_threshold is not None:
+            short |= np.round(cttc_threshold * length, decimals=time_decimals) <= 0
+        return short
+
+    events = dict(target_onset_times=target_onset_times, target_offset_times=target_offset_times,
+                  other_onset_times=other_onset_times, other_offset_times=other_offset_times)  # fmt: skip
+    return _squeezed_deltas(scores, timestamps, np.sort(np.concatenate(g_on)), np.sort(np.concatenate(g_off)),
+                            ib.statistics_fn, {**events, **kw}, too_short)  # fmt: skip
+
+
+def _blocked_collar_deltas(
+    scores: np.ndarray, timestamps: np.ndarray, target_onset_times: np.ndarray, target_offset_times: np.ndarray,
+    other_onset_times: Any, other_offset_times: Any, onset_collar: float, offset_collar: float,
+    offset_collar_rate: float = 0.0, return_onset_offset_dist_sum: bool = False, time_decimals: int = 6,
+) -> tuple[None, np.ndarray, dict[str, np.ndarray]]:  # fmt: skip
+    """sed_scores_eval `acceleration_fn` for collar-based statistics of one file and class, as
+    `_blocked_intersection_deltas` does for intersection-based ones: a detection can only hit a
+    target event when its onset is within the onset collar of the event's onset, so one that
+    overlaps none of the events widened by their collars (plus 1 ms for the rounding) is a false
+    positive; those are squeezed out or dropped, the rest is sed_scores_eval's `statistics_fn`."""
+    from sed_scores_eval.collar_based import intermediate_statistics as cb
+
+    kw = dict(onset_collar=onset_collar, offset_collar=offset_collar, offset_collar_rate=offset_collar_rate,
+              return_onset_offset_dist_sum=return_onset_offset_dist_sum, time_decimals=time_decimals)  # fmt: skip
+    events = dict(target_onset_times=target_onset_times, target_offset_times=target_offset_times,
+                  other_onset_times=other_onset_times, other_offset_times=other_offset_times)  # fmt: skip
+    shortcut = cb.acceleration_fn(scores=scores, timestamps=timestamps, **events, **kw)
+    if shortcut[1] is not None:  # no target event: sed_scores_eval's closed form
+        return shortcut
+    on = np.asarray(target_onset_times, dtype=np.float64)
+    off = np.asarray(target_offset_times, dtype=np.float64)
+    off_collar = np.maximum(offset_collar, offset_collar_rate * (off - on))
+    margin = 1e-3
+    return _squeezed_deltas(scores, timestamps, np.sort(on - onset_collar - margin), np.sort(off + off_collar + margin),
+                            cb.statistics_fn, {**events, **kw}, None)  # fmt: skip
+
+
+def collar_deltas(
+    scores: Mapping[Hashable, "pd.DataFrame"],
+    ground_truth: Mapping[Hashable, Sequence[tuple[float, float, str]]],
+    onset_collar: float,
+    offset_collar: float,
+    offset_collar_rate: float = 0.0,
+    time_decimals: int = 6,
+) -> dict:
+    """sed_scores_eval's collar-based intermediate-statistics deltas (to pass as ``deltas=`` to its
+    `collar_based.accumulated_intermediate_statistics`), in memory that does not grow with the
+    square of a file's length (`_blocked_collar_deltas`). Ground truth already cleaned."""
+    _sse()
+    from sed_scores_eval.base_modules.statistics import intermediate_statistics_deltas
+    from sed_scores_eval.collar_based.intermediate_statistics import statistics_fn
+
+    return intermediate_statistics_deltas(
+        dict(scores), dict(ground_truth), intermediate_statistics_fn=statistics_fn, acceleration_fn=_blocked_collar_deltas,
+        onset_collar=onset_collar, offset_collar=offset_collar, offset_collar_rate=offset_collar_rate,
+        return_onset_offset_dist_sum=False, time_decimals=time_decimals,
+    )  # fmt: skip
+
+
+def intersection_deltas(
+    scores: Mapping[Hashable, "pd.DataFrame"],
+    ground_truth: Mapping[Hashable, Sequence[tuple[float, float, str]]],
+    dtc: float,
+    gtc: float,
+    cttc: float | None = None,
+    time_decimals: int = 6,
+) -> dict:
+    """sed_scores_eval's intersection-based intermediate-statistics deltas ({file: {class:
+    (change-point scores, deltas)}}, to pass as ``deltas=`` to its `psds`/`psd_roc`), computed
+    in memory that does not grow with the square of a file's length (`_blocked_intersection_deltas`).
+    Inputs as sed_scores_eval takes them (ground truth already cleaned)."""
+    _sse()
+    from sed_scores_eval.base_modules.statistics import intermediate_statistics_deltas
+    from sed_scores_eval.intersection_based.intermediate_statistics import statistics_fn
+
+    deltas = intermediate_statistics_deltas(
+        dict(scores), dict(ground_truth), intermediate_statistics_fn=statistics_fn,
+        acceleration_fn=_blocked_intersection_deltas, dtc_threshold=dtc, gtc_threshold=gtc, cttc_threshold=cttc,
+        time_decimals=time_decimals,
+    )  # fmt: skip
+    # in the order of `scores`: given deltas, sed_scores_eval sums the durations in this order (without,
+    # in the durations' order), and the total duration must be bit-identical to its own path's
+    return {k: deltas[k] for k in scores}
+
+
 def psds(
     scores: Mapping[Hashable, "pd.DataFrame"],
     ground_truth: Mapping[Hashable, Sequence[tuple[float, float, str]]],
@@ -548,13 +824,15 @@ def psds(
     # is zero by definition; sed_scores_eval crashes on it (TypeError inside its statistics),
     # so drop the term explicitly. The reported params stay the ones asked for.
     one_class = len(classes) == 1
+    cttc_used = None if one_class else cttc
     value, per_class, (etpr, efpr), per_class_roc = sse.intersection_based.psds(
         scores=dict(scores),
         ground_truth=gt,
         audio_durations=dur,
+        deltas=intersection_deltas(scores, gt, dtc, gtc, cttc_used),  # bounded memory on long files
         dtc_threshold=dtc,
         gtc_threshold=gtc,
-        cttc_threshold=None if one_class else cttc,
+        cttc_threshold=cttc_used,
         alpha_ct=0.0 if one_class else alpha_ct,
         alpha_st=alpha_st,
         unit_of_time="hour",
@@ -633,6 +911,7 @@ def collar_f1(
     f, p, r, stats = sse.collar_based.fscore(
         scores=dict(scores),
         ground_truth=gt,
+        deltas=collar_deltas(scores, gt, onset_collar, offset_collar, offset_collar_rate),  # bounded memory on long files
         threshold=dict(threshold) if isinstance(threshold, Mapping) else float(threshold),
         onset_collar=onset_collar,
         offset_collar=offset_collar,
@@ -887,9 +1166,10 @@ def tag_grounding_metrics(
         raise ValueError("no query has a ground-truth segment")
     dur = {k: float(durations[k]) for k in keys}
     psds_out: dict[str, float | None] = {}
+    deltas = intersection_deltas(dfs, gt, proto["dtc_threshold"], proto["gtc_threshold"])  # the same for every max_efpr
     for m in proto["max_efprs"]:
         (etpr, efpr), _ = _psd_roc(
-            scores=dfs, ground_truth=gt, audio_durations=dur, dtc_threshold=proto["dtc_threshold"],
+            scores=dfs, ground_truth=gt, audio_durations=dur, deltas=deltas, dtc_threshold=proto["dtc_threshold"],
             gtc_threshold=proto["gtc_threshold"], cttc_threshold=None, alpha_ct=proto["alpha_ct"],
             alpha_st=proto["alpha_st"], unit_of_time="hour", max_efpr=m,
         )  # fmt: skip

@@ -18,6 +18,7 @@ import numpy as np
 
 from ..audio import LogMel, MelConfig, Timeline, _hz_to_mel_slaney, _mel_to_hz_slaney
 from ..errors import DataFormatError
+from ..scoring import fmt_threshold
 from ..utils import atomic_path
 
 __all__ = [
@@ -315,6 +316,7 @@ def timeline_figure(
     title: str = "",
     score_label: str = "probability",
     log_scale: bool = False,
+    threshold_kinds: str | Sequence[str] | None = None,
 ) -> Any:
     """The figure of `plot_timeline` (a matplotlib Figure, not closed: the caller saves or closes
     it). Axes: `fig.axes[0]` spectrogram, `[1]` scores, `[2]` the event lanes when drawn."""
@@ -336,6 +338,17 @@ def timeline_figure(
     end = max(end, float(edges[-1])) if duration_s is None else end
     cols = _colors(q)
     thr = None if threshold is None else np.broadcast_to(np.asarray(threshold, dtype=np.float64), (q,))
+    kinds = [None] * q if threshold_kinds is None else (
+        [threshold_kinds] * q if isinstance(threshold_kinds, str) else [str(k) for k in threshold_kinds])  # fmt: skip
+    if len(kinds) != q:
+        raise ValueError(f"threshold_kinds must hold one kind per query ({q}), got {len(kinds)}")
+
+    def thr_text(k: int) -> str:  # "0.312 (per-class threshold)": the value as used, 3 decimals
+        return fmt_threshold(thr[k]) + (f" ({kinds[k]} threshold)" if kinds[k] else "")
+
+    def thr_legend(k: int) -> str:  # "per-class threshold 0.312"
+        return (f"{kinds[k]} " if kinds[k] else "") + f"threshold {fmt_threshold(thr[k])}"
+
     # a query without any reference event in this file is a candidate false positive: say so
     def label(k: int) -> str:
         extra = " (no reference event)" if ground_truth is not None and not ground_truth[k] else ""
@@ -352,13 +365,13 @@ def timeline_figure(
                 ax_s.axvspan(on, off, color=cols[k], alpha=0.18, lw=0)
     extra = []
     if thr is not None:
-        if np.all(thr == thr[0]):  # one threshold: one black line, named with its value in the legend
+        if np.all(thr == thr[0]) and len(set(kinds)) == 1:  # one threshold: one black line, named with its value
             extra.append(ax_s.axhline(max(thr[0], floor) if log_scale else thr[0], color="black", ls="--", lw=1.0,
-                                      label=f"threshold {thr[0]:g}"))  # fmt: skip
+                                      label=thr_legend(0)))  # fmt: skip
         else:  # per-class thresholds: each in its query's colour, each named in the legend
             for k in range(q):
                 extra.append(ax_s.axhline(max(thr[k], floor) if log_scale else thr[k], color=cols[k], ls="--", lw=1.0,
-                                          label=f"threshold {thr[k]:g} ({_short(names[k], 20)})"))  # fmt: skip
+                                          label=f"{thr_legend(k)} ({_short(names[k], 20)})"))  # fmt: skip
     lo, hi = float(np.nanmin(s)) if s.size else 0.0, float(np.nanmax(s)) if s.size else 1.0
     if log_scale:
         ax_s.set_yscale("log")
@@ -376,8 +389,8 @@ def timeline_figure(
         # an empty plot must not look like a broken one: name what found nothing, and its peak
         empty = [k for k in range(q) if not detections[k]]
         if empty:
-            msg = "; ".join(f"no detection above {thr[k]:g} for {_short(names[k], 24)} (peak {np.nanmax(s[:, k]):.3g})"
-                            for k in empty[:4]) + ("; ..." if len(empty) > 4 else "")  # fmt: skip
+            msg = "\n".join(f"no detection above {thr_text(k)} for {_short(names[k], 24)} (peak {np.nanmax(s[:, k]):.3g})"
+                             for k in empty[:4]) + ("\n..." if len(empty) > 4 else "")  # one line each: fits the axes
             ax_s.text(0.01, 0.97, msg, transform=ax_s.transAxes, ha="left", va="top", fontsize=8,
                       bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "gray"})  # fmt: skip
     if detections is not None:
@@ -427,6 +440,7 @@ def plot_timeline(
     title: str = "",
     score_label: str = "probability",
     log_scale: bool = False,
+    threshold_kinds: str | Sequence[str] | None = None,
 ) -> Path:
     """Spectrogram on top, one score curve per query below, on one seconds axis; writes `path`.
 
@@ -439,14 +453,18 @@ def plot_timeline(
         solid above, detections hatched below). A query with no reference event in the file is
         named "(no reference event)" in the legend: its detections are false positives.
     threshold: decision threshold(s), dashed: one value -> one black line; one per query -> a
-        line in each query's colour; the legend gives the value. With detections, a query with
-        none says "no detection above t" (and its peak) on the plot.
+        line in each query's colour; the legend gives the value (3 decimals). With detections, a
+        query with none says "no detection above t" (and its peak) on the plot, t being that
+        query's own threshold.
+    threshold_kinds: what each threshold is ("per-class", "global", "given", "default"; one for
+        all or one per query, as `scoring.DetectionSettings.threshold_for` says), named next to
+        the value: "no detection above 0.312 (per-class threshold)".
     log_scale: probabilities on a log axis (small, badly calibrated scores become readable).
     """
     fig = timeline_figure(
         audio, scores, timeline, queries, audio_timeline=audio_timeline, sample_rate=sample_rate, mel_config=mel_config,
         detections=detections, ground_truth=ground_truth, threshold=threshold, duration_s=duration_s, title=title,
-        score_label=score_label, log_scale=log_scale,
+        score_label=score_label, log_scale=log_scale, threshold_kinds=threshold_kinds,
     )  # fmt: skip
     return _save(fig, path)
 

@@ -239,22 +239,25 @@ def _markdown(doc: Mapping[str, Any], figures: Mapping[str, Path], out_dir: Path
 
 
 def _plot_examples(examples: Sequence[Mapping[str, Any]], stem: Path, sample_rate: int) -> dict[str, Path]:
-    from ..audio import load_audio
     from ..errors import AudioError
+    from ..infer import _Source, display_mel_stream
+    from ..streaming import file_reader
     from .plots import plot_timeline
 
     out: dict[str, Path] = {}
     for i, ex in enumerate(examples):
-        try:
-            wave = load_audio(ex["audio"], sample_rate)
+        try:  # the spectrogram is computed window by window: a 30-min file is never decoded whole
+            read, n = file_reader(ex["audio"], sample_rate)
+            mel, mel_tl, mel_cfg = display_mel_stream(_Source(str(ex["audio"]), n, read), sample_rate)
         except AudioError as e:
             log(f"report: no timeline plot for {ex['audio']} ({e.problem})")
             continue
         p = Path(f"{stem}_timeline_{i}.png")
         plot_timeline(
-            wave, ex["scores"], ex["timeline"], ex["queries"], p, sample_rate=sample_rate,
+            mel, ex["scores"], ex["timeline"], ex["queries"], p, sample_rate=sample_rate, audio_timeline=mel_tl,
+            mel_config=mel_cfg,
             detections=ex.get("detections"), ground_truth=ex.get("ground_truth"), threshold=ex.get("threshold"),
-            duration_s=ex.get("duration_s"), title=ex.get("title", ""),
+            duration_s=ex.get("duration_s"), title=ex.get("title", ""), threshold_kinds=ex.get("threshold_kinds"),
         )  # fmt: skip
         out[f"timeline_{i}"] = p
     return out

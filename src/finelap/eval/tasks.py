@@ -575,6 +575,12 @@ def evaluate_sed(
     return result
 
 
+def _threshold_kind(pp: PostProcess, query: str) -> str:
+    """"per-class" when `query` has a threshold of its own in `pp`, else "global"."""
+    thr = pp.threshold
+    return "per-class" if isinstance(thr, Mapping) and query in thr and query != "*" else "global"
+
+
 def _sed_classes(clips: Sequence[Clip], classes: Sequence[str] | None) -> list[str]:
     if classes is not None:
         classes = _check_labels(classes, "classes")
@@ -647,6 +653,7 @@ def _score_sed_files(fns: Evaluatable, clips: Sequence[Clip], classes: Sequence[
                 "detections": [[(on, off) for on, off, lab in dets if lab == classes[i]] for i in q],
                 "ground_truth": [[(on, off) for on, off, lab in events if lab == classes[i]] for i in q],
                 "threshold": [float(t) for t in pp.values("threshold", [classes[i] for i in q])],
+                "threshold_kinds": [_threshold_kind(pp, classes[i]) for i in q],
                 "title": f"{fname}: SED scores ({fns.name})",
             })  # fmt: skip
     return {"classes": classes, "raw": raw_df, "filtered": filt_df, "active": act_df, "gt": gt, "durations": durations,
@@ -754,7 +761,8 @@ def calibrate_detection(
     for med in g["median_filter_s"]:
         pp = PostProcess(median_filter_s=med)
         dfs = {key: M.scores_to_dataframe(pp.smooth(s[:, col], tl, cal_classes), tl, cal_classes, dur) for _, key, s, tl, dur in items}
-        stats, _ = accumulated_intermediate_statistics(scores=dfs, ground_truth=gt_sse, **_COLLAR)
+        deltas = M.collar_deltas(dfs, gt_sse, **_COLLAR)  # bounded memory on long files
+        stats, _ = accumulated_intermediate_statistics(scores=dfs, ground_truth=gt_sse, deltas=deltas, **_COLLAR)
         cps = np.unique(np.concatenate([np.asarray(stats[c][0])[np.isfinite(stats[c][0])] for c in cal_classes]))
         cps = cps[(cps > 0) & (cps < 1)] if ((cps > 0) & (cps < 1)).any() else cps
         if len(cps) > _MAX_CANDIDATES:  # keep the search bounded on big sets: quantiles of the change points
@@ -901,6 +909,7 @@ def evaluate_grounding(
                 "detections": [[(on, off) for on, off, _ in d] for d in dets],
                 "ground_truth": [list(p.segments) for p in it.phrases],
                 "threshold": [float(t) for t in pp.values("threshold", phrases)],
+                "threshold_kinds": [_threshold_kind(pp, ph) for ph in phrases],
                 "title": f"{fname}: \"{_clip_text(it.caption)}\" ({fns.name})",
             })  # fmt: skip
     if not raw:
