@@ -42,7 +42,7 @@ def store_calibration(checkpoint: str | Path, record: dict[str, Any], out: str |
     import shutil
 
     from ..errors import CheckpointError
-    from ..train.checkpoint import CONFIG_FILE
+    from ..checkpoint import CONFIG_FILE
     from ..utils import write_json_atomic
 
     src = Path(checkpoint)
@@ -85,7 +85,7 @@ def calibrate_checkpoint(
     from ..errors import FinelapError
     from ..eval.tasks import calibrate_detection
     from ..infer import Pipeline
-    from ..train.checkpoint import latest_checkpoint
+    from ..checkpoint import latest_checkpoint
 
     ckpt = Path(checkpoint)
     if ckpt.is_dir() and not (ckpt / "config.json").exists():
