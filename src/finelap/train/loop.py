@@ -627,7 +627,7 @@ def _calibrate_final(final: Path, val_clips: Sequence[Clip], cfg: RunConfig, dev
     here never loses the finished run."""
     if not cfg.eval.calibrate_after_training or not any(c.events for c in val_clips):
         return
-    from ..commands.calibrate import calibrate_checkpoint
+    from ..calibration import calibrate_checkpoint
 
     try:
         _, rec = calibrate_checkpoint(final, ",".join(cfg.data.val), clips=val_clips, device=device)
