@@ -462,7 +462,7 @@ def save_checkpoint(
     update_latest: write `LATEST` in the parent directory naming this checkpoint.
     Only one process (rank 0) may save to a given path.
     """
-    from . import __version__
+    from ._version import __version__
     from .config import to_dict
 
     path = Path(path)
