@@ -15,7 +15,7 @@ from torch import nn
 import finelap
 from finelap.config import RunConfig, resolve_run_config
 from finelap.errors import CheckpointError
-from finelap.train import checkpoint as ck
+from finelap import checkpoint as ck  # the file I/O (monkeypatched below) lives here
 from finelap.train.checkpoint import (
     FORMAT_VERSION,
     capture_rng,
@@ -427,7 +427,7 @@ _KILL_SCRIPT = r"""
 import os, sys
 from pathlib import Path
 import torch
-from finelap.train import checkpoint as ck
+from finelap import checkpoint as ck  # the file I/O (monkeypatched below) lives here
 
 run, mode = Path(sys.argv[1]), sys.argv[2]
 die = lambda *a, **k: os._exit(9)  # as a kill -9 would, without cleanup

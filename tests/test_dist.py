@@ -1,6 +1,6 @@
 """2-process gloo runs equal 1-process runs on the same global batch.
 
-Convention under test (finelap.train.dist): with the global batch split over ranks (here
+Convention under test (finelap.dist): with the global batch split over ranks (here
 unequally, 3 + 2 clips, as when a clip fails to load on one rank),
 
   * mean_r loss_r                      == the single-process loss,
@@ -35,7 +35,7 @@ from finelap.losses import (
     masked_distill_loss,
     sigmoid_loss,
 )
-from finelap.train import dist as fdist
+from finelap import dist as fdist
 
 WORLD = 2
 ROWS = [slice(0, 3), slice(3, 5)]  # audio clips per rank

@@ -4,7 +4,7 @@ Importing finelap is cheap: heavy and optional dependencies are imported where t
 """
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = ["__version__", "Pipeline"]
 

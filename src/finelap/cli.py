@@ -48,7 +48,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from ._version import __version__
 
     parser = argparse.ArgumentParser(prog="finelap", description="Fine-grained language-audio pretraining.",
                                      epilog="`finelap COMMAND --help` shows a command's options and examples.")  # fmt: skip

@@ -407,7 +407,7 @@ class Pipeline:
         """Identifies weights + preprocessing: embeddings with different ids must not be mixed
         (used by `finelap.search.Index`). Hash of the checkpoint files, or of the state dict."""
         if getattr(self, "_embedder_id", None) is None:
-            from .train.checkpoint import CONFIG_FILE, EMA_FILE, MODEL_FILE
+            from .checkpoint import CONFIG_FILE, EMA_FILE, MODEL_FILE
 
             h = hashlib.blake2b(digest_size=16)
             ckpt_path = getattr(self.checkpoint, "path", None)

@@ -735,7 +735,7 @@ class Index:
 
     @staticmethod
     def _new_meta(embedder_id: str, dim: int, root: str | Path | None, with_frames: bool, clip_dtype: str) -> dict[str, Any]:
-        from . import __version__
+        from ._version import __version__
 
         now = _utc_now()
         return {

@@ -37,7 +37,7 @@ def has_caption_decoder(checkpoint: str) -> bool | None:
     import json
     from pathlib import Path
 
-    from ..train.checkpoint import CONFIG_FILE, MODEL_FILE, _resolve_dir
+    from ..checkpoint import CONFIG_FILE, MODEL_FILE, _resolve_dir
 
     try:
         path = _resolve_dir(Path(checkpoint))

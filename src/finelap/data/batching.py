@@ -6,6 +6,7 @@ batches exactly, whatever the number of data-loader workers.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,9 +17,18 @@ import torch
 
 from ..audio import Timeline, load_audio, resample
 from ..errors import AudioError
-from ..losses.clip import caption_ids
 from .phrases import PhraseClusters, _normalise
 from .types import Clip, Event
+
+
+def caption_ids(captions: list[str]) -> torch.Tensor:
+    """(B,) int64 ids from caption texts (stable hash of the whitespace/case-normalised text), so
+    equal captions get equal ids on every rank and in every process."""
+    out = []
+    for c in captions:
+        h = hashlib.blake2b(" ".join(c.lower().split()).encode("utf-8"), digest_size=8).digest()
+        out.append(int.from_bytes(h, "little", signed=True))
+    return torch.tensor(out, dtype=torch.long)
 
 
 @dataclass

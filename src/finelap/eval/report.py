@@ -284,7 +284,7 @@ def write_report(
     "scores": path} for the files actually written. A figure that fails is logged and left out;
     it never loses the metrics.
     """
-    from .. import __version__
+    from .._version import __version__
 
     out_json = Path(out_json)
     if out_json.suffix.lower() != ".json":

@@ -46,7 +46,7 @@ def masked_distill_loss(
           -sum_d softmax((t - center)/teacher_temperature)_d * log_softmax(s/student_temperature)_d,
           with teacher_center (D,) the caller's running mean of teacher outputs (None = 0).
     world_size > 1: the masked-frame count is all-reduced, so the rank mean is the global mean
-    (convention of finelap.train.dist); no features are exchanged.
+    (convention of finelap.dist); no features are exchanged.
     Returns a 0-dim tensor (0, still attached to the graph, when no frame is masked).
     """
     if kind not in _DISTILL_KINDS:

@@ -10,31 +10,21 @@ other; pass ``groups`` (B,) int64 ids, equal for equal captions, to make such pa
 Distributed (rank, world_size > 1): features are gathered with gradient (``gather_with_grad``)
 and each rank computes the rows of its own audio (audio->text) and its own texts
 (text->audio) against the global batch, normalised by the global batch size. See
-``finelap.train.dist`` for the convention that makes DDP gradients equal single-process ones.
+``finelap.dist`` for the convention that makes DDP gradients equal single-process ones.
 Local batch sizes may differ between ranks.
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from ..train.dist import all_gather_sizes, gather_with_grad
+from ..data.batching import caption_ids  # re-exported: the hash is made at collation time
+from ..dist import all_gather_sizes, gather_with_grad
 from .frame import _check_dist, bilinear_bce_sum
 
 __all__ = ["info_nce", "sigmoid_loss", "hard_negative_info_nce", "caption_ids"]
-
-
-def caption_ids(captions: list[str]) -> torch.Tensor:
-    """(B,) int64 ids from caption texts (stable hash of the whitespace/case-normalised text), so
-    equal captions get equal ids on every rank and in every process."""
-    out = []
-    for c in captions:
-        h = hashlib.blake2b(" ".join(c.lower().split()).encode("utf-8"), digest_size=8).digest()
-        out.append(int.from_bytes(h, "little", signed=True))
-    return torch.tensor(out, dtype=torch.long)
 
 
 @dataclass

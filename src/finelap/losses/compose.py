@@ -20,7 +20,7 @@ from typing import Mapping
 import torch
 
 from ..errors import ConfigError
-from ..train.dist import all_reduce_sum
+from ..dist import all_reduce_sum
 from .aux import _DISTILL_KINDS, caption_loss, masked_distill_loss
 from .clip import hard_negative_info_nce, info_nce, sigmoid_loss
 from .frame import FLAMLoss, FrameLabels, TargetFn, finelap_frame_loss

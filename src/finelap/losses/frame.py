@@ -19,7 +19,7 @@ its analytic gradient chunk by chunk in the forward pass:
 so that only input-sized gradients are kept, never a (B, T, K) tensor. The result equals the
 full autograd path to float rounding (tests/test_losses_frame.py checks loss and gradients).
 
-Distributed. Losses follow the convention of ``finelap.train.dist``: the value on a rank is
+Distributed. Losses follow the convention of ``finelap.dist``: the value on a rank is
 world_size times its share of the global loss, normalisers are global counts (all-reduced).
 """
 from __future__ import annotations
@@ -30,7 +30,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ..train.dist import all_gather_sizes, all_reduce_sum, gather_with_grad, get_rank, get_world_size, is_dist
+from ..dist import all_gather_sizes, all_reduce_sum, gather_with_grad, get_rank, get_world_size, is_dist
 
 __all__ = [
     "FrameLabels",
@@ -307,7 +307,7 @@ def finelap_frame_loss(
     per phrase slot (B, K) / (B, 1, K) when a text-conditioned head predicts them per phrase.
     chunk_size: phrases per chunk for the fused chunked path (None = full autograd).
     Under DDP no features are exchanged (phrase sets are per clip); the valid-pair count is
-    all-reduced so the rank mean equals the global mean (see finelap.train.dist).
+    all-reduced so the rank mean equals the global mean (see finelap.dist).
     Returns a 0-dim tensor (0, still attached to the graph, when nothing is valid).
     """
     _check_dist(rank, world_size)
@@ -470,7 +470,7 @@ class FLAMLoss:
       (``flam_calibrated_prob``).
 
     Under DDP the texts are gathered once for both terms; the prior term is computed on the
-    gathered beta and is identical on every rank (convention of finelap.train.dist).
+    gathered beta and is identical on every rank (convention of finelap.dist).
     """
 
     def __init__(self, chunk_size: int | None = None, prior: bool = True) -> None:

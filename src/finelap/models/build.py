@@ -79,7 +79,7 @@ def load_pretrained(path: str | Path, use_ema: bool = True, map_location: str = 
     (follows its LATEST pointer). Uses the EMA weights when the checkpoint has them and
     `use_ema`. Needs nothing but the directory."""
     from ..config import resolve_run_config
-    from ..train.checkpoint import load_checkpoint
+    from ..checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(path, map_location=map_location, training_state=False, ema=use_ema)
     try:
@@ -89,9 +89,10 @@ def load_pretrained(path: str | Path, use_ema: bool = True, map_location: str = 
     _resolve_local_paths(run_cfg, Path(ckpt.path))
     model = FineLAPModel(model_config_for(run_cfg))
     state = ckpt.ema_state if (use_ema and ckpt.ema_state) else ckpt.state_dict
-    from ..train.slap import attach_slap_modules  # SLAP's caption decoder / predictor, when trained
+    from .slap_modules import attach_aux_modules, loss_wants_aux_modules  # SLAP's caption decoder / predictor
 
-    attach_slap_modules(model, run_cfg, state)
+    want_decoder, want_predictor = loss_wants_aux_modules(getattr(run_cfg, "loss", None))
+    attach_aux_modules(model, state, decoder=want_decoder, predictor=want_predictor)
     # the frozen bundled text tower is not stored (checkpoint_state); anything else missing is a mismatch
     missing, unexpected = model.load_state_dict(complete_state(model, state), strict=False)
     if missing or unexpected:

@@ -890,7 +890,7 @@ def import_checkpoint(kind: str, src: str | os.PathLike, text_model: str | os.Pa
     """Convert a downloaded release into a finelap checkpoint directory at `out` (written atomically:
     a half-finished import never looks like a checkpoint). Returns `out`."""
     from ..config import resolve_run_config
-    from ..train.checkpoint import CONFIG_FILE, save_checkpoint
+    from ..checkpoint import CONFIG_FILE, save_checkpoint
     from .build import model_config_for
     from .model import FineLAPModel
 

@@ -1,4 +1,4 @@
-"""Training: the loop, distributed helpers (``finelap.train.dist``), checkpoints and optimisers.
+"""Training: the loop, checkpoints and optimisers (distributed helpers live in ``finelap.dist``).
 
 Submodules are imported where they are used; importing this package has no side effects.
 """

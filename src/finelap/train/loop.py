@@ -23,6 +23,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from .. import dist
 from ..config import RunConfig, save_config
 from ..data.batching import Batch, ClipDataset, Collate, MixedBatchSampler, split_by_supervision
 from ..data.phrases import PhraseClusters
@@ -33,7 +34,6 @@ from ..losses.frame import FrameLabels
 from ..models.build import build_model, checkpoint_state, complete_state
 from ..models.model import FineLAPModel, param_groups
 from ..utils import log
-from . import dist
 from .slap import SLAPState, attach_slap_modules, needs_slap_modules
 from .checkpoint import (
     checkpoint_name, load_checkpoint, restore_rng, restore_training_state, rotate_checkpoints, save_checkpoint,
@@ -68,7 +68,7 @@ def ema_update(ema: dict[str, torch.Tensor], model: torch.nn.Module, decay: floa
 
 def _sync_gradients(model: torch.nn.Module, world_size: int) -> None:
     """Average gradients over ranks (what DDP does), so that with the losses' gather convention
-    (finelap.train.dist) every rank holds the single-process gradient of the global loss."""
+    (finelap.dist) every rank holds the single-process gradient of the global loss."""
     if world_size == 1:
         return
     grads = [p.grad for p in model.parameters() if p.grad is not None]
@@ -627,7 +627,7 @@ def _calibrate_final(final: Path, val_clips: Sequence[Clip], cfg: RunConfig, dev
     here never loses the finished run."""
     if not cfg.eval.calibrate_after_training or not any(c.events for c in val_clips):
         return
-    from ..commands.calibrate import calibrate_checkpoint
+    from ..calibration import calibrate_checkpoint
 
     try:
         _, rec = calibrate_checkpoint(final, ",".join(cfg.data.val), clips=val_clips, device=device)

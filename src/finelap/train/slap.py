@@ -8,7 +8,7 @@ other SLAP ingredient, variable-length training without cropping, is data config
 Modules:
 - ``model.caption_decoder`` (a `CaptionDecoder`, loss.caption) and ``model.slap_predictor`` (a
   2-layer MLP on the student's frames, loss.distill; the BYOL/data2vec predictor that makes
-  student and teacher asymmetric) are registered on the model by `attach_slap_modules`, so the
+  student and teacher asymmetric) are registered on the model by `attach_slap_modules` (built by models.slap_modules), so the
   optimizer ("heads" group), the EMA weights and checkpoints include them. Call it right after
   `build_model` and before creating the optimizer/EMA and before any ``load_state_dict``.
 - The teacher is a frozen copy of ``model.audio`` held by `SLAPState`, *not* a submodule of the
@@ -32,10 +32,11 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from ..errors import CheckpointError, ConfigError
+from ..errors import ConfigError
 from ..losses.aux import ema_update
 from ..models.audio_encoders import lengths_to_mask
-from ..models.decoder import CaptionDecoder, prepare_targets, special_token_ids
+from ..models.decoder import prepare_targets
+from ..models.slap_modules import DECODER_ATTR, DECODER_DEFAULTS, PREDICTOR_ATTR, attach_aux_modules
 
 __all__ = [
     "DEFAULT_MASK_RATIO",
@@ -58,10 +59,8 @@ __all__ = [
 DEFAULT_MASK_RATIO = 0.5  # data2vec/BEATs-style: half of the frames hidden from the student
 DEFAULT_MASK_BLOCK = 5  # contiguous frames per masked block (200 ms at 25 Hz): too short a gap is trivially interpolated
 DEFAULT_TEACHER_DECAY = 0.99  # short CPU runs (hundreds of steps) need a teacher that follows the student
-DECODER_DEFAULTS: dict[str, int] = {"dim": 256, "layers": 2, "heads": 4, "max_len": 32}
-
-_DECODER = "caption_decoder"
-_PREDICTOR = "slap_predictor"
+_DECODER = DECODER_ATTR
+_PREDICTOR = PREDICTOR_ATTR
 
 
 def _loss_cfg(run_cfg: Any) -> Any:
@@ -101,39 +100,14 @@ def check_slap_config(run_cfg: Any, model: nn.Module | None = None) -> None:
         raise ConfigError("loss.distill trains the audio encoder, but it is frozen (model.audio.freeze=true)")
 
 
-def _device_of(model: nn.Module) -> torch.device:
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
 def attach_slap_modules(model: nn.Module, run_cfg: Any, state_dict: Mapping[str, torch.Tensor] | None = None) -> None:
-    """Register SLAP's trainable modules on `model` (in place; idempotent).
-
-    - ``model.caption_decoder``: a `CaptionDecoder` over the audio encoder's frames, using the
-      text tower's tokenizer ([CLS] start, [SEP] end, [PAD]), when loss.caption is on or
-      `state_dict` holds one (its architecture comes from the stored ``arch`` buffer, so a
-      checkpoint rebuilds exactly what was trained).
-    - ``model.slap_predictor``: Linear-GELU-Linear (Da -> Da) on the student's frames, when
-      loss.distill is on or `state_dict` holds one.
-    New modules are placed on the model's device. Call before building the optimizer / EMA state,
-    and before ``model.load_state_dict`` of a checkpoint that has them.
+    """Register SLAP's trainable modules on `model` (in place; idempotent): ``model.caption_decoder``
+    when loss.caption is on, ``model.slap_predictor`` when loss.distill is on, and either one that
+    `state_dict` holds. The builder is `finelap.models.slap_modules.attach_aux_modules` (see there).
+    Call before building the optimizer / EMA state, and before ``model.load_state_dict`` of a
+    checkpoint that has them.
     """
-    device = _device_of(model)
-    state = state_dict or {}
-    da = int(model.audio.dim)
-    if getattr(model, _DECODER, None) is None:
-        if f"{_DECODER}.arch" in state:
-            dec = CaptionDecoder.from_state_dict(state, prefix=f"{_DECODER}.")
-            if dec.dim_audio != da:
-                raise CheckpointError(f"caption decoder reads {dec.dim_audio}-d frames but the audio encoder emits {da}-d frames")
-            setattr(model, _DECODER, dec.to(device))
-        elif needs_decoder(run_cfg):
-            tok = model.text.tokenizer
-            bos, eos, pad = special_token_ids(tok)
-            dec = CaptionDecoder(da, len(tok), **DECODER_DEFAULTS, bos_id=bos, eos_id=eos, pad_id=pad)
-            setattr(model, _DECODER, dec.to(device))
-    if getattr(model, _PREDICTOR, None) is None and (needs_predictor(run_cfg) or f"{_PREDICTOR}.0.weight" in state):
-        setattr(model, _PREDICTOR, nn.Sequential(nn.Linear(da, da), nn.GELU(), nn.Linear(da, da)).to(device))
+    attach_aux_modules(model, state_dict, decoder=needs_decoder(run_cfg), predictor=needs_predictor(run_cfg))
 
 
 # ----------------------------------------------------------------------------- teacher
