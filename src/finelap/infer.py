@@ -53,6 +53,7 @@ import torch
 import torch.nn.functional as F
 
 from .audio import AUDIO_EXTENSIONS, LogMel, MelConfig, Timeline, audio_duration, load_audio, resample, to_float32
+from .eval.plots import display_mel_stream
 from .errors import AudioError, ConfigError, FinelapError
 from .scoring import DetectionSettings, FrameScores, fmt_threshold, make_prompts, resolve_detection_settings, suggest_threshold
 from .utils import log
@@ -234,37 +235,6 @@ def find_audio_files(inputs: Sequence[str | os.PathLike]) -> list[Path]:
         else:
             out.append(p)
     return out
-
-
-def display_mel_stream(source: "_Source", sample_rate: int, max_columns: int = 4000) -> tuple[np.ndarray, Timeline, MelConfig]:
-    """Log-mel for display, (n_mels, T_disp) dB, computed window by window from a source (so a
-    1-hour file never sits in memory) and average-pooled to at most `max_columns` columns.
-
-    Same arithmetic as `eval.plots.display_mel`, which needs the whole wave."""
-    cfg = MelConfig(sample_rate=sample_rate, fmax=min(8000.0, sample_rate / 2), compute_dtype="float32")
-    mel = LogMel(cfg)
-    hop = cfg.hop_length
-    n = source.n_samples
-    n_mel = cfg.num_frames(n)
-    pool = max(1, math.ceil(n_mel / max_columns))
-    per_chunk = pool * max(1, math.ceil(6000 / pool))  # ~60 s of mel frames, whole pooled columns
-    ctx = hop * math.ceil((cfg.n_fft // 2) / hop)  # context (whole hops) covering the STFT window
-    cols = []
-    with torch.inference_mode():
-        for f0 in range(0, n_mel, per_chunk):
-            f1 = min(n_mel, f0 + per_chunk)
-            # read with context on both sides, so every kept frame sees the same samples as a
-            # one-pass STFT (zeros only beyond the ends of the audio, like the centred STFT)
-            s0, s1 = max(0, f0 * hop - ctx), min(n, (f1 - 1) * hop + ctx + 1)
-            m = mel(torch.from_numpy(np.ascontiguousarray(source.read(s0, s1), dtype=np.float32))).numpy()
-            k0 = (f0 * hop - s0) // hop
-            m = m[:, k0 : k0 + (f1 - f0)]
-            if pool > 1:
-                t = m.shape[1] // pool * pool
-                head = m[:, :t].reshape(m.shape[0], -1, pool).mean(axis=2)
-                m = np.concatenate([head, m[:, t:].mean(axis=1, keepdims=True)], axis=1) if t < m.shape[1] else head
-            cols.append(m)
-    return np.concatenate(cols, axis=1), Timeline.from_mel(cfg, downsample=pool), cfg
 
 
 def _hash_file(path: Path, h: Any) -> None:

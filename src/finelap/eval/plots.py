@@ -22,6 +22,7 @@ from ..scoring import fmt_threshold
 from ..utils import atomic_path
 
 __all__ = [
+    "display_mel_stream",
     "plot_confusion",
     "plot_per_class_ap",
     "plot_psd_roc",
@@ -610,3 +611,37 @@ def plot_training_curves(csv_path: str | Path, path: str | Path, title: str = ""
     PNG with the total loss, the clip loss and the frame loss each on its own axis (their
     scales differ), then learning rate and validation metrics (each panel only if present)."""
     return _save(training_curves_figure(csv_path, title), path)
+
+
+def display_mel_stream(source: Any, sample_rate: int, max_columns: int = 4000) -> tuple[np.ndarray, Timeline, MelConfig]:
+    """Log-mel for display, (n_mels, T_disp) dB, computed window by window from a source (anything
+    with `n_samples` and `read(start, end) -> float32 samples at sample_rate`; so a
+    1-hour file never sits in memory) and average-pooled to at most `max_columns` columns.
+
+    Same arithmetic as `eval.plots.display_mel`, which needs the whole wave."""
+    cfg = MelConfig(sample_rate=sample_rate, fmax=min(8000.0, sample_rate / 2), compute_dtype="float32")
+    mel = LogMel(cfg)
+    hop = cfg.hop_length
+    n = source.n_samples
+    n_mel = cfg.num_frames(n)
+    pool = max(1, math.ceil(n_mel / max_columns))
+    per_chunk = pool * max(1, math.ceil(6000 / pool))  # ~60 s of mel frames, whole pooled columns
+    ctx = hop * math.ceil((cfg.n_fft // 2) / hop)  # context (whole hops) covering the STFT window
+    import torch
+
+    cols = []
+    with torch.inference_mode():
+        for f0 in range(0, n_mel, per_chunk):
+            f1 = min(n_mel, f0 + per_chunk)
+            # read with context on both sides, so every kept frame sees the same samples as a
+            # one-pass STFT (zeros only beyond the ends of the audio, like the centred STFT)
+            s0, s1 = max(0, f0 * hop - ctx), min(n, (f1 - 1) * hop + ctx + 1)
+            m = mel(torch.from_numpy(np.ascontiguousarray(source.read(s0, s1), dtype=np.float32))).numpy()
+            k0 = (f0 * hop - s0) // hop
+            m = m[:, k0 : k0 + (f1 - f0)]
+            if pool > 1:
+                t = m.shape[1] // pool * pool
+                head = m[:, :t].reshape(m.shape[0], -1, pool).mean(axis=2)
+                m = np.concatenate([head, m[:, t:].mean(axis=1, keepdims=True)], axis=1) if t < m.shape[1] else head
+            cols.append(m)
+    return np.concatenate(cols, axis=1), Timeline.from_mel(cfg, downsample=pool), cfg

@@ -239,16 +239,17 @@ def _markdown(doc: Mapping[str, Any], figures: Mapping[str, Path], out_dir: Path
 
 
 def _plot_examples(examples: Sequence[Mapping[str, Any]], stem: Path, sample_rate: int) -> dict[str, Path]:
+    from types import SimpleNamespace
+
     from ..errors import AudioError
-    from ..infer import _Source, display_mel_stream
     from ..streaming import file_reader
-    from .plots import plot_timeline
+    from .plots import display_mel_stream, plot_timeline
 
     out: dict[str, Path] = {}
     for i, ex in enumerate(examples):
         try:  # the spectrogram is computed window by window: a 30-min file is never decoded whole
             read, n = file_reader(ex["audio"], sample_rate)
-            mel, mel_tl, mel_cfg = display_mel_stream(_Source(str(ex["audio"]), n, read), sample_rate)
+            mel, mel_tl, mel_cfg = display_mel_stream(SimpleNamespace(n_samples=n, read=read), sample_rate)
         except AudioError as e:
             log(f"report: no timeline plot for {ex['audio']} ({e.problem})")
             continue
