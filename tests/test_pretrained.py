@@ -274,6 +274,13 @@ def test_feature_cache_returns_exactly_the_encoder_output_and_persists(tmp_path)
     # different tower options never share entries
     other = _encoder(layers=(4,))
     assert other.cache_key() != enc.cache_key()
+    # the key is remembered, and changes when the weights change in place (e.g. load_state_dict)
+    key = enc.cache_key()
+    assert enc.cache_key() == key
+    state = {k: v.clone() for k, v in enc.net.state_dict().items()}
+    state["conv_block1.conv1.weight"][0, 0, 0, 0] += 1.0
+    enc.net.load_state_dict(state)
+    assert enc.cache_key() != key
 
 
 def test_unfrozen_tower_is_not_cached():
@@ -297,7 +304,8 @@ def test_cached_and_uncached_training_give_the_same_loss(tmp_path):
 
     man = tiny_dataset(tmp_path / "data", n=6)
     ov = [o for o in tiny_overrides(tmp_path, man) if not o.startswith(("model.audio=", "model.audio_encoder="))]
-    cfg = load_run_config("sfx", ov + ['model.audio={"layers": [4, 2], "freeze": true, "pretrained": false}'])
+    cfg = load_run_config("sfx", ov + ['model.audio={"layers": [4, 2], "freeze": true, "pretrained": false}',
+                                       "model.embed_dim=32"])  # the recipe has no text projection: embed_dim = the text width
     torch.manual_seed(0)
     model = build_model(cfg)
     clips = read_manifest(man)

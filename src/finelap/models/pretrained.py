@@ -380,9 +380,17 @@ class AisfxEncoder(AudioEncoder):
         return AudioFeatures(frames=frames, frame_mask=m, frame_rate_hz=self.timeline.frame_rate_hz, cls=top)
 
     def cache_key(self) -> str:
-        """Identifies these features: the tower config and weights (for the feature cache)."""
+        """Identifies these features: the tower config and weights (for the feature cache).
+        Computed once and reused until a weight or buffer changes in place (tensor versions)."""
+        state = sorted(self.net.state_dict().items())
+        versions = tuple(v._version for _, v in state)
+        memo = getattr(self, "_cache_key_memo", None)
+        if memo is not None and memo[0] == versions:
+            return memo[1]
         h = hashlib.sha256(repr(("aisfx", AISFX_VERSION, self.layers, self.net.hop_frames)).encode())
-        for k, v in sorted(self.net.state_dict().items()):
+        for k, v in state:
             h.update(k.encode())
-            h.update(v.detach().cpu().float().numpy().tobytes()[:4096])
-        return h.hexdigest()[:16]
+            h.update(v.detach().reshape(-1)[:1024].cpu().float().numpy().tobytes())
+        key = h.hexdigest()[:16]
+        self._cache_key_memo = (versions, key)
+        return key
