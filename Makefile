@@ -40,7 +40,10 @@ demo: install system-deps
 	fi
 	$(BIN)/finelap eval sed --checkpoint $(DEMO_DIR)/run/final --data $(DEMO_DIR)/soundscapes/test/manifest.jsonl --out $(DEMO_DIR)/report/sed.json
 	$(BIN)/finelap eval retrieval --checkpoint $(DEMO_DIR)/run/final --data $(DEMO_DIR)/soundscapes/test/manifest.jsonl --out $(DEMO_DIR)/report/retrieval.json
-	$(BIN)/finelap ground $(DEMO_DIR)/soundscapes/test/audio/test_000000.flac "a violin playing" --checkpoint $(DEMO_DIR)/run/final --plot $(DEMO_DIR)/report/ground_example.png
+	@# grounding example: the first reference event of the first test soundscape (whatever the pool rendered)
+	q=$$($(BIN)/python -c "import json; print(json.loads(open('$(DEMO_DIR)/soundscapes/test/manifest.jsonl').readline())['events'][0]['label'])"); \
+	  $(BIN)/finelap ground $(DEMO_DIR)/soundscapes/test/audio/test_000000.flac "$$q" --checkpoint $(DEMO_DIR)/run/final \
+	    --reference $(DEMO_DIR)/soundscapes/test/strong.tsv --plot $(DEMO_DIR)/report/ground_example.png
 	@echo "finelap demo: done."
 	@echo "  checkpoint:      $(DEMO_DIR)/run/final  (training curves: $(DEMO_DIR)/run/training_curves.png)"
 	@echo "  reports:         $(DEMO_DIR)/report/sed.md, $(DEMO_DIR)/report/retrieval.md (+ PNGs next to them)"

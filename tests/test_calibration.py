@@ -183,6 +183,19 @@ def test_the_threshold_used_for_a_query_and_what_it_is():
     assert [fmt_threshold(v) for v in (0.285422, 0.5, 0.0, 1.0, 0.0004)] == ["0.285", "0.5", "0", "1", "0.0004"]
 
 
+def test_nothing_found_advice_tells_a_low_peak_from_a_filtered_one():
+    from finelap.scoring import nothing_found_advice
+
+    cal = {"threshold": 0.277, "class_thresholds": {"dog": 0.358}, "classes": ["dog"], "median_filter_s": 1.0, "min_duration_s": 0.25}
+    st = resolve_detection_settings(EvalConfig(calibration=cal), ["dog", "accordion"])
+    low = nothing_found_advice(0.294, st, "dog")
+    assert low.startswith("under the threshold 0.358 (per-class threshold)") and "--threshold 0.26" in low
+    # a raw peak above the threshold that the median filter / minimum duration removed is not "under" it
+    brief = nothing_found_advice(0.417, st, "accordion")
+    assert brief.startswith("above the threshold 0.277 (global threshold)") and "1-s median filter" in brief
+    assert "0.25-s minimum duration" in brief and "under the threshold" not in brief
+
+
 def test_suggested_threshold_is_just_below_the_peak():
     assert suggest_threshold(0.078) == pytest.approx(0.07)
     assert suggest_threshold(0.5) == pytest.approx(0.45)

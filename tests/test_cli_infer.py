@@ -108,7 +108,7 @@ def test_nothing_found_names_the_threshold_used_for_each_query(files, capsys, tm
     png = tmp_path / "g.png"
     rc, out, err = run(capsys, "ground", files["a.wav"], "dog", "rain", "--plot", png, "--checkpoint", ck)
     assert rc == 0, err
-    notes = [ln for ln in out.splitlines() if "no segment above" in ln]
+    notes = [ln for ln in out.splitlines() if "no segment: " in ln]
     assert len(notes) == 2, out
     assert "threshold 0.954 (per-class threshold)" in notes[0] and "threshold 0.912 (global threshold)" in notes[1], out
     assert "0.912345" not in out + err and "0.954321" not in out + err
@@ -125,7 +125,7 @@ def test_nothing_found_names_the_threshold_used_for_each_query(files, capsys, tm
     assert "threshold 0.954 (per-class threshold) used for 'dog'" in capsys.readouterr().err
     # with --threshold, every query is held to the given one
     rc, out, _ = run(capsys, "ground", files["a.wav"], "dog", "--threshold", "0.99", "--checkpoint", ck)
-    assert "no segment above the threshold 0.99 (given threshold)" in out, out
+    assert "no segment: the highest probability" in out and "under the threshold 0.99 (given threshold)" in out, out
 
 
 def test_ground_prints_segments_json_and_plot(files, pipe, capsys, tmp_path):
@@ -141,7 +141,7 @@ def test_ground_prints_segments_json_and_plot(files, pipe, capsys, tmp_path):
     assert q[0]["segments"] and set(q[0]["segments"][0]) == {"onset", "offset", "score", "label"}
     assert png.read_bytes()[:8] == PNG
     rc, out, _ = run(capsys, "ground", files["a.wav"], "a dog barking", "rain", "--threshold", "1.0", "--checkpoint", files["ckpt"])
-    assert rc == 0 and out.count("no segment above the threshold") == 2
+    assert rc == 0 and out.count("no segment: the highest probability") == 2
 
 
 def test_embed_folder_skips_broken_files(files, pipe, capsys, tmp_path):

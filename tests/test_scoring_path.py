@@ -121,7 +121,7 @@ def test_nothing_above_the_threshold_says_the_peak_and_what_to_pass(trained, cap
     wav = str(man.parent / "clip000.wav")
     assert main(["ground", wav, "a dog barking", "--threshold", "1.0", "--checkpoint", str(ckpt)]) == 0
     out = capsys.readouterr().out
-    assert "no segment above the threshold 1" in out and "highest probability" in out and "try --threshold" in out
+    assert "no segment: the highest probability" in out and "under the threshold 1" in out and "highest probability" in out and "try --threshold" in out
     assert main(["detect", wav, "--labels", "a dog barking", "--threshold", "1.0", "--checkpoint", str(ckpt)]) == 0
     assert "try --threshold" in capsys.readouterr().out
     pipe = Pipeline.from_pretrained(ckpt)

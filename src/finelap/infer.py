@@ -55,7 +55,9 @@ import torch.nn.functional as F
 from .audio import AUDIO_EXTENSIONS, LogMel, MelConfig, Timeline, audio_duration, load_audio, resample, to_float32
 from .eval.plots import display_mel_stream
 from .errors import AudioError, ConfigError, FinelapError
-from .scoring import DetectionSettings, FrameScores, fmt_threshold, make_prompts, resolve_detection_settings, suggest_threshold
+from .scoring import (
+    DetectionSettings, FrameScores, fmt_threshold, make_prompts, nothing_found_advice, resolve_detection_settings,
+)
 from .utils import log
 
 __all__ = ["Pipeline", "FrameScores", "FrameEmbeddings", "AudioInput", "parse_labels", "find_audio_files", "display_mel_stream"]
@@ -892,8 +894,8 @@ class Pipeline:
     def _say_nothing_found(peak: float, where: str, settings: DetectionSettings, query: str) -> None:
         """One line when nothing was detected: the peak (`where`: its query, file and time) and the
         threshold that was used for that query (its own or the global one, rounded)."""
-        log(f"no detection above the threshold; the highest probability was {peak:.3g} ({where}), under the "
-            f"threshold {settings.threshold_note(query)} used for {query!r}: pass threshold={suggest_threshold(peak):g} "
+        advice = nothing_found_advice(peak, settings, query, flag="threshold=")
+        log(f"no detection above the threshold; the highest probability was {peak:.3g} ({where}), {advice} "
             "(or calibrate the checkpoint: `finelap calibrate`)")
 
     def detect(

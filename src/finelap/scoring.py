@@ -299,6 +299,23 @@ def fmt_threshold(value: float) -> str:
     return f"{round(v, 3):g}"
 
 
+def nothing_found_advice(peak: float, settings: "DetectionSettings", query: str, flag: str = "--threshold") -> str:
+    """What to say when nothing was detected for `query` although its raw (unfiltered) frame
+    probability peaked at `peak`: either the peak is under the threshold (suggest a lower one), or
+    it crossed it too briefly to survive the median filter / minimum duration (say so)."""
+    value, _ = settings.threshold_for(query)
+    note = settings.threshold_note(query)
+    if peak > value:
+        pp = settings.postprocess
+        med = pp.median_filter_s.get(query, _scalar(pp.median_filter_s)) if isinstance(pp.median_filter_s, Mapping) else float(pp.median_filter_s)
+        mind = pp.min_duration_s.get(query, _scalar(pp.min_duration_s)) if isinstance(pp.min_duration_s, Mapping) else float(pp.min_duration_s)
+        return (f"above the threshold {note} used for {query!r}, but too briefly to survive the {med:g}-s median filter "
+                f"and {mind:g}-s minimum duration: try a shorter median filter or a threshold under the filtered peak")
+    v = suggest_threshold(peak)
+    hint = f"pass {flag}{v:g}" if flag.endswith("=") else f"try {flag} {v:g}"
+    return f"under the threshold {note} used for {query!r}: {hint}"
+
+
 def suggest_threshold(peak: float) -> float:
     """A threshold just under `peak` (2 significant digits, rounded down), to suggest when nothing
     crossed the threshold."""

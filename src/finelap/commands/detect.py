@@ -112,11 +112,10 @@ def run(args: argparse.Namespace) -> int:
             print(fmt_table([(r["filename"], f"{r['onset']:.3f}", f"{r['offset']:.3f}", r["label"], fmt_prob(r["score"])) for r in rows],
                             ("filename", "onset", "offset", "label", "score"), indent=""))  # fmt: skip
         elif n_done:  # (none done: exit 2 below, the skipped files are listed)
-            from ..scoring import suggest_threshold
+            from ..scoring import nothing_found_advice
 
             print(f"no events above the threshold in {n_done} file(s); the highest probability was {fmt_prob(peak[0])} "
-                  f"({peak[1]}), under the threshold {used.threshold_note(peak[2])} used for {peak[2]!r}: "
-                  f"try --threshold {suggest_threshold(peak[0]):g}")  # fmt: skip
+                  f"({peak[1]}), {nothing_found_advice(peak[0], used, peak[2])}")  # fmt: skip
     if args.scores_out and n_done:
         log(f"scores: {args.scores_out}")
     return failures.exit_status(n_done)

@@ -76,10 +76,9 @@ def run(args: argparse.Namespace) -> int:
             print(fmt_table([(f"{a:.3f}", f"{b:.3f}", fmt_prob(c)) for a, b, c in s], ("onset", "offset", "score")))
         else:
             j = int(np.argmax(fs.scores[:, k]))
-            from ..scoring import suggest_threshold
+            from ..scoring import nothing_found_advice
 
             top = float(fs.scores[j, k])
-            print(f"  no segment above the threshold {used.threshold_note(t)} (highest probability {fmt_prob(top)} "
-                  f"at {fs.times[j]:.2f} s): "
-                  f"try --threshold {suggest_threshold(top):g}")  # fmt: skip
+            print(f"  no segment: the highest probability was {fmt_prob(top)} at {fs.times[j]:.2f} s, "
+                  f"{nothing_found_advice(top, used, t)}")  # fmt: skip
     return 0
