@@ -36,6 +36,7 @@ from ..registry import AUDIO_ENCODERS
 __all__ = [
     "AudioFeatures",
     "AudioEncoder",
+    "PublishedWindowEncoder",
     "CNNEncoder",
     "TransformerEncoder",
     "HFAudioEncoder",
@@ -936,3 +937,26 @@ class HFAudioEncoder(AudioEncoder):
             return AudioFeatures(frames=frames, frame_mask=fm, frame_rate_hz=tl.frame_rate_hz, cls=cls,
                                  context_frames=context, context_mask=context_mask)  # fmt: skip
         return AudioFeatures(frames=frames, frame_mask=fm, frame_rate_hz=tl.frame_rate_hz, cls=cls)
+
+
+class PublishedWindowEncoder(HFAudioEncoder):
+    """Base of finelap's own builds of published fixed-window towers (HTS-AT, EAT): the HF adapter's
+    window machinery around a backend made from a config rather than a Hugging Face folder.
+
+    A frame is valid when it starts before the end of the audio: ceil(n / samples_per_frame) frames.
+    """
+
+    def _adopt(self, backend: _WindowBackend, model_type: str, window_batch: int, freeze: bool) -> None:
+        """Finish construction (after `AudioEncoder.__init__` and building `backend`)."""
+        self.backend = backend
+        self.model_type = model_type
+        self.path = None
+        self.window_batch = int(window_batch)
+        self.timeline = backend.timeline
+        self.dim = backend.dim
+        if freeze:
+            self.freeze()
+
+    def frame_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
+        spf = self.timeline.hop_length * self.timeline.downsample  # type: ignore[operator]
+        return torch.div(lengths + spf - 1, spf, rounding_mode="floor")

@@ -28,7 +28,7 @@ from torch import nn
 from ..audio import Timeline
 from ..errors import ConfigError
 from ..registry import AUDIO_ENCODERS
-from .audio_encoders import AudioEncoder, HFAudioEncoder, _WindowBackend
+from .audio_encoders import AudioEncoder, PublishedWindowEncoder, _WindowBackend
 
 __all__ = ["kaldi_mel_banks", "kaldi_fbank", "EATViT", "EATEncoder", "EAT_NORM_MEAN", "EAT_NORM_STD"]
 
@@ -204,7 +204,7 @@ class _EATBackend(_WindowBackend):
 
 
 @AUDIO_ENCODERS.register("eat")
-class EATEncoder(HFAudioEncoder):
+class EATEncoder(PublishedWindowEncoder):
     """EAT (FineLAP's audio tower): frames (B, T, dim) at 6.25 Hz (0.16 s; 64 per 10.24-s window)
     and the CLS token as `cls` (mean over the item's windows).
 
@@ -243,18 +243,8 @@ class EATEncoder(HFAudioEncoder):
         if n_fft < win_length:
             raise ConfigError(f"EAT: n_fft ({n_fft}) must be >= win_length ({win_length})")
         vit = EATViT(dim, depth, heads, mlp_ratio, patch_size, n_mels, target_length, eps)
-        self.backend = _EATBackend(vit, patch_size, target_length, n_mels, sample_rate, win_length, hop_length, n_fft, norm_mean, norm_std)
-        self.model_type = "eat"
-        self.path = None
-        self.window_batch = int(window_batch)
-        self.timeline = self.backend.timeline
-        self.dim = self.backend.dim
-        if freeze:
-            self.freeze()
-
-    def frame_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
-        spf = self.timeline.hop_length * self.timeline.downsample  # type: ignore[operator]
-        return torch.div(lengths + spf - 1, spf, rounding_mode="floor")
+        backend = _EATBackend(vit, patch_size, target_length, n_mels, sample_rate, win_length, hop_length, n_fft, norm_mean, norm_std)
+        self._adopt(backend, "eat", window_batch, freeze)
 
 
 def heads_for_width(dim: int) -> int:

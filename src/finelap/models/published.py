@@ -35,7 +35,7 @@ from torch import nn
 from ..audio import Timeline, mel_filterbank
 from ..errors import CheckpointError, ConfigError, FinelapError
 from ..registry import AUDIO_ENCODERS
-from .audio_encoders import AudioEncoder, HFAudioEncoder, _WindowBackend
+from .audio_encoders import AudioEncoder, PublishedWindowEncoder, _WindowBackend
 from .eat import heads_for_width
 
 __all__ = [
@@ -185,7 +185,7 @@ class _HTSATBackend(_WindowBackend):
 
 
 @AUDIO_ENCODERS.register("htsat")
-class HTSATEncoder(HFAudioEncoder):
+class HTSATEncoder(PublishedWindowEncoder):
     """HTS-AT (LAION-CLAP's and OpenFLAM's audio tower) built from its config, weights from a finelap
     checkpoint. Frames: the last stage's token grid averaged over frequency, `frames_per_window`
     per `window_s` window (32 per 10 s at 48 kHz: 3.2 Hz); audio of any length is encoded on a
@@ -226,18 +226,8 @@ class HTSATEncoder(HFAudioEncoder):
         except (TypeError, ValueError) as e:
             raise ConfigError(f"htsat: bad config ({e})") from None
         frontend = ReferenceLogMel(sample_rate, n_fft, hop_length, int(cfg.num_mel_bins), fmin, fmax, mel_scale)
-        self.backend = _HTSATBackend(ClapAudioModel(cfg), cfg, frontend, sample_rate, int(round(window_s * sample_rate)), locality_aware)
-        self.model_type = "htsat"
-        self.path = None
-        self.window_batch = int(window_batch)
-        self.timeline = self.backend.timeline
-        self.dim = self.backend.dim
-        if freeze:
-            self.freeze()
-
-    def frame_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
-        spf = self.timeline.hop_length
-        return torch.div(lengths + spf - 1, spf, rounding_mode="floor")  # type: ignore[operator]
+        backend = _HTSATBackend(ClapAudioModel(cfg), cfg, frontend, sample_rate, int(round(window_s * sample_rate)), locality_aware)
+        self._adopt(backend, "htsat", window_batch, freeze)
 
 
 # ============================================================================ reading sources
