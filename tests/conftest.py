@@ -29,3 +29,18 @@ def esc50_dir() -> Path:
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)
+
+
+def record_statistics_sizes(monkeypatch, module) -> list[int]:
+    """Wrap sed_scores_eval's `module.statistics_fn` (intersection- or collar-based) so each call's
+    number of candidate detections is appended to the returned list: the size of the arrays the
+    statistics see, which bounded-memory paths must keep small."""
+    seen: list[int] = []
+    original = module.statistics_fn
+
+    def recording(**kw):
+        seen.append(kw["detection_onset_times"].size)
+        return original(**kw)
+
+    monkeypatch.setattr(module, "statistics_fn", recording)
+    return seen

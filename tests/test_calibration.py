@@ -12,6 +12,7 @@ from finelap.data.types import Clip, Event
 from finelap.errors import ConfigError, FinelapError
 from finelap.eval.tasks import Evaluatable, calibrate_detection
 from finelap.scoring import FrameScores, fmt_threshold, make_prompt, resolve_detection_settings, suggest_threshold
+from conftest import record_statistics_sizes
 
 TEMPLATE = "the sound of {}"
 RATE = 10.0  # frames per second of the fake scores
@@ -67,14 +68,7 @@ def test_calibration_on_a_long_file_keeps_the_statistics_small(tmp_path, monkeyp
         return FrameScores(s, Timeline(RATE), n / RATE)
 
     fns = Evaluatable(frame_scores=frame_scores, prompt_template=TEMPLATE, name="fake")
-    seen: list[int] = []
-    original = cb.statistics_fn
-
-    def recording(**kw):
-        seen.append(kw["detection_onset_times"].size)
-        return original(**kw)
-
-    monkeypatch.setattr(cb, "statistics_fn", recording)
+    seen = record_statistics_sizes(monkeypatch, cb)
     cal = calibrate_detection(fns, [Clip(path, events=events, duration=n / RATE)],
                               grid={"median_filter_s": [0.0], "min_duration_s": [0.0], "merge_gap_s": [0.0]})  # fmt: skip
     assert 0.2 <= cal["threshold"] < 0.6 and cal["score"] == 1.0  # the events, and nothing else

@@ -11,6 +11,7 @@ import pytest
 
 from finelap.audio import Timeline
 from finelap.eval import metrics as M
+from conftest import record_statistics_sizes
 
 
 def _sse():
@@ -416,14 +417,7 @@ def test_psds_on_a_long_file_is_exact_in_bounded_memory(monkeypatch):
                                           alpha_st=p["alpha_st"], max_efpr=p["max_efpr"])
         for name, p in (("PSDS1", M.PSDS1_PARAMS), ("PSDS2", M.PSDS2_PARAMS))
     }  # fmt: skip
-    seen: list[int] = []
-    original = ib.statistics_fn
-
-    def recording(**kw):
-        seen.append(kw["detection_onset_times"].size)
-        return original(**kw)
-
-    monkeypatch.setattr(ib, "statistics_fn", recording)
+    seen = record_statistics_sizes(monkeypatch, ib)
     monkeypatch.setattr(M, "INTERSECTION_BLOCK", 50_000, raising=False)  # several threshold blocks per file and class
     for squeeze in (True, False):
         if not squeeze:
@@ -452,14 +446,8 @@ def test_collar_statistics_on_a_long_file_are_exact_in_bounded_memory(monkeypatc
     scores, gt, _ = _long_sed_file(3000)
     collars = dict(onset_collar=0.2, offset_collar=0.2, offset_collar_rate=0.2)
     ref = accumulated_intermediate_statistics_from_deltas(cb.intermediate_statistics_deltas(scores, gt, **collars))
-    seen: list[int] = []
-    original = cb.statistics_fn
-
-    def recording(**kw):
-        seen.append(kw["detection_onset_times"].size)
-        return original(**kw)
-
-    monkeypatch.setattr(cb, "statistics_fn", recording)
+    f_ref = _sse().collar_based.fscore(scores=scores, ground_truth=gt, threshold=0.5, **collars)  # direct, before recording
+    seen = record_statistics_sizes(monkeypatch, cb)
     ours = accumulated_intermediate_statistics_from_deltas(M.collar_deltas(scores, gt, **collars))
     for c in ("a", "b"):
         np.testing.assert_array_equal(ours[c][0], ref[c][0])
@@ -468,9 +456,6 @@ def test_collar_statistics_on_a_long_file_are_exact_in_bounded_memory(monkeypatc
         assert ref[c][1]["tps"].max() >= 1 and len(ref[c][0]) > 1000  # events found; thousands of thresholds
     assert seen and max(seen) <= 100_000, (len(seen), max(seen))
     # collar F1 at a threshold on raw scores (as grounding reports it) goes the same way
-    monkeypatch.setattr(cb, "statistics_fn", original)
-    f_ref = _sse().collar_based.fscore(scores=scores, ground_truth=gt, threshold=0.5, **collars)
-    monkeypatch.setattr(cb, "statistics_fn", recording)
     seen.clear()
     f1 = M.collar_f1(scores, gt, threshold=0.5)
     assert 0.0 < f1["event_F1_micro"] < 1.0
