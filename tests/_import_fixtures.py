@@ -295,3 +295,44 @@ def save_finelap_pt(path: Path, seed: int = 0) -> Path:
     torch.save({"model": finelap_state(seed), "optimizer": {"state": {}, "param_groups": []},
                 "config": {"model_args": {"embed_size": FL_EMBED}}, "epoch": 14}, str(path))  # fmt: skip
     return path
+
+
+# ----------------------------------------------------------------------------- CLI smoke steps shared by the importer tests
+
+
+def write_noise_clips(folder: Path, seconds, sample_rate: int, seed: int = 0) -> Path:
+    """c0.wav, c1.wav, ... of low white noise with the given durations, in `folder`."""
+    import numpy as np
+    import soundfile as sf
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, sec in enumerate(seconds):
+        sf.write(folder / f"c{i}.wav", (0.1 * rng.standard_normal(int(sec * sample_rate))).astype(np.float32), sample_rate)
+    return folder
+
+
+def cli_detect_and_ground(main, ckpt: Path, wav: Path, tmp_path: Path, capsys) -> None:
+    """`finelap detect --out TSV` and `finelap ground --json` on one file at threshold 0.5 both run
+    and write what they promise."""
+    import json
+
+    tsv = tmp_path / "det.tsv"
+    assert main(["detect", str(wav), "--labels", "dog;rain", "--threshold", "0.5", "--out", str(tsv),
+                 "--checkpoint", str(ckpt)]) == 0  # fmt: skip
+    assert tsv.read_text().startswith("filename\tonset\toffset\tevent_label")
+    capsys.readouterr()
+    assert main(["ground", str(wav), "a dog barking", "--threshold", "0.5", "--json", "--checkpoint", str(ckpt)]) == 0
+    assert json.loads(capsys.readouterr().out)["queries"][0]["text"] == "a dog barking"
+
+
+def cli_zeroshot(main, ckpt: Path, audio: Path, tmp_path: Path, rows: str) -> dict:
+    """`finelap eval zeroshot` on an ESC-50-style CSV (`rows`: its lines after the header) of the
+    clips in `audio`; returns the result JSON."""
+    import json
+
+    csv = tmp_path / "meta.csv"
+    csv.write_text("filename,fold,target,category\n" + rows)
+    out = tmp_path / "zs.json"
+    assert main(["eval", "zeroshot", "--checkpoint", str(ckpt), "--data", str(csv), "--audio-dir", str(audio), "--out", str(out)]) == 0
+    return json.loads(out.read_text())

@@ -29,7 +29,10 @@ from finelap.models.build import load_pretrained
 from finelap.models.eat import kaldi_fbank
 from finelap.models.published import SourceError, import_checkpoint
 
-from _import_fixtures import FL_TEMP, finelap_roberta_dir, finelap_state, roberta_tokenizer, save_finelap_pt
+from _import_fixtures import (
+    FL_TEMP, cli_detect_and_ground, cli_zeroshot, finelap_roberta_dir, finelap_state, roberta_tokenizer, save_finelap_pt,
+    write_noise_clips,
+)
 
 SR = 16000
 TEXTS = ["a dog barks", "rain on a roof", "an engine idling nearby"]
@@ -260,27 +263,13 @@ def test_cli_import_then_classify_detect_ground(tmp_path, capsys):
     assert main(["import", "finelap", str(pt), "--text-model", str(finelap_roberta_dir(tmp_path / "rb")), "--out", str(ckpt)]) == 0
     cfg = json.loads((ckpt / "config.json").read_text())
     assert cfg["preprocessing"]["frame_rate_hz"] == pytest.approx(6.25)
-    rng = np.random.default_rng(0)
-    audio = tmp_path / "audio"
-    audio.mkdir()
-    for i, sec in enumerate((2.0, 23.0)):
-        sf.write(audio / f"c{i}.wav", (0.1 * rng.standard_normal(int(sec * SR))).astype(np.float32), SR)
+    audio = write_noise_clips(tmp_path / "audio", (2.0, 23.0), SR, seed=0)
     capsys.readouterr()
     assert main(["classify", str(audio / "c0.wav"), "--labels", "dog;rain", "--json", "--checkpoint", str(ckpt)]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["template"] == "The sound of {}"
-    tsv = tmp_path / "det.tsv"
-    assert main(["detect", str(audio / "c1.wav"), "--labels", "dog;rain", "--threshold", "0.5", "--out", str(tsv),
-                 "--checkpoint", str(ckpt)]) == 0  # fmt: skip
-    assert tsv.read_text().startswith("filename\tonset\toffset\tevent_label")
-    capsys.readouterr()
-    assert main(["ground", str(audio / "c1.wav"), "a dog barking", "--threshold", "0.5", "--json", "--checkpoint", str(ckpt)]) == 0
-    assert json.loads(capsys.readouterr().out)["queries"][0]["text"] == "a dog barking"
-    csv = tmp_path / "meta.csv"
-    csv.write_text("filename,fold,target,category\nc0.wav,1,0,dog\nc1.wav,1,1,rain\n")
-    out = tmp_path / "zs.json"
-    assert main(["eval", "zeroshot", "--checkpoint", str(ckpt), "--data", str(csv), "--audio-dir", str(audio), "--out", str(out)]) == 0
-    assert json.loads(out.read_text())["n_items"] == 2
+    cli_detect_and_ground(main, ckpt, audio / "c1.wav", tmp_path, capsys)
+    assert cli_zeroshot(main, ckpt, audio, tmp_path, "c0.wav,1,0,dog\nc1.wav,1,1,rain\n")["n_items"] == 2
     from finelap.infer import Pipeline
 
     pipe = Pipeline.from_pretrained(ckpt)

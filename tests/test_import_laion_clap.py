@@ -26,7 +26,7 @@ from finelap.cli import main
 from finelap.models.build import load_pretrained
 from finelap.models.published import ReferenceLogMel, SourceError, import_checkpoint
 
-from _import_fixtures import roberta_dir, roberta_tokenizer, save_hf_clap, save_laion_pt, tiny_clap
+from _import_fixtures import cli_detect_and_ground, cli_zeroshot, roberta_dir, roberta_tokenizer, save_hf_clap, save_laion_pt, tiny_clap
 
 SR = 48000
 TEXTS = ["a dog barks", "rain on a roof", "an engine idling nearby"]
@@ -170,18 +170,8 @@ def test_cli_import_then_classify_detect_ground_eval(tmp_path, capsys):
     res = json.loads(capsys.readouterr().out)
     assert res["template"] == "This is a sound of {}."
     assert sum(p["score"] for p in res["results"][0]["predictions"]) == pytest.approx(1.0, abs=1e-5)
-    tsv = tmp_path / "det.tsv"
-    assert main(["detect", str(audio / "c1.wav"), "--labels", "dog;rain", "--threshold", "0.5", "--out", str(tsv),
-                 "--checkpoint", str(ckpt)]) == 0  # fmt: skip
-    assert tsv.read_text().startswith("filename\tonset\toffset\tevent_label")
-    capsys.readouterr()
-    assert main(["ground", str(audio / "c1.wav"), "a dog barking", "--threshold", "0.5", "--json", "--checkpoint", str(ckpt)]) == 0
-    assert json.loads(capsys.readouterr().out)["queries"][0]["text"] == "a dog barking"
-    csv = tmp_path / "meta.csv"
-    csv.write_text("filename,fold,target,category\nc0.wav,1,0,dog\nc1.wav,1,1,rain\nc2.wav,2,0,dog\nc3.wav,2,1,rain\n")
-    out = tmp_path / "zs.json"
-    assert main(["eval", "zeroshot", "--checkpoint", str(ckpt), "--data", str(csv), "--audio-dir", str(audio), "--out", str(out)]) == 0
-    zs = json.loads(out.read_text())
+    cli_detect_and_ground(main, ckpt, audio / "c1.wav", tmp_path, capsys)
+    zs = cli_zeroshot(main, ckpt, audio, tmp_path, "c0.wav,1,0,dog\nc1.wav,1,1,rain\nc2.wav,2,0,dog\nc3.wav,2,1,rain\n")
     assert zs["n_items"] == 4 and 0.0 <= zs["top1_accuracy"] <= 1.0
     # the 7.3-s file (longer than the 2.55-s window) is scored on the Timeline's frames, all of them
     from finelap.infer import Pipeline

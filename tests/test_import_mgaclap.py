@@ -29,7 +29,7 @@ from finelap.infer import Pipeline
 from finelap.models.build import load_pretrained
 from finelap.models.published import ReferenceLogMel, SourceError, import_checkpoint
 
-from _import_fixtures import roberta_dir, save_laion_pt, tiny_clap
+from _import_fixtures import cli_detect_and_ground, cli_zeroshot, roberta_dir, save_laion_pt, tiny_clap, write_noise_clips
 from _import_fixtures_mga import TEMP, bert_dir, bert_tokenizer, mga_state, save_mga_pt, tiny_mga
 
 SR = 32000
@@ -214,29 +214,15 @@ def test_cli_import_mgaclap_then_commands(tmp_path, capsys):
     pt = save_mga_pt(tmp_path / "model.pt", clap, bert)
     ckpt = tmp_path / "ckpt"
     assert main(["import", "mgaclap", str(pt), "--text-model", str(bert_dir(bert, tmp_path / "bert")), "--out", str(ckpt)]) == 0
-    rng = np.random.default_rng(2)
-    audio = tmp_path / "audio"
-    audio.mkdir()
-    for i, sec in enumerate((1.5, 7.3)):  # 7.3 s: longer than the tiny model's 2.55-s window
-        sf.write(audio / f"c{i}.wav", (0.1 * rng.standard_normal(int(sec * 16000))).astype(np.float32), 16000)
+    audio = write_noise_clips(tmp_path / "audio", (1.5, 7.3), 16000, seed=2)  # 7.3 s: longer than the tiny model's 2.55-s window
     capsys.readouterr()
     assert main(["classify", str(audio / "c0.wav"), "--labels", "dog;rain", "--json", "--checkpoint", str(ckpt)]) == 0
     assert json.loads(capsys.readouterr().out)["template"] == "{} can be heard"
-    tsv = tmp_path / "det.tsv"
-    assert main(["detect", str(audio / "c1.wav"), "--labels", "dog;rain", "--threshold", "0.5", "--out", str(tsv),
-                 "--checkpoint", str(ckpt)]) == 0  # fmt: skip
-    assert tsv.read_text().startswith("filename\tonset\toffset\tevent_label")
-    capsys.readouterr()
-    assert main(["ground", str(audio / "c1.wav"), "a dog barking", "--threshold", "0.5", "--json", "--checkpoint", str(ckpt)]) == 0
-    assert json.loads(capsys.readouterr().out)["queries"][0]["text"] == "a dog barking"
+    cli_detect_and_ground(main, ckpt, audio / "c1.wav", tmp_path, capsys)
     emb = tmp_path / "emb.npy"
     assert main(["embed", str(audio), "--out", str(emb), "--checkpoint", str(ckpt)]) == 0
     assert np.load(emb).shape == (2, 12)
-    csv = tmp_path / "meta.csv"
-    csv.write_text("filename,fold,target,category\nc0.wav,1,0,dog\nc1.wav,1,1,rain\n")
-    out = tmp_path / "zs.json"
-    assert main(["eval", "zeroshot", "--checkpoint", str(ckpt), "--data", str(csv), "--audio-dir", str(audio), "--out", str(out)]) == 0
-    assert json.loads(out.read_text())["n_items"] == 2
+    assert cli_zeroshot(main, ckpt, audio, tmp_path, "c0.wav,1,0,dog\nc1.wav,1,1,rain\n")["n_items"] == 2
     pipe = Pipeline.from_pretrained(ckpt)
     fs = pipe.frame_scores(str(audio / "c1.wav"), ["dog"])
     assert fs.scores.shape == (pipe.timeline.num_frames_for_samples(int(7.3 * SR)), 1) and np.isfinite(fs.scores).all()
