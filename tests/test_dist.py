@@ -36,6 +36,7 @@ from finelap.losses import (
     sigmoid_loss,
 )
 from finelap import dist as fdist
+from finelap.losses.frame_infonce import frame_info_nce
 
 WORLD = 2
 ROWS = [slice(0, 3), slice(3, 5)]  # audio clips per rank
@@ -105,6 +106,7 @@ def _cases(d: dict, rank: int, world: int, rows: slice, trows: slice) -> dict[st
     args = (f, d["frame_mask"][rows], p, d["targets"][rows], d["phrase_mask"][rows], d["has_frames"][rows], fs, fb)
     record("finelap_chunked", finelap_frame_loss(*args, chunk_size=2, rank=rank, world_size=world), fl)
     record("finelap_full", finelap_frame_loss(*args, rank=rank, world_size=world), fl)
+    record("frame_infonce", frame_info_nce(*args, rank=rank, world_size=world), fl)
 
     f = leaf("frames", rows)
     te, al, be = leaf("flam_text", trows), leaf("alpha", trows), leaf("beta", trows)
@@ -137,6 +139,9 @@ def _cases(d: dict, rank: int, world: int, rows: slice, trows: slice) -> dict[st
     cl = {"audio": ("rows", a), "frames": ("rows", f), "scale": ("rep", s)}
     for term in ("clip/sigmoid", "frame/sigmoid", "loss"):
         record("compose " + term, res[term], cl)
+    # a frame objective added as one file (losses/frame_infonce.py): the same DDP rule
+    res = compute_losses(LossConfig(clip=None, frame="frame_infonce"), x, rank, world)
+    record("compose frame/infonce", res["frame/infonce"], {"frames": ("rows", f)})
     return out
 
 

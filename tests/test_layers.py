@@ -8,7 +8,7 @@ Layers, bottom to top (a module may import its own floor and the floors below it
 
   0  _version, errors, utils, dist      no finelap imports beyond this floor; dist = torch.distributed helpers
   1  registry, audio                    name -> builder tables; waveforms, log-mel, frames <-> seconds
-  2  config                             typed run config (reads audio's MelConfig, registry)
+  2  config, loss_config                typed run config (reads audio's MelConfig, registry); the loss section
   3  checkpoint                         checkpoint directory format and file I/O (safetensors + JSON)
   4  data                               manifests, phrases, batching/collation, synthesis
   5  eval, scoring, search, streaming   metrics and evaluators over functions/arrays, never models
@@ -35,7 +35,7 @@ PKG = "finelap"
 LAYERS: list[tuple[str, int]] = [
     ("finelap._version", 0), ("finelap.errors", 0), ("finelap.utils", 0), ("finelap.dist", 0),
     ("finelap.registry", 1), ("finelap.audio", 1),
-    ("finelap.config", 2),
+    ("finelap.config", 2), ("finelap.loss_config", 2),
     ("finelap.checkpoint", 3),
     ("finelap.data", 4),
     ("finelap.eval", 5), ("finelap.scoring", 5), ("finelap.search", 5), ("finelap.streaming", 5),

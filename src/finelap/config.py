@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence, TypeVar
 
 from .errors import ConfigError
+from .loss_config import LossConfig
 
 T = TypeVar("T")
 
@@ -577,12 +578,12 @@ def _check_calibration(cal: Mapping[str, Any]) -> None:
 
 @dataclass
 class RunConfig:
-    """A whole run. `model` and `loss` are typed by the classes registered with `register_section`
-    (ModelConfig / LossConfig from finelap.models.model and finelap.losses.compose); until those
-    are importable they stay plain dicts."""
+    """A whole run. `model` is typed by the class registered with `register_section` (ModelConfig
+    from finelap.models.model); until that is importable it stays a plain dict. `loss` is a
+    `LossConfig` (finelap.loss_config), which checks its objective names when it is built."""
 
     model: Any = field(default_factory=dict)
-    loss: Any = field(default_factory=dict)
+    loss: LossConfig = field(default_factory=LossConfig)
     audio: AudioConfig = field(default_factory=AudioConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -601,7 +602,6 @@ class RunConfig:
 # name -> (module, class name) tried lazily, or a class registered explicitly
 _SECTIONS: dict[str, type | tuple[str, str]] = {
     "model": ("finelap.models.model", "ModelConfig"),
-    "loss": ("finelap.losses.compose", "LossConfig"),
 }
 
 
@@ -638,6 +638,8 @@ def resolve_run_config(d: Mapping[str, Any] | RunConfig) -> RunConfig:
     if not isinstance(d, Mapping):
         raise ConfigError(f"config must be a mapping of sections, got {type(d).__name__}")
     d = dict(d)
+    if "loss" in d and d["loss"] is None:  # an empty `loss:` block: the defaults
+        del d["loss"]
     for name in ("model", "loss"):
         cls = section_class(name)
         if cls is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import pkgutil
 from pathlib import Path
 from typing import Callable, Generic, Iterable, TypeVar
 
@@ -18,12 +19,17 @@ T = TypeVar("T")
 
 
 class Registry(Generic[T]):
-    """`@REG.register("name")` adds an object; `REG.get("name")` returns it; `REG.names()` lists them."""
+    """`@REG.register("name")` adds an object; `REG.get("name")` returns it; `REG.names()` lists them.
 
-    def __init__(self, name: str, modules: Iterable[str] = ()) -> None:
+    modules: imported on the first lookup (a missing one is skipped); packages: every module in
+    them is imported on the first lookup, so adding a file to the package is enough to register.
+    """
+
+    def __init__(self, name: str, modules: Iterable[str] = (), packages: Iterable[str] = ()) -> None:
         self.name = name
         self._items: dict[str, T] = {}
         self._modules = tuple(modules)  # imported lazily; their decorators fill the registry
+        self._packages = tuple(packages)  # every module of these packages is imported lazily too
         self._loaded = False
 
     def register(self, name: str | None = None, *, override: bool = False) -> Callable[[T], T]:
@@ -48,6 +54,12 @@ class Registry(Generic[T]):
             except ModuleNotFoundError as e:  # module not written yet: fine; a broken one is not
                 if not (e.name and (module == e.name or module.startswith(e.name + "."))):
                     raise
+        for package in self._packages:  # a new file in the package registers itself: no list to edit
+            path = getattr(importlib.import_module(package), "__path__", None)
+            if path is None:
+                raise ValueError(f"{self.name} registry: {package!r} is a module, not a package")
+            for info in pkgutil.iter_modules(path, package + "."):
+                importlib.import_module(info.name)
 
     def get(self, name: str) -> T:
         self._load()
@@ -69,7 +81,8 @@ class Registry(Generic[T]):
 AUDIO_ENCODERS: Registry = Registry(
     "audio encoder", ["finelap.models.audio_encoders", "finelap.models.pretrained", "finelap.models.published", "finelap.models.eat"]
 )
-LOSSES: Registry = Registry("loss", ["finelap.losses.clip", "finelap.losses.frame", "finelap.losses.aux"])
+# training objectives (finelap.losses.objective.Objective instances), one per module of finelap.losses
+LOSSES: Registry = Registry("loss", packages=["finelap.losses"])
 DATASETS: Registry = Registry("dataset", ["finelap.data.manifests"])
 # preset name -> YAML path, for presets that live outside the searched config folders
 PRESETS: Registry[Path] = Registry("preset")

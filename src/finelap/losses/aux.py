@@ -1,15 +1,20 @@
 """Auxiliary objectives used by SLAP: masked-frame self-distillation from an EMA teacher, and a
-captioning (token cross-entropy) loss; plus the EMA update itself.
+captioning (token cross-entropy) loss; plus the EMA update itself (also the loop's EMA weights).
 """
 from __future__ import annotations
+
+from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import ConfigError
+from ..loss_config import LossConfig
 from .frame import _normalise
+from .objective import Inputs, Objective, StepContext, register_objective
 
-__all__ = ["masked_distill_loss", "caption_loss", "ema_update"]
+__all__ = ["masked_distill_loss", "caption_loss", "ema_update", "DistillObjective", "CaptionObjective"]
 
 _DISTILL_KINDS = ("cosine", "mse", "ce")
 
@@ -94,31 +99,97 @@ def caption_loss(
     return _normalise(total, (targets != pad_id).sum().float(), world_size)
 
 
-@torch.no_grad()
-def ema_update(teacher: nn.Module, student: nn.Module, decay: float) -> None:
-    """teacher <- decay * teacher + (1 - decay) * student, parameter by parameter, in place.
+def _ema_entries(x: nn.Module | Mapping[str, torch.Tensor], as_state_dict: bool) -> Mapping[str, torch.Tensor]:
+    if not isinstance(x, nn.Module):
+        return x
+    return x.state_dict() if as_state_dict else {**dict(x.named_parameters()), **dict(x.named_buffers())}
 
-    Floating-point buffers (e.g. BatchNorm running stats) follow the same average; integer buffers
-    (counters) are copied. The modules must have identical structure (parameter and buffer names
-    and shapes), e.g. ``teacher = copy.deepcopy(student)`` at start.
+
+@torch.no_grad()
+def ema_update(target: nn.Module | Mapping[str, torch.Tensor], source: nn.Module | Mapping[str, torch.Tensor], decay: float) -> None:
+    """target <- decay * target + (1 - decay) * source, entry by entry, in place: the one EMA
+    helper (the training loop's EMA weights, SLAP's teacher).
+
+    target: a module (its parameters and buffers move, e.g. a teacher made with
+    ``copy.deepcopy(student)``) or a name -> tensor mapping (a copy of a state dict, e.g. the
+    loop's EMA weights). source: a module or mapping with the same names and shapes; a module is
+    read as its parameters and buffers, or as its ``state_dict()`` when the target is a mapping.
+    Floating-point entries (e.g. BatchNorm running stats) follow the average; integer entries
+    (counters) are copied. decay in [0, 1]; 0 copies the source.
     """
     if not 0.0 <= decay <= 1.0:
         raise ValueError(f"EMA decay must be in [0, 1], got {decay}")
-    t_params = dict(teacher.named_parameters())
-    s_params = dict(student.named_parameters())
-    t_bufs = dict(teacher.named_buffers())
-    s_bufs = dict(student.named_buffers())
-    if t_params.keys() != s_params.keys() or t_bufs.keys() != s_bufs.keys():
-        missing = sorted((set(s_params) | set(s_bufs)) ^ (set(t_params) | set(t_bufs)))
-        raise ValueError(f"teacher and student differ in structure: {missing[:5]}")
-    for name, tp in t_params.items():
-        sp = s_params[name]
-        if tp.shape != sp.shape:
-            raise ValueError(f"teacher and student differ in shape at {name}: {tuple(tp.shape)} vs {tuple(sp.shape)}")
-        tp.lerp_(sp.detach().to(tp.dtype), 1.0 - decay)
-    for name, tb in t_bufs.items():
-        sb = s_bufs[name]
-        if tb.is_floating_point():
-            tb.lerp_(sb.to(tb.dtype), 1.0 - decay)
+    as_state_dict = not isinstance(target, nn.Module)
+    t_state, s_state = _ema_entries(target, as_state_dict), _ema_entries(source, as_state_dict)
+    if t_state.keys() != s_state.keys():
+        missing = sorted(set(t_state) ^ set(s_state))
+        raise ValueError(f"EMA target and source differ in structure: {missing[:5]}")
+    for name, e in t_state.items():
+        v = s_state[name]
+        if e.shape != v.shape:
+            raise ValueError(f"EMA target and source differ in shape at {name}: {tuple(e.shape)} vs {tuple(v.shape)}")
+        if e.is_floating_point():
+            e.mul_(decay).add_(v.detach().to(e.dtype), alpha=1 - decay)
         else:
-            tb.copy_(sb)
+            e.copy_(v)
+
+
+# ----------------------------------------------------------------------------- objectives (loss.distill, loss.caption)
+
+
+@register_objective
+class DistillObjective(Objective):
+    """SLAP's masked-frame self-distillation (`masked_distill_loss`) of kind ``loss.distill``.
+
+    Its inputs come from the SLAP hook's extra passes (``finelap.train.slap``: student frames of
+    the masked input, teacher frames of the unmasked one); skipped when they are absent.
+    """
+
+    name = "distill"
+    slot = "distill"
+    all_terms = ("aux/distill",)
+    needs = ("student_frames", "teacher_frames", "distill_mask")
+
+    def selected(self, cfg: LossConfig) -> bool:
+        return cfg.distill is not None
+
+    def check(self, cfg: LossConfig) -> None:
+        if cfg.distill not in _DISTILL_KINDS:
+            raise ConfigError(f"loss.distill: unknown kind {cfg.distill!r}; choose one of {_DISTILL_KINDS} or null")
+
+    def gather(self, cfg: LossConfig, ctx: StepContext) -> dict[str, Any]:
+        return {k: ctx.extra[k] for k in self.needs if k in ctx.extra}
+
+    def compute(self, cfg: LossConfig, x: Inputs, rank: int = 0, world_size: int = 1) -> dict[str, torch.Tensor | None]:
+        if x.get("student_frames") is None or x.get("teacher_frames") is None:
+            return {}
+        loss = masked_distill_loss(
+            x["student_frames"], x["teacher_frames"], self.need(x, "distill_mask"), cfg.distill,
+            cfg.distill_student_temperature, cfg.distill_teacher_temperature, world_size=world_size,
+        )  # fmt: skip
+        return {"aux/distill": loss}
+
+
+@register_objective
+class CaptionObjective(Objective):
+    """Captioning with a small decoder (`caption_loss`), loss.caption; inputs from the SLAP hook
+    (the decoder's logits over the batch's captions); skipped when they are absent."""
+
+    name = "caption"
+    slot = "caption"
+    all_terms = ("aux/caption",)
+    needs = ("caption_logits", "caption_targets", "caption_pad_id")
+    own_options = ("caption_label_smoothing",)
+
+    def selected(self, cfg: LossConfig) -> bool:
+        return bool(cfg.caption)
+
+    def gather(self, cfg: LossConfig, ctx: StepContext) -> dict[str, Any]:
+        return {k: ctx.extra[k] for k in self.needs if k in ctx.extra}
+
+    def compute(self, cfg: LossConfig, x: Inputs, rank: int = 0, world_size: int = 1) -> dict[str, torch.Tensor | None]:
+        if x.get("caption_logits") is None or x.get("caption_targets") is None:
+            return {}
+        pad = x.get("caption_pad_id")
+        loss = caption_loss(x["caption_logits"], x["caption_targets"], 0 if pad is None else pad, cfg.caption_label_smoothing, world_size)
+        return {"aux/caption": loss}

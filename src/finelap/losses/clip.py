@@ -16,15 +16,21 @@ Local batch sizes may differ between ranks.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from ..data.batching import caption_ids  # re-exported: the hash is made at collation time
 from ..dist import all_gather_sizes, gather_with_grad
+from ..loss_config import LossConfig
 from .frame import _check_dist, bilinear_bce_sum
+from .objective import Inputs, Objective, StepContext, register_objective
 
-__all__ = ["info_nce", "sigmoid_loss", "hard_negative_info_nce", "caption_ids"]
+__all__ = [
+    "info_nce", "sigmoid_loss", "hard_negative_info_nce", "caption_ids",
+    "InfoNCEObjective", "SigmoidObjective", "HardNegativeObjective",
+]  # fmt: skip
 
 
 @dataclass
@@ -205,3 +211,86 @@ def hard_negative_info_nce(
     lt = logit_scale * text @ g.audio_all.T
     total = _hard_negative_rows(la, pos, beta, detach_weights).sum() + _hard_negative_rows(lt, pos, beta, detach_weights).sum()
     return total / 2 * (world_size / g.n_global)
+
+
+# ----------------------------------------------------------------------------- objectives (loss.clip)
+
+
+class _ClipObjective(Objective):
+    """A clip-level objective over the batch's (audio, caption) pairs: rows without a caption are
+    left out, and clips with equal captions are positives of each other (mask_false_negatives)."""
+
+    slot = "clip"
+    needs = ("audio_embeds", "text_embeds", "logit_scale", "logit_bias", "has_caption", "caption_groups")
+
+    def gather(self, cfg: LossConfig, ctx: StepContext) -> dict[str, Any]:
+        """audio_embeds (B, D), text_embeds (B, D) (each clip's caption), logit_scale/bias (0-dim),
+        has_caption (B,), caption_groups (B,)."""
+        scale, bias = ctx.model.clip_scale_and_bias()
+        return {
+            "audio_embeds": ctx.audio.audio_embeds.float(),
+            "text_embeds": ctx.text.text_embeds.float()[ctx.texts.caption_index],
+            "logit_scale": scale,
+            "logit_bias": bias,
+            "has_caption": ctx.batch.has_caption,
+            "caption_groups": ctx.batch.caption_group,
+        }
+
+    def compute(self, cfg: LossConfig, x: Inputs, rank: int = 0, world_size: int = 1) -> dict[str, torch.Tensor | None]:
+        (term,) = self.all_terms
+        audio = self.need(x, "audio_embeds")
+        text = x.get("text_embeds")
+        # under DDP, groups must be given on every rank or on none (they are gathered)
+        groups = x.get("caption_groups") if cfg.mask_false_negatives else None
+        if text is None:  # no caption in this batch: take part with zero rows (other ranks may have some)
+            keep = torch.zeros(audio.shape[0], dtype=torch.bool, device=audio.device)
+            text = audio
+        else:
+            has = x.get("has_caption")
+            keep = has.to(torch.bool) if has is not None else None
+        if keep is not None:
+            audio, text = audio[keep], text[keep]
+            groups = groups[keep] if groups is not None else None
+        return {term: self.loss(cfg, x, audio, text, groups, rank, world_size)}
+
+    def loss(self, cfg: LossConfig, x: Inputs, audio: torch.Tensor, text: torch.Tensor, groups: torch.Tensor | None,
+             rank: int, world_size: int) -> torch.Tensor:  # fmt: skip
+        """The loss over the kept rows: audio, text (n, D), groups (n,) or None."""
+        raise NotImplementedError
+
+
+@register_objective
+class InfoNCEObjective(_ClipObjective):
+    """CLAP/CLIP's symmetric InfoNCE (`info_nce`)."""
+
+    name = "infonce"
+    all_terms = ("clip/infonce",)
+    own_options = ("local_loss",)
+
+    def loss(self, cfg, x, audio, text, groups, rank, world_size):
+        return info_nce(audio, text, self.need(x, "logit_scale"), rank, world_size, cfg.local_loss, groups)
+
+
+@register_objective
+class SigmoidObjective(_ClipObjective):
+    """SigLIP's pairwise sigmoid loss (`sigmoid_loss`), optionally chunked over texts."""
+
+    name = "sigmoid"
+    all_terms = ("clip/sigmoid",)
+    own_options = ("clip_chunk_size",)
+
+    def loss(self, cfg, x, audio, text, groups, rank, world_size):
+        scale, bias = self.need(x, "logit_scale"), self.need(x, "logit_bias")
+        return sigmoid_loss(audio, text, scale, bias, rank, world_size, groups, cfg.clip_chunk_size)
+
+
+@register_objective
+class HardNegativeObjective(_ClipObjective):
+    """MGA-CLAP's hard-negative guided InfoNCE (`hard_negative_info_nce`)."""
+
+    name = "hard_negative"
+    all_terms = ("clip/hard_negative",)
+    own_options = ("hard_negative_beta",)
+
+    def loss(self, cfg, x, audio, text, groups, rank, world_size):
+        return hard_negative_info_nce(audio, text, self.need(x, "logit_scale"), cfg.hard_negative_beta, rank, world_size, groups)

@@ -25,12 +25,19 @@ world_size times its share of the global loss, normalisers are global counts (al
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 
+from ..audio import Timeline
+from ..data.batching import Batch
+from ..data.phrases import PhraseClusters
 from ..dist import all_gather_sizes, all_reduce_sum, gather_with_grad, get_rank, get_world_size, is_dist
+from ..errors import ConfigError
+from ..loss_config import LossConfig
+from ..models.model import frame_similarity
+from .objective import Inputs, Objective, StepContext, any_rank, input_device, register_objective
 
 __all__ = [
     "FrameLabels",
@@ -41,6 +48,9 @@ __all__ = [
     "flam_calibrated_prob",
     "FLAMLoss",
     "bilinear_bce_sum",
+    "cluster_activity",
+    "FineLAPFrameObjective",
+    "FLAMFrameObjective",
 ]
 
 # A target spec: a dense (B, T, K) tensor, or fn(audio_slice, column_slice) -> (b, T, k).
@@ -141,9 +151,9 @@ def _bilinear_chunks(
     total = frames.new_zeros(())
     for ks in _chunks(k_total, chunk_size):
         c = cols[ks] if shared else cols[:, ks]
-        dot = torch.einsum("btd,kd->btk", frames, c) if shared else torch.einsum("btd,bkd->btk", frames, c)
+        dot = frame_similarity(frames, c)
         s, bb = _cols_of(scale, ks), _cols_of(bias, ks)
-        z = dot * s + bb
+        z = dot * s + bb  # = frame_logits(frames, c, s, bb), keeping `dot` for the scale's gradient
         y = targets(slice(0, b), ks).to(z.dtype)
         w = w_bt[:, :, None] if w_bk is None else w_bt[:, :, None] * w_bk[:, None, ks]
         w = w.expand_as(z)
@@ -508,3 +518,144 @@ class FLAMLoss:
             else:  # no valid frame anywhere: no prior evidence, keep beta in the graph with zero gradient
                 out["frame/prior"] = beta_all.sum() * 0.0
         return out
+
+
+# ----------------------------------------------------------------------------- objectives (loss.frame)
+
+
+def frame_inputs(ctx: StepContext) -> dict[str, Any]:
+    """The inputs every frame objective reads: frame_embeds (B, T, D) float, frame_mask (B, T),
+    has_frames (B,)."""
+    return {"frame_embeds": ctx.audio.frame_embeds.float(), "frame_mask": ctx.audio.frame_mask, "has_frames": ctx.batch.has_frames}
+
+
+def phrase_inputs(ctx: StepContext) -> dict[str, Any]:
+    """Each clip's phrase set (FineLAP's frame stream): phrase_embeds (B, K, D), phrase_mask
+    (B, K), frame_targets (B, T, K) or None, and frame_logit_scale / frame_logit_bias: the
+    model's scalars, or one per phrase slot (B, 1, K) when the model predicts them per text."""
+    te = ctx.text.text_embeds.float()
+    pi = ctx.texts.phrase_index
+    fs, fb = ctx.model.frame_scale_and_bias(ctx.text)
+    if ctx.text.frame_logit_scale is not None:  # per-text scale/bias: one per phrase slot
+        fs, fb = fs[pi][:, None, :], fb[pi][:, None, :]
+    return {
+        "phrase_embeds": te[pi],
+        "phrase_mask": ctx.batch.phrase_mask,
+        "frame_targets": ctx.batch.frame_targets,
+        "frame_logit_scale": fs,
+        "frame_logit_bias": fb,
+    }
+
+
+def phrase_set_present(x: Inputs) -> bool:
+    """Whether this rank's batch has strong labels for its phrase sets."""
+    has = x.get("has_frames")
+    return x.get("frame_targets") is not None and has is not None and bool(has.any())
+
+
+def empty_phrase_set(fe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(phrase_embeds (B, 0, D), phrase_mask (B, 0), targets (B, T, 0), has_frames (B,) False):
+    a rank without strong labels takes part with zero weight when another rank has some."""
+    b, t, d = fe.shape
+    return (fe.new_zeros(b, 0, d), torch.zeros(b, 0, dtype=torch.bool, device=fe.device), fe.new_zeros(b, t, 0),
+            torch.zeros(b, dtype=torch.bool, device=fe.device))  # fmt: skip
+
+
+def _frame_mask_of(x: Inputs, fe: torch.Tensor) -> torch.Tensor:
+    fm = x.get("frame_mask")
+    return fm if fm is not None else torch.ones(fe.shape[:2], dtype=torch.bool, device=fe.device)
+
+
+@register_objective
+class FineLAPFrameObjective(Objective):
+    """FineLAP's frame stream (`finelap_frame_loss`) over each annotated clip's phrase set.
+
+    Skipped when no rank has strong labels; under DDP computed on every rank as soon as one has
+    (ranks without them contribute zero), because the loss runs collectives.
+    """
+
+    name = "finelap"
+    slot = "frame"
+    all_terms = ("frame/sigmoid",)
+    needs = ("frame_embeds", "frame_mask", "has_frames", "phrase_embeds", "phrase_mask", "frame_targets",
+             "frame_logit_scale", "frame_logit_bias")  # fmt: skip
+
+    def gather(self, cfg: LossConfig, ctx: StepContext) -> dict[str, Any]:
+        return {**frame_inputs(ctx), **phrase_inputs(ctx)}
+
+    def compute(self, cfg: LossConfig, x: Inputs, rank: int = 0, world_size: int = 1) -> dict[str, torch.Tensor | None]:
+        present = phrase_set_present(x)
+        if not any_rank(present, world_size, input_device(x)):
+            return {}
+        fe = self.need(x, "frame_embeds")
+        fm = _frame_mask_of(x, fe)
+        if present:
+            pe, pm, tg, hf = self.need(x, "phrase_embeds"), self.need(x, "phrase_mask"), x["frame_targets"], x["has_frames"]
+        else:
+            pe, pm, tg, hf = empty_phrase_set(fe)
+        loss = finelap_frame_loss(fe, fm, pe, tg, pm, hf, self.need(x, "frame_logit_scale"), self.need(x, "frame_logit_bias"),
+                                  cfg.frame_chunk_size, rank, world_size)  # fmt: skip
+        return {"frame/sigmoid": loss}
+
+
+def cluster_activity(batch: Batch, clusters: PhraseClusters, timeline: Timeline, n_frames: int) -> torch.Tensor:
+    """(B, T, C) float: is an event of cluster c active at frame t of clip b (FLAM targets)."""
+    act = torch.zeros(batch.size, n_frames, max(1, clusters.num_clusters))
+    for b, events in enumerate(batch.events):
+        for e in events:
+            c = clusters.cluster_of(e.label)
+            if c is None:
+                continue
+            col = timeline.rasterize([(0, e.onset, e.offset)], [0], n_frames)[:, 0]
+            act[b, :, c] = torch.maximum(act[b, :, c], torch.from_numpy(col))
+    return act
+
+
+@register_objective
+class FLAMFrameObjective(Objective):
+    """FLAM's frame BCE over every audio x text x frame of the batch and its prior loss (`FLAMLoss`).
+
+    The text set is the batch's distinct phrases, each with the model's per-text alpha/beta; every
+    (clip, text) pair is labelled through the phrase clusters. DDP as in FineLAP's objective.
+    """
+
+    name = "flam"
+    slot = "frame"
+    all_terms = ("frame/flam", "frame/prior")
+    needs = ("frame_embeds", "frame_mask", "has_frames", "flam_text_embeds", "flam_alpha", "flam_beta", "flam_targets")
+
+    def terms(self, cfg: LossConfig) -> list[str]:
+        return ["frame/flam", "frame/prior"] if cfg.flam_prior else ["frame/flam"]
+
+    def gather(self, cfg: LossConfig, ctx: StepContext) -> dict[str, Any]:
+        x = frame_inputs(ctx)
+        st = ctx.texts
+        if not len(st.flam_index) or ctx.batch.frame_targets is None:
+            return x
+        if ctx.text.frame_logit_scale is None:
+            raise ConfigError("loss.frame=flam needs model.text_conditioned_scale_bias=true (per-text alpha/beta)")
+        if ctx.clusters is None:
+            raise ConfigError("loss.frame=flam needs a phrase bank (clusters) to label every audio-text pair")
+        n_frames = x["frame_embeds"].shape[1]
+        x["flam_text_embeds"] = ctx.text.text_embeds.float()[st.flam_index]
+        x["flam_alpha"] = ctx.text.frame_logit_scale[st.flam_index].float()
+        x["flam_beta"] = ctx.text.frame_logit_bias[st.flam_index].float()
+        x["flam_targets"] = FrameLabels(cluster_activity(ctx.batch, ctx.clusters, ctx.model.timeline, n_frames), st.flam_cluster)
+        return x
+
+    def compute(self, cfg: LossConfig, x: Inputs, rank: int = 0, world_size: int = 1) -> dict[str, torch.Tensor | None]:
+        has = x.get("has_frames")
+        present = x.get("flam_targets") is not None and (has is None or bool(has.any()))
+        if not any_rank(present, world_size, input_device(x)):
+            return {}
+        fe = self.need(x, "frame_embeds")
+        b, t, d = fe.shape
+        fm = _frame_mask_of(x, fe)
+        if present:
+            te, al, be = self.need(x, "flam_text_embeds"), self.need(x, "flam_alpha"), self.need(x, "flam_beta")
+            tg, hf = x["flam_targets"], has
+        else:  # this rank has no strong labels but another has: take part with zero texts
+            te, al, be = fe.new_zeros(0, d), fe.new_zeros(0), fe.new_zeros(0)
+            tg = lambda bs, ks: torch.zeros(b, t, ks.stop - ks.start, device=fe.device)  # noqa: E731
+            hf = torch.zeros(b, dtype=torch.bool, device=fe.device)
+        return dict(FLAMLoss(cfg.frame_chunk_size, cfg.flam_prior)(fe, fm, te, al, be, tg, hf, rank, world_size))

@@ -46,6 +46,8 @@ __all__ = [
     "ModelOutput",
     "FineLAPModel",
     "param_groups",
+    "frame_similarity",
+    "frame_logits",
 ]
 
 # ----------------------------------------------------------------------------- registry
@@ -256,6 +258,24 @@ class ModelOutput:
 # ----------------------------------------------------------------------------- model
 
 
+def frame_similarity(frame_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
+    """<frame, text> for every frame and text: (..., T, D) x (N, D) shared by every clip, or
+    x (..., N, D) per clip (FineLAP's phrase sets) -> (..., T, N). Embeddings are L2-normalised by
+    the model, so this is the cosine."""
+    return torch.matmul(frame_embeds, text_embeds.transpose(-1, -2))
+
+
+def frame_logits(frame_embeds: torch.Tensor, text_embeds: torch.Tensor, scale: torch.Tensor | float, bias: torch.Tensor | float) -> torch.Tensor:
+    """Frame-text logits z = scale * <frame, text> + bias: the one definition that the model,
+    inference and the frame losses share (the chunked frame losses use `frame_similarity`, since
+    their gradient needs the product itself).
+
+    frame_embeds (..., T, D); text_embeds (N, D) or (..., N, D) (see `frame_similarity`); scale,
+    bias: scalars / 0-dim, per text (N,), or per clip and text (..., 1, N). Returns (..., T, N).
+    """
+    return scale * frame_similarity(frame_embeds, text_embeds) + bias
+
+
 class FineLAPModel(nn.Module):
     """Two-tower audio-text model with clip and frame embeddings.
 
@@ -400,7 +420,7 @@ class FineLAPModel(nn.Module):
     def frame_logits(self, audio: AudioOutput, text: TextOutput) -> torch.Tensor:
         """(B, T, N) = frame_scale * cos + frame_bias (values at padded frames are meaningless; use frame_mask)."""
         s, b = self.frame_scale_and_bias(text)
-        return s * torch.matmul(audio.frame_embeds, text.text_embeds.t()) + b
+        return frame_logits(audio.frame_embeds, text.text_embeds, s, b)
 
     def frame_scores(self, wave: torch.Tensor, lengths: torch.Tensor | None, texts: Sequence[str]) -> torch.Tensor:
         """(B, T, N) frame-text logits; apply sigmoid for probabilities. Padded frames: see encode_audio's mask."""

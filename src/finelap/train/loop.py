@@ -29,10 +29,12 @@ from ..data.batching import Batch, ClipDataset, Collate, MixedBatchSampler, spli
 from ..data.phrases import PhraseClusters
 from ..data.types import Clip
 from ..errors import CheckpointError, ConfigError, FinelapError
-from ..losses.compose import LossConfig, LossInputs, compute_losses
-from ..losses.frame import FrameLabels
+from ..losses.aux import ema_update  # re-exported: the one EMA helper (EMA weights and SLAP's teacher)
+from ..losses.compose import LossConfig, compute_losses, gather_inputs
+from ..losses.frame import cluster_activity  # re-exported (FLAM's targets)
+from ..losses.objective import StepContext, StepTexts, step_texts  # re-exported
 from ..models.build import build_model, checkpoint_state, complete_state
-from ..models.model import FineLAPModel, param_groups
+from ..models.model import AudioOutput, FineLAPModel, TextOutput, param_groups
 from ..utils import log
 from .slap import SLAPState, attach_slap_modules, needs_slap_modules
 from .checkpoint import (
@@ -55,17 +57,6 @@ def lr_lambda(step: int, warmup: int, total: int, schedule: str, min_ratio: floa
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-@torch.no_grad()
-def ema_update(ema: dict[str, torch.Tensor], model: torch.nn.Module, decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * weights, for floating tensors; other buffers are copied."""
-    for k, v in model.state_dict().items():
-        e = ema[k]
-        if e.dtype.is_floating_point:
-            e.mul_(decay).add_(v.detach().to(e.dtype), alpha=1 - decay)
-        else:
-            e.copy_(v)
-
-
 def _sync_gradients(model: torch.nn.Module, world_size: int) -> None:
     """Average gradients over ranks (what DDP does), so that with the losses' gather convention
     (finelap.dist) every rank holds the single-process gradient of the global loss."""
@@ -84,65 +75,6 @@ def _sync_gradients(model: torch.nn.Module, world_size: int) -> None:
 
 
 # ----------------------------------------------------------------------------- one step's forward
-
-
-@dataclass
-class StepTexts:
-    """The batch's distinct texts (captions and phrases) and where each clip's texts sit in it."""
-
-    texts: list[str]
-    caption_index: torch.Tensor  # (B,) long
-    phrase_index: torch.Tensor  # (B, K) long (padding slots point at 0; masked)
-    flam_index: torch.Tensor  # (N,) long: distinct phrases, FLAM's text set
-    flam_cluster: torch.Tensor  # (N,) long cluster id, -1 unknown
-
-
-def step_texts(batch: Batch, clusters: PhraseClusters | None, phrase_template: str | None = None) -> StepTexts:
-    """The batch's texts. Captions are encoded as written; phrases (frame-level queries) as the
-    prompts inference will use (`finelap.scoring.make_prompt` with `phrase_template`, normally the
-    checkpoint's eval.prompt_template), so training and detection score the same text; None keeps
-    phrases as written."""
-    from ..scoring import make_prompt
-
-    index: dict[str, int] = {}
-    texts: list[str] = []
-
-    def idx(t: str) -> int:
-        if t not in index:
-            index[t] = len(texts)
-            texts.append(t)
-        return index[t]
-
-    def pidx(p: str) -> int:
-        return idx(make_prompt(phrase_template, p) if phrase_template is not None else p)
-
-    cap = [idx(c) if c else 0 for c in batch.captions]
-    ph = [[pidx(p) if p else 0 for p in ps] for ps in batch.phrases]
-    distinct = sorted({p for ps in batch.phrases for p in ps if p})
-    flam = [pidx(p) for p in distinct]
-    cl = [(clusters.cluster_of(p) if clusters is not None else None) for p in distinct]
-    if not texts:
-        texts.append("")
-    return StepTexts(
-        texts,
-        torch.tensor(cap, dtype=torch.long),
-        torch.tensor(ph, dtype=torch.long).reshape(len(batch.phrases), -1),
-        torch.tensor(flam, dtype=torch.long),
-        torch.tensor([-1 if c is None else c for c in cl], dtype=torch.long),
-    )
-
-
-def cluster_activity(batch: Batch, clusters: PhraseClusters, timeline, n_frames: int) -> torch.Tensor:
-    """(B, T, C) float: is an event of cluster c active at frame t of clip b (FLAM targets)."""
-    act = torch.zeros(batch.size, n_frames, max(1, clusters.num_clusters))
-    for b, events in enumerate(batch.events):
-        for e in events:
-            c = clusters.cluster_of(e.label)
-            if c is None:
-                continue
-            col = timeline.rasterize([(0, e.onset, e.offset)], [0], n_frames)[:, 0]
-            act[b, :, c] = torch.maximum(act[b, :, c], torch.from_numpy(col))
-    return act
 
 
 def _audio_reps(model: FineLAPModel, wave: torch.Tensor, lengths: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -170,42 +102,13 @@ def losses_from_reps(
     world_size: int,
     extra: dict | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Assemble LossInputs from audio/text representations of the whole (global-per-rank) batch."""
-    cs, cb = model.clip_scale_and_bias()
-    te = t["text_embeds"].float()
-    x = LossInputs(
-        audio_embeds=a["audio_embeds"].float(),
-        text_embeds=te[st.caption_index],
-        logit_scale=cs,
-        logit_bias=cb,
-        has_caption=batch.has_caption,
-        caption_groups=batch.caption_group,
-        frame_embeds=a["frame_embeds"].float(),
-        frame_mask=a["frame_mask"],
-        has_frames=batch.has_frames,
-    )
-    if loss_cfg.frame == "finelap":
-        fs, fb = (t["alpha"], t["beta"]) if "alpha" in t else model.frame_scale_bias()
-        if "alpha" in t:  # per-text scale/bias: one per phrase slot
-            fs, fb = fs[st.phrase_index], fb[st.phrase_index]
-            fs, fb = fs[:, None, :], fb[:, None, :]
-        x.phrase_embeds = te[st.phrase_index]
-        x.phrase_mask = batch.phrase_mask
-        x.frame_targets = batch.frame_targets
-        x.frame_logit_scale, x.frame_logit_bias = fs, fb
-    elif loss_cfg.frame == "flam" and len(st.flam_index) and batch.frame_targets is not None:
-        if "alpha" not in t:
-            raise ConfigError("loss.frame=flam needs model.text_conditioned_scale_bias=true (per-text alpha/beta)")
-        if clusters is None:
-            raise ConfigError("loss.frame=flam needs a phrase bank (clusters) to label every audio-text pair")
-        n_frames = x.frame_embeds.shape[1]
-        x.flam_text_embeds = te[st.flam_index]
-        x.flam_alpha = t["alpha"][st.flam_index].float()
-        x.flam_beta = t["beta"][st.flam_index].float()
-        x.flam_targets = FrameLabels(cluster_activity(batch, clusters, model.timeline, n_frames), st.flam_cluster)
-    for k, v in (extra or {}).items():
-        setattr(x, k, v)
-    return compute_losses(loss_cfg, x, rank, world_size)
+    """The loss terms of the whole (per-rank) batch from its audio/text representations (``a``
+    from `_audio_reps`, ``t`` from `_text_reps`) and the SLAP hook's ``extra`` inputs: every
+    enabled objective gathers its inputs (`gather_inputs`), then `compute_losses`."""
+    audio = AudioOutput(a["audio_embeds"], a["frame_embeds"], a["frame_mask"], model.frame_rate_hz, model.timeline, a["frames"])
+    text = TextOutput(t["text_embeds"], frame_logit_scale=t.get("alpha"), frame_logit_bias=t.get("beta"))
+    ctx = StepContext(batch, audio, text, st, model, clusters, dict(extra or {}))
+    return compute_losses(loss_cfg, gather_inputs(loss_cfg, ctx), rank, world_size)
 
 
 def _cat_pad(parts: list[torch.Tensor]) -> torch.Tensor:
@@ -754,4 +657,4 @@ def _plot_curves(csv_path: Path, png: Path) -> None:
         log(f"finelap train: could not draw training curves ({e})")
 
 
-__all__ = ["train", "forward_backward", "validate", "lr_lambda", "ema_update", "step_texts", "losses_from_reps"]
+__all__ = ["train", "forward_backward", "validate", "lr_lambda", "ema_update", "step_texts", "StepTexts", "cluster_activity", "losses_from_reps"]

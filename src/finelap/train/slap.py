@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..loss_config import LossConfig
 from ..losses.aux import ema_update
 from ..models.audio_encoders import lengths_to_mask
 from ..models.decoder import prepare_targets
@@ -63,9 +64,7 @@ _DECODER = DECODER_ATTR
 _PREDICTOR = PREDICTOR_ATTR
 
 
-def _loss_cfg(run_cfg: Any) -> Any:
-    from ..losses.compose import LossConfig
-
+def _loss_cfg(run_cfg: Any) -> LossConfig:
     loss = run_cfg.loss if hasattr(run_cfg, "loss") else run_cfg
     return loss if isinstance(loss, LossConfig) else LossConfig(**dict(loss or {}))
 
@@ -124,7 +123,8 @@ def make_teacher(model: nn.Module) -> nn.Module:
 
 
 def update_teacher(teacher: nn.Module, model: nn.Module, decay: float) -> None:
-    """teacher <- decay * teacher + (1 - decay) * model.audio (parameters and float buffers)."""
+    """teacher <- decay * teacher + (1 - decay) * model.audio (parameters and float buffers), with
+    the same helper as the loop's EMA weights (`finelap.losses.aux.ema_update`)."""
     ema_update(teacher, model.audio, decay)
 
 
@@ -192,7 +192,8 @@ def slap_inputs(
     clean_frames: torch.Tensor | None = None,
     clean_mask: torch.Tensor | None = None,
 ) -> dict[str, Any]:
-    """LossInputs fields of SLAP's terms for one batch (set them on the step's LossInputs).
+    """The inputs of SLAP's objectives for one batch (LossInputs fields; the training loop passes
+    them as the step's ``StepContext.extra``, which the distill and caption objectives read).
 
     Distillation (loss.distill): a block mask (`sample_block_mask`, from `generator`) hides
     frames from the student, ``model.audio(wave, lengths, mask_frames)``; the teacher encodes the
@@ -209,8 +210,6 @@ def slap_inputs(
     all padding and do not count) and ``caption_pad_id``. They are returned even when no clip has
     a caption (the loss is then an attached 0), so every DDP rank runs the same collectives.
     """
-    from ..losses.compose import LossConfig
-
     loss_cfg = loss_cfg if isinstance(loss_cfg, LossConfig) else _loss_cfg(loss_cfg)
     out: dict[str, Any] = {}
     wave, lengths = batch.wave, batch.lengths
