@@ -18,8 +18,9 @@ Layers, bottom to top (a module may import its own floor and the floors below it
   9  train                              the loop (evaluates through infer, calibrates at the end)
  10  commands, cli, finelap (package)   the command line; the package root re-exports Pipeline
 
-Known exception (not an import statement, so not seen here): config.py names the `model` and
-`loss` section classes as strings and imports them lazily with importlib (issue 13, item 4).
+Known exceptions (not import statements, so not seen here): config.py names the `model` section
+class as a string and imports it lazily with importlib (issue 13, item 4); registry.LOSSES imports
+every module of finelap.losses on its first lookup (LossConfig, floor 2, looks objectives up).
 """
 from __future__ import annotations
 

@@ -364,3 +364,32 @@ def test_ema_update_hand_values():
         ema_update(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2, bias=False), 0.9)
     with pytest.raises(ValueError, match="decay"):
         ema_update(teacher, student, 1.5)
+
+
+def test_ema_update_of_a_state_dict_copy_is_the_loops_ema():
+    """The loop's EMA weights (a state-dict copy) and SLAP's teacher (a module) use one helper."""
+    from finelap.train import loop, slap
+
+    assert loop.ema_update is ema_update and slap.ema_update is ema_update
+    student = torch.nn.BatchNorm1d(2)
+    ema = {k: v.detach().clone() for k, v in student.state_dict().items()}
+    with torch.no_grad():
+        student.weight.fill_(3.0)
+        student.num_batches_tracked.fill_(4)
+    ema_update(ema, student, 0.75)
+    torch.testing.assert_close(ema["weight"], torch.full((2,), 0.75 * 1.0 + 0.25 * 3.0))
+    assert int(ema["num_batches_tracked"]) == 4 and float(student.weight.detach()[0]) == 3.0  # the source is not touched
+    with pytest.raises(ValueError, match="structure"):
+        ema_update({"weight": ema["weight"]}, student, 0.5)
+
+
+def test_frame_logits_one_definition_shared_and_per_clip():
+    from finelap.models.model import frame_logits, frame_similarity
+
+    frames = torch.tensor([[[1.0, 0.0], [0.0, 2.0]]])  # (1, 2, 2)
+    texts = torch.tensor([[1.0, 1.0], [0.0, 1.0], [1.0, 0.0]])  # (3, 2), shared
+    torch.testing.assert_close(frame_similarity(frames, texts), torch.tensor([[[1.0, 0.0, 1.0], [2.0, 2.0, 0.0]]]))
+    z = frame_logits(frames, texts, torch.tensor([1.0, 2.0, 3.0]), -1.0)  # per-text scale
+    torch.testing.assert_close(z, torch.tensor([[[0.0, -1.0, 2.0], [1.0, 3.0, -1.0]]]))
+    per_clip = frame_logits(frames, texts[None], torch.tensor([[[1.0, 2.0, 3.0]]]), torch.zeros(1, 1, 3))  # (1, 3, 2), (1, 1, 3)
+    torch.testing.assert_close(per_clip, z + 1.0)

@@ -139,3 +139,40 @@ def test_a_new_objective_needs_no_other_edit(monkeypatch):
 def test_options_of_an_objective_that_is_off_are_rejected():
     with pytest.raises(ConfigError, match=r"loss\.local_loss is set but clip=infonce is off \(active: clip=sigmoid\)"):
         LossConfig(clip="sigmoid", local_loss=True)
+
+
+def test_training_step_with_gradient_caching_equals_one_big_batch(tmp_path):
+    """Through the loop (the objective gathers its inputs from the step): 4 micro-batches give the
+    terms and gradients of one batch of 16."""
+    import copy
+    from pathlib import Path
+
+    from finelap.config import load_run_config
+    from finelap.data.batching import ClipDataset, Collate, MixedBatchSampler, split_by_supervision
+    from finelap.data.manifests import read_manifest
+    from finelap.models.build import build_model
+    from finelap.train.loop import build_clusters, forward_backward
+
+    from tinyfactory import tiny_dataset, tiny_overrides
+
+    torch.manual_seed(0)
+    man = tiny_dataset(tmp_path / "data", n=16)
+    repo = Path(__file__).resolve().parents[1]
+    cfg = load_run_config(repo / "configs" / "finelap.yaml", tiny_overrides(tmp_path, man, **{"loss.frame": "frame_infonce"}))
+    clips = read_manifest(man)
+    model = build_model(cfg)
+    clusters = build_clusters(model, clips, cfg)
+    ds = ClipDataset(clips, 16000, cfg.audio.clip_seconds, clusters=clusters, phrases_per_clip=cfg.data.phrases_per_clip)
+    keys = MixedBatchSampler(split_by_supervision(clips), cfg.data.mix, 16, seed=1).batch_keys(0)
+    batch = Collate(model.timeline, cfg.data.phrases_per_clip)([ds[k] for k in keys])
+    m1, m4 = model, copy.deepcopy(model)
+    full = forward_backward(m1, cfg.loss, batch, clusters, accum_steps=1)
+    acc = forward_backward(m4, cfg.loss, batch, clusters, accum_steps=4)
+    assert set(full) == set(acc) == {"clip/sigmoid", "frame/infonce", "loss"}
+    for k in full:
+        assert acc[k] == pytest.approx(full[k], rel=1e-5, abs=1e-6), k
+    grads = [(n, p1.grad, p4.grad) for (n, p1), (_, p4) in zip(m1.named_parameters(), m4.named_parameters()) if p1.grad is not None]
+    assert len(grads) > 10
+    for name, g1, g4 in grads:
+        torch.testing.assert_close(g4, g1, rtol=1e-4, atol=1e-6, msg=name)
+    assert m1.frame_scale_bias.log_scale.grad is not None  # the frame scale is trained by the new term

@@ -79,8 +79,9 @@ class LossInputs:
     has_caption (B,) bool: rows that take part in the clip loss (None = all).
     caption_groups (B,) int64: equal for equal captions (``caption_ids``), masks false negatives.
     frame_embeds (B, T, D) L2-normalised, frame_mask (B, T) bool.
-    FineLAP: phrase_embeds (B, K, D), phrase_mask (B, K), frame_targets (B, T, K) or None when
-        no clip of the batch has events, has_frames (B,), frame_logit_scale / frame_logit_bias.
+    FineLAP and frame_infonce: phrase_embeds (B, K, D), phrase_mask (B, K), frame_targets
+        (B, T, K) or None when no clip of the batch has events, has_frames (B,),
+        frame_logit_scale / frame_logit_bias.
     FLAM: flam_text_embeds (N, D), flam_alpha (N,), flam_beta (N,), flam_targets (dense
         (B, T, N_global) or FrameLabels) or None when absent; has_frames as above.
     SLAP: student_frames / teacher_frames (B, T, D), distill_mask (B, T); caption_logits

@@ -163,7 +163,7 @@ class Objective:
         """``x[name]``, or a ValueError naming the term and the missing input."""
         value = x.get(name)
         if value is None:
-            raise ValueError(f"loss term {term or self.all_terms[0]} needs LossInputs.{name} (input {name!r})")
+            raise ValueError(f"loss term {term or self.all_terms[0]} needs the input {name!r} (LossInputs.{name})")
         return value
 
 
