@@ -272,19 +272,75 @@ def test_defaults_are_valid_and_mel_config_matches_audio() -> None:
 
 
 def test_registered_sections_are_typed(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(C._SECTIONS, "model", ("finelap.models.no_such_module", "ModelConfig"))
     monkeypatch.setitem(C._SECTIONS, "loss", ("finelap.losses.no_such_module", "LossConfig"))
-    assert resolve_run_config({"model": {"anything": 1}}).model == {"anything": 1}  # not importable: dict kept
-    C.register_section("model", FakeModelConfig)
-    cfg = resolve_run_config({"model": {"width": 16}})
-    assert cfg.model == FakeModelConfig(width=16, frames=True)
-    assert to_dict(cfg)["model"] == {"width": 16, "frames": True}
-    with pytest.raises(ConfigError, match=r"unknown config key 'model\.widht'.*did you mean 'width'"):
-        resolve_run_config({"model": {"widht": 16}})
-    with pytest.raises(ConfigError, match=r"^model: width must be even, got 3$"):
-        resolve_run_config({"model": {"width": 3}})
+    assert resolve_run_config({"loss": {"anything": 1}}).loss == {"anything": 1}  # not importable: dict kept
+    C.register_section("loss", FakeModelConfig)
+    cfg = resolve_run_config({"loss": {"width": 16}})
+    assert cfg.loss == FakeModelConfig(width=16, frames=True)
+    assert to_dict(cfg)["loss"] == {"width": 16, "frames": True}
+    with pytest.raises(ConfigError, match=r"unknown config key 'loss\.widht'.*did you mean 'width'"):
+        resolve_run_config({"loss": {"widht": 16}})
+    with pytest.raises(ConfigError, match=r"^loss: width must be even, got 3$"):
+        resolve_run_config({"loss": {"width": 3}})
     with pytest.raises(ValueError):
         C.register_section("train", FakeModelConfig)
+    with pytest.raises(ValueError, match="model_config"):  # the model section is typed, not pluggable
+        C.register_section("model", FakeModelConfig)
+
+
+def test_model_section_is_typed_to_the_leaves() -> None:
+    import typing
+
+    import finelap.models.model as M
+    import finelap.models.text_encoders as TE
+    from finelap.model_config import CaptionDecoderConfig, ModelConfig, TextEncoderConfig
+
+    assert typing.get_type_hints(RunConfig)["model"] is ModelConfig
+    assert M.ModelConfig is ModelConfig and TE.TextEncoderConfig is TextEncoderConfig  # the old paths re-export
+    cfg = resolve_run_config({"model": {"embed_dim": 32, "text": {"freeze": True}, "caption_decoder": {"layers": 3}}})
+    assert isinstance(cfg.model, ModelConfig) and cfg.model.embed_dim == 32
+    assert isinstance(cfg.model.text, TextEncoderConfig) and cfg.model.text.freeze
+    assert cfg.model.caption_decoder == CaptionDecoderConfig(layers=3)
+    assert resolve_run_config({"model": None}).model == ModelConfig()  # an empty `model:` section
+    assert to_dict(resolve_run_config(to_dict(cfg))) == to_dict(cfg)
+    with pytest.raises(ConfigError, match=r"unknown config key 'model\.embed_dimm'.*did you mean 'embed_dim'"):
+        resolve_run_config({"model": {"embed_dimm": 32}})
+    with pytest.raises(ConfigError, match=r"unknown config key 'model\.caption_decoder\.width'"):
+        resolve_run_config({"model": {"caption_decoder": {"width": 3}}})
+    with pytest.raises(ConfigError, match=r"model\.caption_decoder\.dim \(30\) must be divisible by heads \(4\)"):
+        resolve_run_config({"model": {"caption_decoder": {"dim": 30}}})
+
+
+def test_slap_losses_put_their_modules_into_the_model_section() -> None:
+    """loss.caption / loss.distill train model modules: the model section records them (so a
+    checkpoint's config.json builds them); explicit decoder sizes are kept."""
+    from finelap.model_config import CaptionDecoderConfig
+
+    plain = resolve_run_config({})
+    assert plain.model.caption_decoder is None and plain.model.slap_predictor is False
+    cfg = resolve_run_config({"loss": {"caption": True, "distill": "cosine"}})
+    assert cfg.model.caption_decoder == CaptionDecoderConfig() and cfg.model.slap_predictor is True
+    assert to_dict(cfg)["model"]["caption_decoder"] == {"dim": 256, "layers": 2, "heads": 4, "max_len": 32}
+    sized = resolve_run_config({"loss": {"caption": True}, "model": {"caption_decoder": {"dim": 64, "heads": 2}}})
+    assert sized.model.caption_decoder == CaptionDecoderConfig(dim=64, heads=2) and sized.model.slap_predictor is False
+    # a model may carry the modules without training them (fine-tuning a SLAP checkpoint)
+    kept = resolve_run_config({"model": {"caption_decoder": {}, "slap_predictor": True}})
+    assert kept.model.caption_decoder == CaptionDecoderConfig() and kept.model.slap_predictor
+
+
+def test_slap_options_are_config() -> None:
+    cfg = resolve_run_config({})
+    assert (cfg.train.slap.mask_ratio, cfg.train.slap.mask_block, cfg.train.slap.teacher_decay) == (0.5, 5, None)
+    assert cfg.train.slap_teacher_decay == 0.99  # neither train.slap.teacher_decay nor train.ema_decay set
+    assert resolve_run_config({"train": {"ema_decay": 0.9}}).train.slap_teacher_decay == 0.9
+    assert resolve_run_config({"train": {"ema_decay": 0.9, "slap": {"teacher_decay": 0.5}}}).train.slap_teacher_decay == 0.5
+    over = resolve_run_config(apply_overrides({}, ["train.slap.mask_ratio=0.25", "train.slap.mask_block=3"]))
+    assert (over.train.slap.mask_ratio, over.train.slap.mask_block) == (0.25, 3)
+    for bad, match in (({"mask_ratio": 1.0}, r"train\.slap\.mask_ratio must be in \(0, 1\)"),
+                       ({"mask_block": 0}, r"train\.slap\.mask_block must be >= 1"),
+                       ({"teacher_decay": 1.5}, r"train\.slap\.teacher_decay must be in \(0, 1\)")):  # fmt: skip
+        with pytest.raises(ConfigError, match=match):
+            resolve_run_config({"train": {"slap": bad}})
 
 
 # ----------------------------------------------------------------------------- registry
@@ -336,7 +392,7 @@ def test_broken_section_module_is_not_silently_ignored(tmp_path: Path, monkeypat
     """Only a module that does not exist yet keeps the section a dict; a bug inside it must surface."""
     (tmp_path / "fl_broken_cfg_mod.py").write_text("import fl_dependency_that_is_missing\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setitem(C._SECTIONS, "model", ("fl_broken_cfg_mod", "ModelConfig"))
+    monkeypatch.setitem(C._SECTIONS, "loss", ("fl_broken_cfg_mod", "LossConfig"))
     with pytest.raises(ModuleNotFoundError, match="fl_dependency_that_is_missing"):
         resolve_run_config({})
 

@@ -8,7 +8,7 @@ Layers, bottom to top (a module may import its own floor and the floors below it
 
   0  _version, errors, utils, dist      no finelap imports beyond this floor; dist = torch.distributed helpers
   1  registry, audio                    name -> builder tables; waveforms, log-mel, frames <-> seconds
-  2  config                             typed run config (reads audio's MelConfig, registry)
+  2  config, model_config               typed run config (reads audio's MelConfig, registry); ModelConfig (no torch)
   3  checkpoint                         checkpoint directory format and file I/O (safetensors + JSON)
   4  data                               manifests, phrases, batching/collation, synthesis
   5  eval, scoring, search, streaming   metrics and evaluators over functions/arrays, never models
@@ -18,8 +18,8 @@ Layers, bottom to top (a module may import its own floor and the floors below it
   9  train                              the loop (evaluates through infer, calibrates at the end)
  10  commands, cli, finelap (package)   the command line; the package root re-exports Pipeline
 
-Known exception (not an import statement, so not seen here): config.py names the `model` and
-`loss` section classes as strings and imports them lazily with importlib (issue 13, item 4).
+Known exception (not an import statement, so not seen here): config.py names the `loss` section
+class as a string and imports it lazily with importlib (issue 13, item 4).
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ PKG = "finelap"
 LAYERS: list[tuple[str, int]] = [
     ("finelap._version", 0), ("finelap.errors", 0), ("finelap.utils", 0), ("finelap.dist", 0),
     ("finelap.registry", 1), ("finelap.audio", 1),
-    ("finelap.config", 2),
+    ("finelap.config", 2), ("finelap.model_config", 2),
     ("finelap.checkpoint", 3),
     ("finelap.data", 4),
     ("finelap.eval", 5), ("finelap.scoring", 5), ("finelap.search", 5), ("finelap.streaming", 5),

@@ -10,9 +10,9 @@ The flow a command follows::
 (`load_run_config(path_or_preset, overrides)` does the first three steps.)
 
 The machinery (`from_dict`, `to_dict`) is generic: it builds any nested dataclass from plain dicts
-using the field type hints, so other modules (models, losses) define their own config dataclasses
-and plug them into `RunConfig` with `register_section`. Validation of contradictions lives in each
-dataclass's `__post_init__` and raises `ConfigError`.
+using the field type hints. `RunConfig.model` is `finelap.model_config.ModelConfig` (a torch-free
+module on this floor); the loss section is plugged in with `register_section`. Validation of
+contradictions lives in each dataclass's `__post_init__` and raises `ConfigError`.
 """
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence, TypeVar
 
 from .errors import ConfigError
+from .model_config import CaptionDecoderConfig, ModelConfig
 
 T = TypeVar("T")
 
@@ -38,6 +39,7 @@ __all__ = [
     "DataConfig",
     "EvalConfig",
     "RunConfig",
+    "SLAPConfig",
     "TrainConfig",
     "apply_overrides",
     "deep_merge",
@@ -466,6 +468,30 @@ _DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
 @dataclass
+class SLAPConfig:
+    """SLAP's masked-frame self-distillation (loss.distill; `finelap.train.slap`).
+
+    mask_ratio: share of each clip's valid frames hidden from the student (data2vec/BEATs-style:
+      half). mask_block: frames per contiguous masked block (5 = 200 ms at 25 Hz: too short a gap
+      is trivially interpolated). teacher_decay: the EMA teacher's decay; None: train.ema_decay
+      when set, else 0.99 (short CPU runs of hundreds of steps need a teacher that follows the
+      student); see `TrainConfig.slap_teacher_decay`.
+    """
+
+    mask_ratio: float = 0.5
+    mask_block: int = 5
+    teacher_decay: float | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 < self.mask_ratio < 1:
+            raise ConfigError(f"train.slap.mask_ratio must be in (0, 1), got {self.mask_ratio}")
+        if self.mask_block < 1:
+            raise ConfigError(f"train.slap.mask_block must be >= 1 frame, got {self.mask_block}")
+        if self.teacher_decay is not None and not 0 < self.teacher_decay < 1:
+            raise ConfigError(f"train.slap.teacher_decay must be in (0, 1) or null, got {self.teacher_decay}")
+
+
+@dataclass
 class TrainConfig:
     """Optimisation and run bookkeeping. Steps count optimizer updates (after accumulation)."""
 
@@ -494,6 +520,12 @@ class TrainConfig:
     # $FINELAP_CACHE/features, default ~/.cache/finelap/features) so later epochs cost only the heads;
     # "memory" keeps them in RAM only; "off" recomputes; any other value is the cache folder
     feature_cache: str = "auto"
+    slap: SLAPConfig = field(default_factory=SLAPConfig)
+
+    @property
+    def slap_teacher_decay(self) -> float:
+        """SLAP's EMA teacher decay: train.slap.teacher_decay, else train.ema_decay, else 0.99."""
+        return self.slap.teacher_decay or self.ema_decay or 0.99
 
     def __post_init__(self) -> None:
         _positive("train", max_steps=self.max_steps, lr=self.lr, max_minutes=self.max_minutes,
@@ -577,11 +609,15 @@ def _check_calibration(cal: Mapping[str, Any]) -> None:
 
 @dataclass
 class RunConfig:
-    """A whole run. `model` and `loss` are typed by the classes registered with `register_section`
-    (ModelConfig / LossConfig from finelap.models.model and finelap.losses.compose); until those
-    are importable they stay plain dicts."""
+    """A whole run. `loss` is typed by the class registered with `register_section` (LossConfig
+    from finelap.losses.compose); until that is importable it stays a plain dict.
 
-    model: Any = field(default_factory=dict)
+    SLAP's objectives train modules of the model, so turning one on puts the module into the model
+    section (and hence into every checkpoint's config.json): loss.caption with no
+    model.caption_decoder gives the default `CaptionDecoderConfig`; loss.distill sets
+    model.slap_predictor."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
     loss: Any = field(default_factory=dict)
     audio: AudioConfig = field(default_factory=AudioConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -593,22 +629,30 @@ class RunConfig:
     def __post_init__(self) -> None:
         if not re.match(r"^[A-Za-z0-9_.\-]+$", self.name):
             raise ConfigError(f"name {self.name!r} must be a plain file name (letters, digits, _ . -)")
+        if _loss_option(self.loss, "caption", False) and self.model.caption_decoder is None:
+            self.model = dataclasses.replace(self.model, caption_decoder=CaptionDecoderConfig())
+        if _loss_option(self.loss, "distill", None) is not None and not self.model.slap_predictor:
+            self.model = dataclasses.replace(self.model, slap_predictor=True)
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
 
 
+def _loss_option(loss: Any, name: str, default: Any) -> Any:
+    """A loss option by field name, from a LossConfig or a plain mapping."""
+    return loss.get(name, default) if isinstance(loss, Mapping) else getattr(loss, name, default)
+
+
 # name -> (module, class name) tried lazily, or a class registered explicitly
 _SECTIONS: dict[str, type | tuple[str, str]] = {
-    "model": ("finelap.models.model", "ModelConfig"),
     "loss": ("finelap.losses.compose", "LossConfig"),
 }
 
 
 def register_section(name: str, cls: type) -> None:
-    """Make RunConfig's `name` section ("model" or "loss") a `cls` dataclass instead of a dict."""
-    if name not in ("model", "loss"):
-        raise ValueError(f"only the 'model' and 'loss' sections are pluggable, not {name!r}")
+    """Make RunConfig's `name` section ("loss") a `cls` dataclass instead of a dict."""
+    if name != "loss":
+        raise ValueError(f"only the 'loss' section is pluggable, not {name!r} ('model' is finelap.model_config.ModelConfig)")
     if not dataclasses.is_dataclass(cls):
         raise TypeError(f"{cls!r} is not a dataclass")
     _SECTIONS[name] = cls
@@ -638,7 +682,9 @@ def resolve_run_config(d: Mapping[str, Any] | RunConfig) -> RunConfig:
     if not isinstance(d, Mapping):
         raise ConfigError(f"config must be a mapping of sections, got {type(d).__name__}")
     d = dict(d)
-    for name in ("model", "loss"):
+    if d.get("model", {}) is None:  # an empty `model:` section: the defaults
+        d["model"] = {}
+    for name in ("loss",):
         cls = section_class(name)
         if cls is not None:
             d[name] = from_dict(cls, d.get(name) or {}, path=name)

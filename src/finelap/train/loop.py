@@ -34,7 +34,7 @@ from ..losses.frame import FrameLabels
 from ..models.build import build_model, checkpoint_state, complete_state
 from ..models.model import FineLAPModel, param_groups
 from ..utils import log
-from .slap import SLAPState, attach_slap_modules, needs_slap_modules
+from .slap import SLAPState, needs_slap_modules
 from .checkpoint import (
     checkpoint_name, load_checkpoint, restore_rng, restore_training_state, rotate_checkpoints, save_checkpoint,
 )  # fmt: skip
@@ -447,7 +447,6 @@ def _train(cfg: RunConfig, info: dist.DistInfo, resume: str | bool | None, progr
     loss_cfg = cfg.loss if isinstance(cfg.loss, LossConfig) else LossConfig(**cfg.loss)
 
     model = build_model(cfg)
-    attach_slap_modules(model, cfg)
     model = model.to(device)
     model.feature_cache = _feature_cache(model, cfg)
     train_clips = _load_clips(cfg.data.train, "train")
