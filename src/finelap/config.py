@@ -503,7 +503,9 @@ class TrainConfig:
     warmup_steps: int = 100
     schedule: Literal["cosine", "linear", "constant"] = "cosine"  # after warm-up
     min_lr_ratio: float = 0.0  # final lr = lr * min_lr_ratio
-    # parameter-name prefix -> lr multiplier (e.g. {"text_tower": 0.1}); frozen towers are model config
+    # parameter-name prefix -> lr multiplier on top of the towers' own (model.audio.lr_mult,
+    # model.text.lr_mult), e.g. {"clip_head": 0.5, "audio.stem": 0.1}; 0 leaves them out of the
+    # optimizer; see finelap.models.model.param_groups. Frozen towers are model config.
     lr_mult: dict[str, float] = field(default_factory=dict)
     grad_clip: float | None = 1.0  # max global grad norm; None disables
     accum_steps: int = 1

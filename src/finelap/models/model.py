@@ -13,7 +13,7 @@ heads), `text_conditioned_scale_bias` (FLAM: per-text frame scale and bias).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -315,13 +315,31 @@ def _no_decay_names(module: nn.Module) -> set[str]:
     return out
 
 
-def param_groups(model: FineLAPModel, base_lr: float, weight_decay: float) -> list[dict]:
+def param_groups(
+    model: FineLAPModel, base_lr: float, weight_decay: float, lr_mult: Mapping[str, float] | None = None
+) -> list[dict]:
     """AdamW parameter groups: per tower (audio, text, heads) x (decay, no_decay).
 
-    lr = base_lr * tower lr_mult (audio: encoder.lr_mult, text: cfg.text.lr_mult). Frozen parameters
-    (requires_grad False) and towers with lr_mult 0 are left out. Each group carries "name" and
-    "lr_mult" so schedulers can rescale it.
+    lr = base_lr * tower lr_mult (audio: encoder.lr_mult, text: cfg.text.lr_mult) * prefix
+    multiplier. `lr_mult` (train.lr_mult) maps parameter-name prefixes to multipliers: a prefix
+    covers the parameter of that name and every name below it ("clip_head" covers
+    "clip_head.mlp.0.weight"; "audio.stem" the audio encoder's stem); the longest covering prefix
+    applies, and its parameters get groups of their own, "<tower>/<prefix>/<decay|no_decay>". A
+    prefix that covers no parameter is a ConfigError (a typo would otherwise change nothing).
+    Frozen parameters (requires_grad False) and parameters whose multiplier is 0 are left out.
+    Each group carries "name" and "lr_mult" so schedulers can rescale it.
     """
+    prefixes = {str(k): float(v) for k, v in (lr_mult or {}).items()}
+    all_names = [n for n, _ in model.named_parameters()]
+    for pre in prefixes:
+        if not any(n == pre or n.startswith(pre + ".") for n in all_names):
+            top = sorted({n.split(".")[0] for n in all_names})
+            raise ConfigError(f"train.lr_mult: {pre!r} is not the name (or a dotted start) of any model parameter; top-level modules: {', '.join(top)}")
+
+    def prefix_of(name: str) -> str | None:
+        covering = [p for p in prefixes if name == p or name.startswith(p + ".")]
+        return max(covering, key=len) if covering else None
+
     towers = {
         "audio": (model.audio, model.audio.lr_mult),
         "text": (model.text, model.text.cfg.lr_mult),
@@ -329,17 +347,21 @@ def param_groups(model: FineLAPModel, base_lr: float, weight_decay: float) -> li
     tower_ids = {id(p) for mod, _ in towers.values() for p in mod.parameters()}
     groups: list[dict] = []
 
-    def add(name: str, named: list[tuple[str, nn.Parameter]], nd: set[str], mult: float) -> None:
-        if mult == 0:
-            return
-        decay = [p for n, p in named if p.requires_grad and n not in nd]
-        no_decay = [p for n, p in named if p.requires_grad and n in nd]
-        for suffix, params, wd in (("decay", decay, weight_decay), ("no_decay", no_decay, 0.0)):
-            if params:
-                groups.append({"name": f"{name}/{suffix}", "params": params, "lr": base_lr * mult, "lr_mult": mult, "weight_decay": wd})
+    def add(name: str, named: list[tuple[str, nn.Parameter]], nd: set[str], mult: float, full: Callable[[str], str]) -> None:
+        for pre in (None, *prefixes):  # the unprefixed parameters first: with no lr_mult, one pair of groups per tower
+            m = mult * (prefixes[pre] if pre is not None else 1.0)
+            mine = [(n, p) for n, p in named if p.requires_grad and prefix_of(full(n)) == pre]
+            if m == 0 or not mine:
+                continue
+            decay = [p for n, p in mine if n not in nd]
+            no_decay = [p for n, p in mine if n in nd]
+            group = name if pre is None else f"{name}/{pre}"
+            for suffix, params, wd in (("decay", decay, weight_decay), ("no_decay", no_decay, 0.0)):
+                if params:
+                    groups.append({"name": f"{group}/{suffix}", "params": params, "lr": base_lr * m, "lr_mult": m, "weight_decay": wd})
 
     for name, (mod, mult) in towers.items():
-        add(name, list(mod.named_parameters()), _no_decay_names(mod), mult)
+        add(name, list(mod.named_parameters()), _no_decay_names(mod), mult, lambda n, t=name: f"{t}.{n}")
     heads = [(n, p) for n, p in model.named_parameters() if id(p) not in tower_ids]
-    add("heads", heads, _no_decay_names(model), 1.0)
+    add("heads", heads, _no_decay_names(model), 1.0, lambda n: n)
     return groups

@@ -455,7 +455,7 @@ def _train(cfg: RunConfig, info: dist.DistInfo, resume: str | bool | None, progr
     if rank == 0 and clusters is not None:
         clusters.save(run_dir / "phrase_clusters.json")
 
-    opt = torch.optim.AdamW(param_groups(model, cfg.train.lr, cfg.train.weight_decay), lr=cfg.train.lr)
+    opt = torch.optim.AdamW(param_groups(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.lr_mult), lr=cfg.train.lr)
     total = cfg.train.max_steps
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_lambda(s, cfg.train.warmup_steps, total, cfg.train.schedule, cfg.train.min_lr_ratio)
