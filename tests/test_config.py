@@ -397,18 +397,38 @@ def test_broken_section_module_is_not_silently_ignored(tmp_path: Path, monkeypat
         resolve_run_config({})
 
 
-def test_audio_config_mel_fields_match_mel_config() -> None:
-    """AudioConfig repeats MelConfig's front-end fields (config.py stays torch-free): same defaults,
-    and mel_config() carries every shared field over."""
+def test_audio_config_is_the_mel_config_plus_crop_lengths() -> None:
+    """The mel fields are defined once (MelConfig); AudioConfig adds the crop lengths, keeps the
+    YAML keys, and mel_config() carries every mel field over (non-default values included)."""
     import dataclasses
 
     from finelap.audio import MelConfig
+    from finelap.mel_config import MelConfig as FloorOneMel
 
-    mel = {f.name: f.default for f in dataclasses.fields(MelConfig)}
-    audio = {f.name: f.default for f in dataclasses.fields(C.AudioConfig)}
-    shared = set(mel) & set(audio)
-    assert {"sample_rate", "n_fft", "win_length", "hop_length", "n_mels", "fmin", "fmax"} <= shared
-    assert {k: audio[k] for k in shared} == {k: mel[k] for k in shared}
-    custom = C.AudioConfig(sample_rate=22050, n_fft=1024, win_length=1024, hop_length=256, n_mels=80, fmin=0.0, fmax=11025.0)
-    got = custom.mel_config()
-    assert {k: getattr(got, k) for k in shared} == {k: getattr(custom, k) for k in shared}
+    assert MelConfig is FloorOneMel and issubclass(C.AudioConfig, MelConfig)
+    extra = [f.name for f in dataclasses.fields(C.AudioConfig) if f.name not in {g.name for g in dataclasses.fields(MelConfig)}]
+    assert extra == ["clip_seconds", "max_seconds"]
+    cfg = resolve_run_config({"audio": {"sample_rate": 22050, "n_fft": 1024, "win_length": 1024, "hop_length": 256,
+                                        "n_mels": 80, "fmin": 0.0, "fmax": 11025.0, "top_db": 80.0, "clip_seconds": 4.0}})  # fmt: skip
+    got = cfg.audio.mel_config()
+    assert type(got) is MelConfig
+    assert got == MelConfig(sample_rate=22050, n_fft=1024, win_length=1024, hop_length=256, n_mels=80, fmin=0.0, fmax=11025.0, top_db=80.0)
+    assert to_dict(cfg)["audio"]["n_mels"] == 80 and cfg.audio.clip_seconds == 4.0
+    with pytest.raises(ConfigError, match=r"^audio: win_length \(2048\) must be <= n_fft"):
+        resolve_run_config({"audio": {"win_length": 2048}})
+
+
+def test_config_modules_import_no_torch() -> None:
+    """config, model_config and mel_config validate a run config before the heavy imports."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys, finelap.config, finelap.model_config, finelap.mel_config\n"
+            "C = finelap.config\n"
+            "C.from_dict(C.ModelConfig, {'embed_dim': 8, 'caption_decoder': {}}, 'model'), C.AudioConfig(n_mels=32)\n"
+            "print(sorted(m for m in ('torch', 'numpy') if m in sys.modules))")  # fmt: skip
+    src = str(Path(C.__file__).resolve().parents[1])  # the finelap under test
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": src})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

@@ -7,8 +7,8 @@ paths; `from pkg import name` counts as an import of `pkg.name` when that is a m
 Layers, bottom to top (a module may import its own floor and the floors below it):
 
   0  _version, errors, utils, dist      no finelap imports beyond this floor; dist = torch.distributed helpers
-  1  registry, audio                    name -> builder tables; waveforms, log-mel, frames <-> seconds
-  2  config, model_config               typed run config (reads audio's MelConfig, registry); ModelConfig (no torch)
+  1  registry, audio, mel_config        name -> builder tables; waveforms, log-mel, frames <-> seconds; MelConfig (no torch)
+  2  config, model_config               typed run config (AudioConfig extends MelConfig; registry); ModelConfig (no torch)
   3  checkpoint                         checkpoint directory format and file I/O (safetensors + JSON)
   4  data                               manifests, phrases, batching/collation, synthesis
   5  eval, scoring, search, streaming   metrics and evaluators over functions/arrays, never models
@@ -34,7 +34,7 @@ PKG = "finelap"
 # (module or package prefix, floor); the longest matching prefix decides
 LAYERS: list[tuple[str, int]] = [
     ("finelap._version", 0), ("finelap.errors", 0), ("finelap.utils", 0), ("finelap.dist", 0),
-    ("finelap.registry", 1), ("finelap.audio", 1),
+    ("finelap.registry", 1), ("finelap.audio", 1), ("finelap.mel_config", 1),
     ("finelap.config", 2), ("finelap.model_config", 2),
     ("finelap.checkpoint", 3),
     ("finelap.data", 4),

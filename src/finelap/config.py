@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence, TypeVar
 
 from .errors import ConfigError
+from .mel_config import MelConfig
 from .model_config import CaptionDecoderConfig, ModelConfig
 
 T = TypeVar("T")
@@ -382,22 +383,12 @@ def _positive(path: str, **values: float | int | None) -> None:
             raise ConfigError(f"{path}.{k} must be > 0, got {v}")
 
 
-@dataclass
-class AudioConfig:
-    """Audio front-end (the fields of `finelap.audio.MelConfig`) plus crop lengths, in seconds.
+@dataclass(frozen=True)
+class AudioConfig(MelConfig):
+    """Audio front-end: the log-mel parameters (the fields of `finelap.mel_config.MelConfig`, one
+    definition for both; YAML keys audio.sample_rate, audio.n_mels, ...) plus crop lengths, in
+    seconds. Frozen, as MelConfig is."""
 
-    The mel fields repeat MelConfig's rather than inherit them because this module must not import
-    torch (config errors surface before the heavy imports); tests/test_config.py checks that names
-    and defaults stay equal.
-    """
-
-    sample_rate: int = 16000
-    n_fft: int = 512
-    win_length: int = 400
-    hop_length: int = 160
-    n_mels: int = 64
-    fmin: float = 50.0
-    fmax: float = 8000.0
     clip_seconds: float = 10.0  # random training crop; shorter clips are padded and masked
     max_seconds: float = 30.0  # longest input encoded in one pass; longer audio is windowed at inference
 
@@ -406,17 +397,15 @@ class AudioConfig:
                   hop_length=self.hop_length, n_mels=self.n_mels, clip_seconds=self.clip_seconds,
                   max_seconds=self.max_seconds)
         try:
-            self.mel_config()
+            super().__post_init__()
         except ValueError as e:
             raise ConfigError(f"audio: {e}") from None
         if self.clip_seconds > self.max_seconds:
             raise ConfigError(f"audio.clip_seconds ({self.clip_seconds}) exceeds audio.max_seconds ({self.max_seconds})")
 
-    def mel_config(self) -> "Any":
-        """The `finelap.audio.MelConfig` for these parameters (every MelConfig field this class has)."""
-        from .audio import MelConfig
-
-        return MelConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(MelConfig) if hasattr(self, f.name)})
+    def mel_config(self) -> MelConfig:
+        """The plain `MelConfig` of these parameters (the crop lengths left out)."""
+        return MelConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(MelConfig)})
 
 
 STREAMS = ("captions", "events")  # caption-only clips / clips with strong (frame-level) labels
