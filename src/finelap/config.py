@@ -511,7 +511,7 @@ class TrainConfig:
     # $FINELAP_CACHE/features, default ~/.cache/finelap/features) so later epochs cost only the heads;
     # "memory" keeps them in RAM only; "off" recomputes; any other value is the cache folder
     feature_cache: str = "auto"
-    slap: SLAPConfig = field(default_factory=SLAPConfig)
+    slap: SLAPConfig = field(default_factory=SLAPConfig)  # SLAP's frame masking and EMA teacher (loss.distill)
 
     @property
     def slap_teacher_decay(self) -> float:
