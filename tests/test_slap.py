@@ -305,6 +305,28 @@ def test_teacher_ema_update_by_hand(text_dir):
     assert not state.teacher.training
 
 
+def test_model_builds_slap_modules_as_the_training_hook_did(text_dir):
+    """The decoder and predictor are built last in FineLAPModel.__init__, as the training hook used
+    to attach them right after build_model: the same seed gives the same weights as before."""
+    import dataclasses
+
+    from finelap.models.build import model_config_for
+    from finelap.models.model import FineLAPModel
+    from finelap.models.slap_modules import build_caption_decoder, build_slap_predictor
+
+    cfg = tiny_cfg(text_dir)
+    mc = model_config_for(cfg)
+    torch.manual_seed(0)
+    model = FineLAPModel(mc)
+    torch.manual_seed(0)
+    then = FineLAPModel(dataclasses.replace(mc, caption_decoder=None, slap_predictor=False))
+    then.caption_decoder = build_caption_decoder(mc.caption_decoder, then.audio.dim, then.text.tokenizer)
+    then.slap_predictor = build_slap_predictor(then.audio.dim)
+    assert list(model.state_dict()) == list(then.state_dict())
+    for k, v in then.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[k], v, rtol=0, atol=0)
+
+
 def _batch(seconds: list[float], captions: list[str], seed: int = 0) -> SimpleNamespace:
     g = torch.Generator().manual_seed(seed)
     n = int(max(seconds) * SR)
