@@ -95,14 +95,12 @@ def _slap_checkpoint(root: Path) -> Path:
     from finelap.config import load_run_config
     from finelap.models.build import build_model
     from finelap.train.checkpoint import save_checkpoint
-    from finelap.train.slap import attach_slap_modules
 
     ov = [f"model.audio={json.dumps(TINY_CNN)}", f"model.text.path={tiny_text_dir(root / 'text')}", "model.text.freeze=true",
           "model.embed_dim=16", "model.frame_head_heads=2", "audio.clip_seconds=2.0", "audio.max_seconds=2.0"]  # fmt: skip
     cfg = load_run_config(REPO / "configs" / "slap.yaml", ov)
     torch.manual_seed(0)
     model = build_model(cfg)
-    attach_slap_modules(model, cfg)
     return save_checkpoint(root / "slap" / "final", model, cfg, step=1, rng=False, update_latest=False)
 
 

@@ -54,16 +54,6 @@ class Outer:
     either: int | str = 0
 
 
-@dataclass
-class FakeModelConfig:
-    width: int = 8
-    frames: bool = True
-
-    def __post_init__(self) -> None:
-        if self.width % 2:
-            raise ConfigError(f"width must be even, got {self.width}")
-
-
 # ----------------------------------------------------------------------------- from_dict / to_dict
 
 
@@ -271,20 +261,77 @@ def test_defaults_are_valid_and_mel_config_matches_audio() -> None:
     assert isinstance(cfg.train, TrainConfig) and isinstance(cfg.eval, EvalConfig) and isinstance(cfg.audio, AudioConfig)
 
 
-def test_registered_sections_are_typed(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(C._SECTIONS, "model", ("finelap.models.no_such_module", "ModelConfig"))
-    monkeypatch.setitem(C._SECTIONS, "loss", ("finelap.losses.no_such_module", "LossConfig"))
-    assert resolve_run_config({"model": {"anything": 1}}).model == {"anything": 1}  # not importable: dict kept
-    C.register_section("model", FakeModelConfig)
-    cfg = resolve_run_config({"model": {"width": 16}})
-    assert cfg.model == FakeModelConfig(width=16, frames=True)
-    assert to_dict(cfg)["model"] == {"width": 16, "frames": True}
-    with pytest.raises(ConfigError, match=r"unknown config key 'model\.widht'.*did you mean 'width'"):
-        resolve_run_config({"model": {"widht": 16}})
-    with pytest.raises(ConfigError, match=r"^model: width must be even, got 3$"):
-        resolve_run_config({"model": {"width": 3}})
-    with pytest.raises(ValueError):
-        C.register_section("train", FakeModelConfig)
+def test_loss_and_model_sections_are_typed_dataclasses() -> None:
+    import typing
+
+    from finelap.loss_config import LossConfig
+    from finelap.model_config import ModelConfig
+
+    hints = typing.get_type_hints(RunConfig)
+    assert hints["loss"] is LossConfig and hints["model"] is ModelConfig
+    cfg = resolve_run_config({"loss": {"clip": "sigmoid", "weights": {"clip": 2.0}}, "model": None})
+    assert isinstance(cfg.loss, LossConfig) and cfg.loss.clip == "sigmoid" and cfg.loss.weight("clip/sigmoid") == 2.0
+    assert cfg.model == ModelConfig()  # an empty section: its defaults
+    assert to_dict(cfg)["loss"]["clip"] == "sigmoid"
+    with pytest.raises(ConfigError, match=r"unknown config key 'loss\.clipp'.*did you mean 'clip'"):
+        resolve_run_config({"loss": {"clipp": "sigmoid"}})
+    with pytest.raises(ConfigError, match=r"'loss' must be a mapping, got list"):
+        resolve_run_config({"loss": ["sigmoid"]})
+
+
+def test_model_section_is_typed_to_the_leaves() -> None:
+    import typing
+
+    import finelap.models.model as M
+    import finelap.models.text_encoders as TE
+    from finelap.model_config import CaptionDecoderConfig, ModelConfig, TextEncoderConfig
+
+    assert typing.get_type_hints(RunConfig)["model"] is ModelConfig
+    assert M.ModelConfig is ModelConfig and TE.TextEncoderConfig is TextEncoderConfig  # the old paths re-export
+    cfg = resolve_run_config({"model": {"embed_dim": 32, "text": {"freeze": True}, "caption_decoder": {"layers": 3}}})
+    assert isinstance(cfg.model, ModelConfig) and cfg.model.embed_dim == 32
+    assert isinstance(cfg.model.text, TextEncoderConfig) and cfg.model.text.freeze
+    assert cfg.model.caption_decoder == CaptionDecoderConfig(layers=3)
+    assert resolve_run_config({"model": None}).model == ModelConfig()  # an empty `model:` section
+    assert to_dict(resolve_run_config(to_dict(cfg))) == to_dict(cfg)
+    with pytest.raises(ConfigError, match=r"unknown config key 'model\.embed_dimm'.*did you mean 'embed_dim'"):
+        resolve_run_config({"model": {"embed_dimm": 32}})
+    with pytest.raises(ConfigError, match=r"unknown config key 'model\.caption_decoder\.width'"):
+        resolve_run_config({"model": {"caption_decoder": {"width": 3}}})
+    with pytest.raises(ConfigError, match=r"model\.caption_decoder\.dim \(30\) must be divisible by heads \(4\)"):
+        resolve_run_config({"model": {"caption_decoder": {"dim": 30}}})
+
+
+def test_slap_losses_put_their_modules_into_the_model_section() -> None:
+    """loss.caption / loss.distill train model modules: the model section records them (so a
+    checkpoint's config.json builds them); explicit decoder sizes are kept."""
+    from finelap.model_config import CaptionDecoderConfig
+
+    plain = resolve_run_config({})
+    assert plain.model.caption_decoder is None and plain.model.slap_predictor is False
+    cfg = resolve_run_config({"loss": {"caption": True, "distill": "cosine"}})
+    assert cfg.model.caption_decoder == CaptionDecoderConfig() and cfg.model.slap_predictor is True
+    assert to_dict(cfg)["model"]["caption_decoder"] == {"dim": 256, "layers": 2, "heads": 4, "max_len": 32}
+    sized = resolve_run_config({"loss": {"caption": True}, "model": {"caption_decoder": {"dim": 64, "heads": 2}}})
+    assert sized.model.caption_decoder == CaptionDecoderConfig(dim=64, heads=2) and sized.model.slap_predictor is False
+    # a model may carry the modules without training them (fine-tuning a SLAP checkpoint)
+    kept = resolve_run_config({"model": {"caption_decoder": {}, "slap_predictor": True}})
+    assert kept.model.caption_decoder == CaptionDecoderConfig() and kept.model.slap_predictor
+
+
+def test_slap_options_are_config() -> None:
+    cfg = resolve_run_config({})
+    assert (cfg.train.slap.mask_ratio, cfg.train.slap.mask_block, cfg.train.slap.teacher_decay) == (0.5, 5, None)
+    assert cfg.train.slap_teacher_decay == 0.99  # neither train.slap.teacher_decay nor train.ema_decay set
+    assert resolve_run_config({"train": {"ema_decay": 0.9}}).train.slap_teacher_decay == 0.9
+    assert resolve_run_config({"train": {"ema_decay": 0.9, "slap": {"teacher_decay": 0.5}}}).train.slap_teacher_decay == 0.5
+    over = resolve_run_config(apply_overrides({}, ["train.slap.mask_ratio=0.25", "train.slap.mask_block=3"]))
+    assert (over.train.slap.mask_ratio, over.train.slap.mask_block) == (0.25, 3)
+    for bad, match in (({"mask_ratio": 1.0}, r"train\.slap\.mask_ratio must be in \(0, 1\)"),
+                       ({"mask_block": 0}, r"train\.slap\.mask_block must be >= 1"),
+                       ({"teacher_decay": 1.5}, r"train\.slap\.teacher_decay must be in \(0, 1\)")):  # fmt: skip
+        with pytest.raises(ConfigError, match=match):
+            resolve_run_config({"train": {"slap": bad}})
 
 
 # ----------------------------------------------------------------------------- registry
@@ -332,27 +379,38 @@ def test_preset_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         preset_path("finelp")
 
 
-def test_broken_section_module_is_not_silently_ignored(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Only a module that does not exist yet keeps the section a dict; a bug inside it must surface."""
-    (tmp_path / "fl_broken_cfg_mod.py").write_text("import fl_dependency_that_is_missing\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setitem(C._SECTIONS, "model", ("fl_broken_cfg_mod", "ModelConfig"))
-    with pytest.raises(ModuleNotFoundError, match="fl_dependency_that_is_missing"):
-        resolve_run_config({})
-
-
-def test_audio_config_mel_fields_match_mel_config() -> None:
-    """AudioConfig repeats MelConfig's front-end fields (config.py stays torch-free): same defaults,
-    and mel_config() carries every shared field over."""
+def test_audio_config_is_the_mel_config_plus_crop_lengths() -> None:
+    """The mel fields are defined once (MelConfig); AudioConfig adds the crop lengths, keeps the
+    YAML keys, and mel_config() carries every mel field over (non-default values included)."""
     import dataclasses
 
     from finelap.audio import MelConfig
+    from finelap.mel_config import MelConfig as FloorOneMel
 
-    mel = {f.name: f.default for f in dataclasses.fields(MelConfig)}
-    audio = {f.name: f.default for f in dataclasses.fields(C.AudioConfig)}
-    shared = set(mel) & set(audio)
-    assert {"sample_rate", "n_fft", "win_length", "hop_length", "n_mels", "fmin", "fmax"} <= shared
-    assert {k: audio[k] for k in shared} == {k: mel[k] for k in shared}
-    custom = C.AudioConfig(sample_rate=22050, n_fft=1024, win_length=1024, hop_length=256, n_mels=80, fmin=0.0, fmax=11025.0)
-    got = custom.mel_config()
-    assert {k: getattr(got, k) for k in shared} == {k: getattr(custom, k) for k in shared}
+    assert MelConfig is FloorOneMel and issubclass(C.AudioConfig, MelConfig)
+    extra = [f.name for f in dataclasses.fields(C.AudioConfig) if f.name not in {g.name for g in dataclasses.fields(MelConfig)}]
+    assert extra == ["clip_seconds", "max_seconds"]
+    cfg = resolve_run_config({"audio": {"sample_rate": 22050, "n_fft": 1024, "win_length": 1024, "hop_length": 256,
+                                        "n_mels": 80, "fmin": 0.0, "fmax": 11025.0, "top_db": 80.0, "clip_seconds": 4.0}})  # fmt: skip
+    got = cfg.audio.mel_config()
+    assert type(got) is MelConfig
+    assert got == MelConfig(sample_rate=22050, n_fft=1024, win_length=1024, hop_length=256, n_mels=80, fmin=0.0, fmax=11025.0, top_db=80.0)
+    assert to_dict(cfg)["audio"]["n_mels"] == 80 and cfg.audio.clip_seconds == 4.0
+    with pytest.raises(ConfigError, match=r"^audio: win_length \(2048\) must be <= n_fft"):
+        resolve_run_config({"audio": {"win_length": 2048}})
+
+
+def test_config_modules_import_no_torch() -> None:
+    """config, model_config and mel_config validate a run config before the heavy imports."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys, finelap.config, finelap.model_config, finelap.mel_config\n"
+            "C = finelap.config\n"
+            "C.from_dict(C.ModelConfig, {'embed_dim': 8, 'caption_decoder': {}}, 'model'), C.AudioConfig(n_mels=32)\n"
+            "print(sorted(m for m in ('torch', 'numpy') if m in sys.modules))")  # fmt: skip
+    src = str(Path(C.__file__).resolve().parents[1])  # the finelap under test
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": src})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

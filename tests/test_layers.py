@@ -7,8 +7,8 @@ paths; `from pkg import name` counts as an import of `pkg.name` when that is a m
 Layers, bottom to top (a module may import its own floor and the floors below it):
 
   0  _version, errors, utils, dist      no finelap imports beyond this floor; dist = torch.distributed helpers
-  1  registry, audio                    name -> builder tables; waveforms, log-mel, frames <-> seconds
-  2  config, loss_config                typed run config (reads audio's MelConfig, registry); the loss section
+  1  registry, audio, mel_config        name -> builder tables; waveforms, log-mel, frames <-> seconds; MelConfig (no torch)
+  2  config, model_config, loss_config  typed run config (AudioConfig extends MelConfig); ModelConfig, LossConfig (no torch)
   3  checkpoint                         checkpoint directory format and file I/O (safetensors + JSON)
   4  data                               manifests, phrases, batching/collation, synthesis
   5  eval, scoring, search, streaming   metrics and evaluators over functions/arrays, never models
@@ -18,9 +18,8 @@ Layers, bottom to top (a module may import its own floor and the floors below it
   9  train                              the loop (evaluates through infer, calibrates at the end)
  10  commands, cli, finelap (package)   the command line; the package root re-exports Pipeline
 
-Known exceptions (not import statements, so not seen here): config.py names the `model` section
-class as a string and imports it lazily with importlib (issue 13, item 4); registry.LOSSES imports
-every module of finelap.losses on its first lookup (LossConfig, floor 2, looks objectives up).
+Known exception (not an import statement, so not seen here): registry.LOSSES imports every module
+of finelap.losses on its first lookup (LossConfig, floor 2, looks objectives up).
 """
 from __future__ import annotations
 
@@ -35,8 +34,8 @@ PKG = "finelap"
 # (module or package prefix, floor); the longest matching prefix decides
 LAYERS: list[tuple[str, int]] = [
     ("finelap._version", 0), ("finelap.errors", 0), ("finelap.utils", 0), ("finelap.dist", 0),
-    ("finelap.registry", 1), ("finelap.audio", 1),
-    ("finelap.config", 2), ("finelap.loss_config", 2),
+    ("finelap.registry", 1), ("finelap.audio", 1), ("finelap.mel_config", 1),
+    ("finelap.config", 2), ("finelap.model_config", 2), ("finelap.loss_config", 2),
     ("finelap.checkpoint", 3),
     ("finelap.data", 4),
     ("finelap.eval", 5), ("finelap.scoring", 5), ("finelap.search", 5), ("finelap.streaming", 5),

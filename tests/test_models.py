@@ -647,6 +647,33 @@ def test_param_groups(text_tower):
         model.text.cfg.lr_mult = 1.0
 
 
+def test_param_groups_prefix_lr_mult(text_tower):
+    """train.lr_mult: a prefix's parameters get their own groups at base lr * tower mult * prefix
+    mult (the longest covering prefix wins); 0 leaves them out; a prefix that covers nothing is refused."""
+    model = make_model(text_tower)
+    model.audio.lr_mult = 0.5
+    mult = {"clip_head": 0.2, "clip_head.mlp.0": 3.0, "audio.stem": 0.1, "frame_head": 0.0}
+    groups = param_groups(model, base_lr=1e-3, weight_decay=0.05, lr_mult=mult)
+    lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    seen = [id(p) for g in groups for p in g["params"]]
+    assert len(seen) == len(set(seen))
+    want = {}
+    for n, p in named.items():
+        if not p.requires_grad or n.startswith("frame_head."):
+            continue
+        tower = 0.5 if n.startswith("audio.") else 1.0
+        pre = 3.0 if n.startswith("clip_head.mlp.0.") else 0.2 if n.startswith("clip_head.") else 0.1 if n.startswith("audio.stem.") else 1.0
+        want[id(p)] = 1e-3 * tower * pre
+    assert lr_of.keys() == want.keys() and all(math.isclose(lr_of[k], v) for k, v in want.items())
+    by = {g["name"]: g for g in groups}
+    assert {"heads/clip_head.mlp.0/decay", "heads/clip_head/no_decay", "audio/audio.stem/decay", "audio/decay"} <= set(by)
+    assert not any("frame_head" in g for g in by) and named["frame_head.proj.weight"].requires_grad
+    assert [g["name"] for g in param_groups(model, 1e-3, 0.05, {})] == [g["name"] for g in param_groups(model, 1e-3, 0.05)]
+    with pytest.raises(ConfigError, match=r"train\.lr_mult: 'clip_hea' is not the name .*top-level modules: .*clip_head"):
+        param_groups(model, 1e-3, 0.05, {"clip_hea": 0.5})
+
+
 def test_config_validation_and_registry():
     with pytest.raises(ConfigError, match="codebook"):
         ModelConfig(codebook_size=8, clip_pooling="cls")

@@ -195,7 +195,7 @@ def test_terms_combine_by_name_finelap_plus_self_distillation(tiny):
             assert float(r["train/loss"]) == pytest.approx(want, rel=1e-5, abs=1e-5)
     model, run_cfg, _ = load_pretrained(final)
     assert run_cfg.preset == "finelap" and run_cfg.loss.distill == "cosine"
-    assert hasattr(model, "slap_predictor")  # the distillation head is saved and rebuilt
+    assert run_cfg.model.slap_predictor and model.slap_predictor is not None  # the distillation head is saved and rebuilt
 
 
 def test_unknown_term_weight_is_rejected(tiny):

@@ -13,19 +13,18 @@ import pytest
 import soundfile as sf
 import torch
 
-from finelap.models.build import load_pretrained
+from finelap.models.build import load_pretrained, upgrade_checkpoint_config
 import torch.nn.functional as F
 
 from finelap.config import load_run_config
-from finelap.errors import ConfigError
+from finelap.errors import CheckpointError, ConfigError
+from finelap.model_config import CaptionDecoderConfig
 from finelap.losses.compose import LossConfig, LossInputs, compute_losses
 from finelap.models.build import build_model
 from finelap.models.decoder import CaptionDecoder, prepare_targets, special_token_ids
 from finelap.train.checkpoint import save_checkpoint
 from finelap.train.slap import (
-    DEFAULT_MASK_RATIO,
     SLAPState,
-    attach_slap_modules,
     mask_generator,
     needs_decoder,
     sample_block_mask,
@@ -285,7 +284,6 @@ def test_block_mask_ratio_validity_and_determinism():
 def test_teacher_ema_update_by_hand(text_dir):
     cfg = tiny_cfg(text_dir)
     model = build_model(cfg)
-    attach_slap_modules(model, cfg)
     state = SLAPState.create(model, cfg, decay=0.9)
     w_t = state.teacher.head.conv.weight
     w_s = model.audio.head.conv.weight
@@ -307,6 +305,28 @@ def test_teacher_ema_update_by_hand(text_dir):
     assert not state.teacher.training
 
 
+def test_model_builds_slap_modules_as_the_training_hook_did(text_dir):
+    """The decoder and predictor are built last in FineLAPModel.__init__, as the training hook used
+    to attach them right after build_model: the same seed gives the same weights as before."""
+    import dataclasses
+
+    from finelap.models.build import model_config_for
+    from finelap.models.model import FineLAPModel
+    from finelap.models.slap_modules import build_caption_decoder, build_slap_predictor
+
+    cfg = tiny_cfg(text_dir)
+    mc = model_config_for(cfg)
+    torch.manual_seed(0)
+    model = FineLAPModel(mc)
+    torch.manual_seed(0)
+    then = FineLAPModel(dataclasses.replace(mc, caption_decoder=None, slap_predictor=False))
+    then.caption_decoder = build_caption_decoder(mc.caption_decoder, then.audio.dim, then.text.tokenizer)
+    then.slap_predictor = build_slap_predictor(then.audio.dim)
+    assert list(model.state_dict()) == list(then.state_dict())
+    for k, v in then.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[k], v, rtol=0, atol=0)
+
+
 def _batch(seconds: list[float], captions: list[str], seed: int = 0) -> SimpleNamespace:
     g = torch.Generator().manual_seed(seed)
     n = int(max(seconds) * SR)
@@ -320,9 +340,8 @@ def test_slap_inputs_shapes_gradients_and_determinism(text_dir):
     cfg = tiny_cfg(text_dir)
     assert needs_decoder(cfg)
     model = build_model(cfg).train()
-    attach_slap_modules(model, cfg)
     state = SLAPState.create(model, cfg)
-    assert state.decay == 0.99 and state.mask_ratio == DEFAULT_MASK_RATIO
+    assert state.decay == 0.99 and (state.mask_ratio, state.mask_block) == (0.5, 5)  # train.slap's defaults
     batch = _batch([2.0, 1.3], ["a dog barking", ""])
     x = state.inputs(model, batch, step=5)
     t = model.audio.num_frames(batch.wave.shape[1])
@@ -354,8 +373,7 @@ def test_slap_inputs_shapes_gradients_and_determinism(text_dir):
 def test_caption_reads_clean_frames_when_given(text_dir):
     cfg = tiny_cfg(text_dir, "slap", "loss.distill=null")
     model = build_model(cfg).eval()
-    attach_slap_modules(model, cfg)
-    assert getattr(model, "slap_predictor", None) is None
+    assert model.slap_predictor is None and model.caption_decoder is not None
     state = SLAPState.create(model, cfg)
     assert state.teacher is None
     batch = _batch([1.0, 0.6], ["a cat meowing", "a car horn"])
@@ -373,7 +391,6 @@ def test_slap_training_steps_reduce_losses(text_dir):
     torch.manual_seed(0)
     cfg = tiny_cfg(text_dir)
     model = build_model(cfg).train()
-    attach_slap_modules(model, cfg)
     state = SLAPState.create(model, cfg, decay=0.9)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=2e-3)
     batch = _batch([1.0, 0.8], ["a dog barking", "rain falling"], seed=1)
@@ -405,14 +422,15 @@ def test_slap_config_checks(text_dir):
     full = load_run_config(REPO / "configs" / "slap.yaml")
     assert full.audio.clip_seconds == full.audio.max_seconds == 30.0
     model = build_model(cfg)
-    attach_slap_modules(model, cfg)
     with pytest.raises(ConfigError, match="accum_steps"):
         SLAPState.create(model, tiny_cfg(text_dir, "slap", "train.accum_steps=2"))
     frozen = tiny_cfg(text_dir, "slap", f"model.audio={dict(TINY_CNN, freeze=True)}".replace("'", '"').replace("True", "true"))
     with pytest.raises(ConfigError, match="frozen"):
         SLAPState.create(build_model(frozen), frozen)
-    with pytest.raises(ConfigError, match="attach_slap_modules"):
-        slap_inputs(build_model(cfg), None, _batch([1.0], ["a dog"]), LossConfig(clip=None, caption=True), mask_generator(0, 0))
+    plain = build_model(tiny_cfg(text_dir, "clap"))  # a model without SLAP's modules
+    assert plain.caption_decoder is None and plain.slap_predictor is None
+    with pytest.raises(ConfigError, match="model.caption_decoder"):
+        slap_inputs(plain, None, _batch([1.0], ["a dog"]), LossConfig(clip=None, caption=True), mask_generator(0, 0))
 
 
 # ============================================================================ checkpoints and the command
@@ -429,7 +447,6 @@ def test_checkpoint_roundtrip_and_caption_command(text_dir, tmp_path, capsys):
 
     cfg = tiny_cfg(text_dir)
     model = build_model(cfg)
-    attach_slap_modules(model, cfg)
     ckpt = save_checkpoint(tmp_path / "run" / "step_1", model, cfg, step=1, rng=False)
     loaded, run_cfg, _ = load_pretrained(ckpt)
     assert run_cfg.preset == "slap"
@@ -453,6 +470,64 @@ def test_checkpoint_roundtrip_and_caption_command(text_dir, tmp_path, capsys):
     assert line.startswith(f"{a}\t")
 
 
+def _strip_new_model_fields(ckpt: Path, **loss: object) -> None:
+    """Make `ckpt` look written before model.caption_decoder / model.slap_predictor existed: the
+    training code of that time wrote every other field as today, and `loss` edits as given."""
+    meta = json.loads((ckpt / "config.json").read_text())
+    for k in ("caption_decoder", "slap_predictor"):
+        del meta["config"]["model"][k]
+    meta["config"]["loss"].update(loss)
+    (ckpt / "config.json").write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("loss", [{}, {"caption": False, "distill": None, "weights": {"clip": 1.0}}], ids=["loss-says", "weights-say"])
+def test_checkpoint_from_before_the_model_fields_loads(text_dir, tmp_path, loss):
+    """Old config.json: the decoder and predictor are derived from loss.caption / loss.distill or,
+    when the loss section does not ask for them (a run fine-tuned with the terms off), from the
+    weights' key names; the load says what it derived and the weights load strictly."""
+    cfg = tiny_cfg(text_dir)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    ckpt = save_checkpoint(tmp_path / "run" / "step_1", model, cfg, step=1, rng=False)
+    _strip_new_model_fields(ckpt, **loss)
+    with pytest.warns(UserWarning, match=r"predates.*model\.caption_decoder = default sizes.*model\.slap_predictor = true"):
+        loaded, run_cfg, _ = load_pretrained(ckpt)
+    assert run_cfg.model.caption_decoder == CaptionDecoderConfig() and run_cfg.model.slap_predictor
+    assert loaded.state_dict().keys() == model.state_dict().keys()
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[k], v)
+
+
+def test_upgrade_checkpoint_config_reads_keys_only_when_needed():
+    def no_keys():
+        raise AssertionError("the loss section decides; the weights need not be read")
+
+    new = {"model": {"caption_decoder": None, "slap_predictor": False}, "loss": {"caption": True}}
+    assert upgrade_checkpoint_config(new, no_keys) == (new, [])  # written today: unchanged
+    old, notes = upgrade_checkpoint_config({"model": {}, "loss": {"caption": True, "distill": "mse"}}, no_keys)
+    assert old["model"] == {"caption_decoder": {}, "slap_predictor": True} and len(notes) == 2
+    clap, notes = upgrade_checkpoint_config({"model": {"embed_dim": 8}, "loss": {}}, lambda: ["clip_head.mlp.0.weight"])
+    assert clap["model"] == {"embed_dim": 8, "caption_decoder": None, "slap_predictor": False}
+    assert notes == ["model.caption_decoder = null (loss.caption is off and the weights hold no caption_decoder.*)",
+                     "model.slap_predictor = false (loss.distill is null and the weights hold no slap_predictor.*)"]  # fmt: skip
+
+
+def test_checkpoint_whose_decoder_differs_from_its_config_is_refused(text_dir, tmp_path):
+    cfg = tiny_cfg(text_dir, "slap", "loss.distill=null")
+    model = build_model(cfg)
+    bigger = save_checkpoint(tmp_path / "a", model, cfg, step=1, rng=False, update_latest=False)
+    meta = json.loads((bigger / "config.json").read_text())
+    meta["config"]["model"]["caption_decoder"]["layers"] = 3  # config.json no longer describes the weights
+    (bigger / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="weights do not match the architecture"):
+        load_pretrained(bigger)
+    with torch.no_grad():
+        model.caption_decoder.arch[6] = 4  # recorded as built with another start token than the tokenizer's [CLS]
+    other = save_checkpoint(tmp_path / "b", model, cfg, step=1, rng=False, update_latest=False)
+    with pytest.raises(CheckpointError, match=r"stored caption decoder was built as .*'bos_id': 4"):
+        load_pretrained(other)
+
+
 def test_caption_streams_long_audio_like_one_pass(text_dir, tmp_path):
     """Pipeline.caption encodes window by window (bounded memory for long files); the decoder
     then reads all frames, so the caption equals decoding one-pass frames."""
@@ -463,7 +538,6 @@ def test_caption_streams_long_audio_like_one_pass(text_dir, tmp_path):
     cfg = tiny_cfg(text_dir)
     torch.manual_seed(1)
     model = build_model(cfg)
-    attach_slap_modules(model, cfg)
     with torch.no_grad():  # a sharper decoder, so the token choice depends on the frames
         for p in model.caption_decoder.parameters():
             p.mul_(4.0)

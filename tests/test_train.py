@@ -236,3 +236,16 @@ def test_signal_during_the_last_step_still_returns_a_checkpoint(tmp_path, monkey
     monkeypatch.setattr(loop, "forward_backward", signalling)
     out = train(cfg, progress=False)
     assert out.name == "final" and (out / "model.safetensors").is_file()
+
+
+def test_train_lr_mult_reaches_the_optimizer(tmp_path):
+    """train.lr_mult is read: a prefix with multiplier 0 is left out of the optimizer (those weights
+    keep their initial values through training) while the other heads train."""
+    cfg, _ = _setup(tmp_path, **{"train.lr_mult": "{clip_head: 0.0}", "train.max_steps": "2"})
+    assert cfg.train.lr_mult == {"clip_head": 0.0}
+    torch.manual_seed(cfg.train.seed)  # as the loop does before building the model
+    start = build_model(cfg).state_dict()
+    final = load_file(train(cfg, progress=False) / "model.safetensors")
+    clip = [k for k in start if k.startswith("clip_head.")]
+    assert clip and all(torch.equal(final[k], start[k]) for k in clip)
+    assert not torch.equal(final["text_head.mlp.0.weight"], start["text_head.mlp.0.weight"])

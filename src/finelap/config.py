@@ -10,9 +10,9 @@ The flow a command follows::
 (`load_run_config(path_or_preset, overrides)` does the first three steps.)
 
 The machinery (`from_dict`, `to_dict`) is generic: it builds any nested dataclass from plain dicts
-using the field type hints, so other modules (models, losses) define their own config dataclasses
-and plug them into `RunConfig` with `register_section`. Validation of contradictions lives in each
-dataclass's `__post_init__` and raises `ConfigError`.
+using the field type hints. `RunConfig.model` is `finelap.model_config.ModelConfig` and `RunConfig.loss`
+`finelap.loss_config.LossConfig` (torch-free modules on this floor). Validation of
+contradictions lives in each dataclass's `__post_init__` and raises `ConfigError`.
 """
 from __future__ import annotations
 
@@ -21,7 +21,6 @@ import dataclasses
 import difflib
 import enum
 import collections.abc
-import importlib
 import re
 import types
 import typing
@@ -31,6 +30,8 @@ from typing import Any, Literal, Mapping, Sequence, TypeVar
 
 from .errors import ConfigError
 from .loss_config import LossConfig
+from .mel_config import MelConfig
+from .model_config import CaptionDecoderConfig, ModelConfig
 
 T = TypeVar("T")
 
@@ -39,13 +40,13 @@ __all__ = [
     "DataConfig",
     "EvalConfig",
     "RunConfig",
+    "SLAPConfig",
     "TrainConfig",
     "apply_overrides",
     "deep_merge",
     "from_dict",
     "load_run_config",
     "load_yaml",
-    "register_section",
     "resolve_run_config",
     "save_config",
     "to_dict",
@@ -381,22 +382,12 @@ def _positive(path: str, **values: float | int | None) -> None:
             raise ConfigError(f"{path}.{k} must be > 0, got {v}")
 
 
-@dataclass
-class AudioConfig:
-    """Audio front-end (the fields of `finelap.audio.MelConfig`) plus crop lengths, in seconds.
+@dataclass(frozen=True)
+class AudioConfig(MelConfig):
+    """Audio front-end: the log-mel parameters (the fields of `finelap.mel_config.MelConfig`, one
+    definition for both; YAML keys audio.sample_rate, audio.n_mels, ...) plus crop lengths, in
+    seconds. Frozen, as MelConfig is."""
 
-    The mel fields repeat MelConfig's rather than inherit them because this module must not import
-    torch (config errors surface before the heavy imports); tests/test_config.py checks that names
-    and defaults stay equal.
-    """
-
-    sample_rate: int = 16000
-    n_fft: int = 512
-    win_length: int = 400
-    hop_length: int = 160
-    n_mels: int = 64
-    fmin: float = 50.0
-    fmax: float = 8000.0
     clip_seconds: float = 10.0  # random training crop; shorter clips are padded and masked
     max_seconds: float = 30.0  # longest input encoded in one pass; longer audio is windowed at inference
 
@@ -405,17 +396,15 @@ class AudioConfig:
                   hop_length=self.hop_length, n_mels=self.n_mels, clip_seconds=self.clip_seconds,
                   max_seconds=self.max_seconds)
         try:
-            self.mel_config()
+            super().__post_init__()
         except ValueError as e:
             raise ConfigError(f"audio: {e}") from None
         if self.clip_seconds > self.max_seconds:
             raise ConfigError(f"audio.clip_seconds ({self.clip_seconds}) exceeds audio.max_seconds ({self.max_seconds})")
 
-    def mel_config(self) -> "Any":
-        """The `finelap.audio.MelConfig` for these parameters (every MelConfig field this class has)."""
-        from .audio import MelConfig
-
-        return MelConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(MelConfig) if hasattr(self, f.name)})
+    def mel_config(self) -> MelConfig:
+        """The plain `MelConfig` of these parameters (the crop lengths left out)."""
+        return MelConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(MelConfig)})
 
 
 STREAMS = ("captions", "events")  # caption-only clips / clips with strong (frame-level) labels
@@ -467,6 +456,30 @@ _DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
 @dataclass
+class SLAPConfig:
+    """SLAP's masked-frame self-distillation (loss.distill; `finelap.train.slap`).
+
+    mask_ratio: share of each clip's valid frames hidden from the student (data2vec/BEATs-style:
+      half). mask_block: frames per contiguous masked block (5 = 200 ms at 25 Hz: too short a gap
+      is trivially interpolated). teacher_decay: the EMA teacher's decay; None: train.ema_decay
+      when set, else 0.99 (short CPU runs of hundreds of steps need a teacher that follows the
+      student); see `TrainConfig.slap_teacher_decay`.
+    """
+
+    mask_ratio: float = 0.5
+    mask_block: int = 5
+    teacher_decay: float | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 < self.mask_ratio < 1:
+            raise ConfigError(f"train.slap.mask_ratio must be in (0, 1), got {self.mask_ratio}")
+        if self.mask_block < 1:
+            raise ConfigError(f"train.slap.mask_block must be >= 1 frame, got {self.mask_block}")
+        if self.teacher_decay is not None and not 0 < self.teacher_decay < 1:
+            raise ConfigError(f"train.slap.teacher_decay must be in (0, 1) or null, got {self.teacher_decay}")
+
+
+@dataclass
 class TrainConfig:
     """Optimisation and run bookkeeping. Steps count optimizer updates (after accumulation)."""
 
@@ -478,7 +491,9 @@ class TrainConfig:
     warmup_steps: int = 100
     schedule: Literal["cosine", "linear", "constant"] = "cosine"  # after warm-up
     min_lr_ratio: float = 0.0  # final lr = lr * min_lr_ratio
-    # parameter-name prefix -> lr multiplier (e.g. {"text_tower": 0.1}); frozen towers are model config
+    # parameter-name prefix -> lr multiplier on top of the towers' own (model.audio.lr_mult,
+    # model.text.lr_mult), e.g. {"clip_head": 0.5, "audio.stem": 0.1}; 0 leaves them out of the
+    # optimizer; see finelap.models.model.param_groups. Frozen towers are model config.
     lr_mult: dict[str, float] = field(default_factory=dict)
     grad_clip: float | None = 1.0  # max global grad norm; None disables
     accum_steps: int = 1
@@ -495,6 +510,12 @@ class TrainConfig:
     # $FINELAP_CACHE/features, default ~/.cache/finelap/features) so later epochs cost only the heads;
     # "memory" keeps them in RAM only; "off" recomputes; any other value is the cache folder
     feature_cache: str = "auto"
+    slap: SLAPConfig = field(default_factory=SLAPConfig)  # SLAP's frame masking and EMA teacher (loss.distill)
+
+    @property
+    def slap_teacher_decay(self) -> float:
+        """SLAP's EMA teacher decay: train.slap.teacher_decay, else train.ema_decay, else 0.99."""
+        return self.slap.teacher_decay or self.ema_decay or 0.99
 
     def __post_init__(self) -> None:
         _positive("train", max_steps=self.max_steps, lr=self.lr, max_minutes=self.max_minutes,
@@ -578,11 +599,15 @@ def _check_calibration(cal: Mapping[str, Any]) -> None:
 
 @dataclass
 class RunConfig:
-    """A whole run. `model` is typed by the class registered with `register_section` (ModelConfig
-    from finelap.models.model); until that is importable it stays a plain dict. `loss` is a
-    `LossConfig` (finelap.loss_config), which checks its objective names when it is built."""
+    """A whole run; every section is a typed dataclass (`model`: finelap.model_config.ModelConfig,
+    `loss`: finelap.loss_config.LossConfig, which checks its objective names when it is built).
 
-    model: Any = field(default_factory=dict)
+    SLAP's objectives train modules of the model, so turning one on puts the module into the model
+    section (and hence into every checkpoint's config.json): loss.caption with no
+    model.caption_decoder gives the default `CaptionDecoderConfig`; loss.distill sets
+    model.slap_predictor."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     audio: AudioConfig = field(default_factory=AudioConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -594,41 +619,18 @@ class RunConfig:
     def __post_init__(self) -> None:
         if not re.match(r"^[A-Za-z0-9_.\-]+$", self.name):
             raise ConfigError(f"name {self.name!r} must be a plain file name (letters, digits, _ . -)")
+        if _loss_option(self.loss, "caption", False) and self.model.caption_decoder is None:
+            self.model = dataclasses.replace(self.model, caption_decoder=CaptionDecoderConfig())
+        if _loss_option(self.loss, "distill", None) is not None and not self.model.slap_predictor:
+            self.model = dataclasses.replace(self.model, slap_predictor=True)
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
 
 
-# name -> (module, class name) tried lazily, or a class registered explicitly
-_SECTIONS: dict[str, type | tuple[str, str]] = {
-    "model": ("finelap.models.model", "ModelConfig"),
-}
-
-
-def register_section(name: str, cls: type) -> None:
-    """Make RunConfig's `name` section ("model" or "loss") a `cls` dataclass instead of a dict."""
-    if name not in ("model", "loss"):
-        raise ValueError(f"only the 'model' and 'loss' sections are pluggable, not {name!r}")
-    if not dataclasses.is_dataclass(cls):
-        raise TypeError(f"{cls!r} is not a dataclass")
-    _SECTIONS[name] = cls
-
-
-def section_class(name: str) -> type | None:
-    """The dataclass for a pluggable section, importing its module lazily; None if not available yet."""
-    entry = _SECTIONS.get(name)
-    if entry is None or isinstance(entry, type):
-        return entry
-    module, attr = entry
-    try:
-        mod = importlib.import_module(module)
-    except ModuleNotFoundError as e:
-        # only "that module does not exist (yet)" is tolerated; a broken import inside it must surface
-        if e.name and (module == e.name or module.startswith(e.name + ".")):
-            return None
-        raise
-    cls = getattr(mod, attr, None)
-    return cls if dataclasses.is_dataclass(cls) else None
+def _loss_option(loss: Any, name: str, default: Any) -> Any:
+    """A loss option by field name, from a LossConfig or a plain mapping."""
+    return loss.get(name, default) if isinstance(loss, Mapping) else getattr(loss, name, default)
 
 
 def resolve_run_config(d: Mapping[str, Any] | RunConfig) -> RunConfig:
@@ -638,13 +640,10 @@ def resolve_run_config(d: Mapping[str, Any] | RunConfig) -> RunConfig:
     if not isinstance(d, Mapping):
         raise ConfigError(f"config must be a mapping of sections, got {type(d).__name__}")
     d = dict(d)
-    if "loss" in d and d["loss"] is None:  # an empty `loss:` block: the defaults
-        del d["loss"]
     for name in ("model", "loss"):
-        cls = section_class(name)
-        if cls is not None:
-            d[name] = from_dict(cls, d.get(name) or {}, path=name)
-        elif name in d and d[name] is not None and not isinstance(d[name], Mapping):
+        if name in d and d[name] is None:  # an empty section: its defaults
+            del d[name]
+        elif name in d and not isinstance(d[name], (Mapping, ModelConfig, LossConfig)):
             raise ConfigError(f"'{name}' must be a mapping, got {type(d[name]).__name__}")
     return from_dict(RunConfig, d)
 

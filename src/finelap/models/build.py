@@ -2,22 +2,29 @@
 
 The front-end parameters live once, in `RunConfig.audio`; our own encoders receive them as their
 `mel` option, so a checkpoint's preprocessing and its architecture cannot disagree.
+
+Loading builds the model from the checkpoint's config.json (every module is a `ModelConfig`
+field) and then loads the weights strictly. Checkpoints written before SLAP's caption decoder and
+predictor were `ModelConfig` fields get them derived once, by `upgrade_checkpoint_config`.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable, Mapping
 
 from ..errors import CheckpointError
 from .model import FineLAPModel, ModelConfig
+from .slap_modules import DECODER_ATTR, PREDICTOR_ATTR
 
 _MEL_ENCODERS = ("cnn", "transformer")
 
 
 def model_config_for(run_cfg: Any) -> ModelConfig:
     """The ModelConfig of a resolved RunConfig, with the audio front-end filled in from `audio`."""
-    mc = run_cfg.model if isinstance(run_cfg.model, ModelConfig) else ModelConfig.from_dict(dict(run_cfg.model))
+    mc = run_cfg.model
     if mc.audio_encoder in _MEL_ENCODERS and "mel" not in mc.audio:
         mel = dataclasses.asdict(run_cfg.audio.mel_config())
         mc = dataclasses.replace(mc, audio={**mc.audio, "mel": mel})
@@ -74,6 +81,51 @@ def _resolve_local_paths(run_cfg: Any, ckpt_dir: Path) -> None:
         text.path = str(ckpt_dir / p)
 
 
+def upgrade_checkpoint_config(config: Mapping[str, Any], state_keys: Callable[[], Iterable[str]]) -> tuple[dict[str, Any], list[str]]:
+    """The RunConfig dict of a checkpoint's config.json, with the `ModelConfig` fields that older
+    checkpoints lack derived from what they did store, and one note per derived field.
+
+    Before SLAP's modules were ModelConfig fields, training attached them when the loss asked
+    (loss.caption, loss.distill) and loading re-attached any that the weights held. So a missing
+    model.caption_decoder is the default `CaptionDecoderConfig` (the only sizes that code ever
+    built; loading checks the stored decoder's ``arch`` against it) when loss.caption is on or
+    the weights hold ``caption_decoder.*``, else None; a missing model.slap_predictor is true when
+    loss.distill is set or the weights hold ``slap_predictor.*``. `state_keys` (the weights' key
+    names) is called only when the loss section does not decide. A config that has the fields is
+    returned unchanged (a copy) with no notes.
+    """
+    cfg = copy.deepcopy(dict(config))
+    model = cfg.get("model")
+    model = dict(model) if isinstance(model, Mapping) else {}
+    loss = cfg.get("loss") if isinstance(cfg.get("loss"), Mapping) else {}
+    notes: list[str] = []
+    keys: list[str] | None = None
+
+    def stored(prefix: str) -> bool:
+        nonlocal keys
+        keys = list(state_keys()) if keys is None else keys
+        return any(k.startswith(prefix + ".") for k in keys)
+
+    if "caption_decoder" not in model:
+        if loss.get("caption", False):
+            model["caption_decoder"], why = {}, "loss.caption is on"
+        elif stored(DECODER_ATTR):
+            model["caption_decoder"], why = {}, f"the weights hold {DECODER_ATTR}.*"
+        else:
+            model["caption_decoder"], why = None, f"loss.caption is off and the weights hold no {DECODER_ATTR}.*"
+        notes.append(f"model.caption_decoder = {'default sizes' if model['caption_decoder'] is not None else 'null'} ({why})")
+    if "slap_predictor" not in model:
+        if loss.get("distill") is not None:
+            model["slap_predictor"], why = True, "loss.distill is set"
+        elif stored(PREDICTOR_ATTR):
+            model["slap_predictor"], why = True, f"the weights hold {PREDICTOR_ATTR}.*"
+        else:
+            model["slap_predictor"], why = False, f"loss.distill is null and the weights hold no {PREDICTOR_ATTR}.*"
+        notes.append(f"model.slap_predictor = {str(model['slap_predictor']).lower()} ({why})")
+    cfg["model"] = model
+    return cfg, notes
+
+
 def load_pretrained(path: str | Path, use_ema: bool = True, map_location: str = "cpu") -> tuple[FineLAPModel, Any, Any]:
     """(model in eval mode, RunConfig, Checkpoint) from a checkpoint directory or a run directory
     (follows its LATEST pointer). Uses the EMA weights when the checkpoint has them and
@@ -82,23 +134,33 @@ def load_pretrained(path: str | Path, use_ema: bool = True, map_location: str = 
     from ..checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(path, map_location=map_location, training_state=False, ema=use_ema)
+    state = ckpt.ema_state if (use_ema and ckpt.ema_state) else ckpt.state_dict
+    config, notes = upgrade_checkpoint_config(ckpt.config, state.keys)
+    if notes:
+        warnings.warn(f"{ckpt.path}: config.json predates these model options; derived: {'; '.join(notes)}", stacklevel=2)
     try:
-        run_cfg = resolve_run_config(ckpt.config)
+        run_cfg = resolve_run_config(config)
     except Exception as e:
         raise CheckpointError(f"{path}: config.json does not describe a valid finelap run ({e})") from None
     _resolve_local_paths(run_cfg, Path(ckpt.path))
     model = FineLAPModel(model_config_for(run_cfg))
-    state = ckpt.ema_state if (use_ema and ckpt.ema_state) else ckpt.state_dict
-    from .slap_modules import attach_aux_modules, loss_wants_aux_modules  # SLAP's caption decoder / predictor
-
-    want_decoder, want_predictor = loss_wants_aux_modules(getattr(run_cfg, "loss", None))
-    attach_aux_modules(model, state, decoder=want_decoder, predictor=want_predictor)
     # the frozen bundled text tower is not stored (checkpoint_state); anything else missing is a mismatch
-    missing, unexpected = model.load_state_dict(complete_state(model, state), strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(complete_state(model, state), strict=False)
+    except RuntimeError as e:  # a shape mismatch
+        raise CheckpointError(f"{path}: weights do not match the architecture in config.json ({e})") from None
     if missing or unexpected:
         raise CheckpointError(
             f"{path}: weights do not match the architecture in config.json "
             f"(missing: {missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected: {unexpected[:5]})"
+        )
+    decoder = model.caption_decoder
+    if decoder is not None and [int(v) for v in decoder.arch.tolist()] != [int(getattr(decoder, f)) for f in decoder.ARCH_FIELDS]:
+        # the buffer was loaded from the weights: it records what the stored decoder was built as
+        raise CheckpointError(
+            f"{path}: the stored caption decoder was built as {dict(zip(decoder.ARCH_FIELDS, decoder.arch.tolist()))}, "
+            f"but config.json (model.caption_decoder and the text tower's tokenizer) builds "
+            f"{ {f: getattr(decoder, f) for f in decoder.ARCH_FIELDS} }"
         )
     model.eval()
     return model, run_cfg, ckpt

@@ -9,8 +9,9 @@ tokenizer's BOS) starts a caption, ``[SEP]`` (or its EOS) ends it and ``[PAD]`` 
     logits = dec(frames, frame_mask, inputs)                           # (B, L, V): teacher forcing
     ids = dec.generate(frames, frame_mask, max_len=30, beam_size=3)    # list of token-id lists
 
-The architecture is stored in the ``arch`` buffer, so a state dict alone rebuilds the module
-(`CaptionDecoder.from_state_dict`); checkpoints stay self-describing without a config field.
+A model builds its decoder from `ModelConfig.caption_decoder`. The architecture is also stored in
+the ``arch`` buffer, so a state dict alone can rebuild the module (`CaptionDecoder.from_state_dict`)
+and loading a checkpoint checks the stored decoder against its config.
 """
 from __future__ import annotations
 

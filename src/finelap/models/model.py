@@ -12,9 +12,8 @@ heads), `text_conditioned_scale_bias` (FLAM: per-text frame scale and bias).
 """
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +21,7 @@ from torch import nn
 
 from ..audio import Timeline
 from ..errors import ConfigError
+from ..model_config import ModelConfig
 from ..registry import AUDIO_ENCODERS
 from .audio_encoders import AudioEncoder
 from .heads import (
@@ -34,7 +34,8 @@ from .heads import (
     TextConditionedScaleBias,
     TextHead,
 )
-from .text_encoders import HFTextEncoder, TextEncoderConfig
+from .slap_modules import build_caption_decoder, build_slap_predictor
+from .text_encoders import HFTextEncoder
 
 __all__ = [
     "AUDIO_ENCODERS",
@@ -71,142 +72,8 @@ def build_audio_encoder(name: str, **kwargs: Any) -> AudioEncoder:
 
 # ----------------------------------------------------------------------------- config
 
-
-@dataclass
-class ModelConfig:
-    """Architecture of the two-tower model.
-
-    audio_encoder / audio: registry name and its keyword options (e.g. {"dim": 256, "mel": {...}},
-      or {"path": "/models/wavlm"} for "hf"; "freeze" and "lr_mult" are accepted by all).
-    text: the text tower. embed_dim: shared embedding size D.
-    clip_pooling: "mean" over valid frames, the encoder's "cls", or "meanmax" (mean and max of the
-      frames concatenated). clip_input_norm: LayerNorm (no affine) on the pooled vector before the
-      clip MLP. clip_head_hidden: MLP width (None: encoder width). text_head_hidden: None =
-      max(H, D), 0 = linear projection. text_projection: "mlp" (TextHead) or "identity" (no text
-      projection: embed_dim must equal the text tower's width; unseen words keep the tower's geometry).
-    frame_head: the decoupled frame projector (Linear + transformer); False = the clip head's MLP
-      applied to each frame (a coupled projector, CLAP-style).
-    clip_/frame_ scale and bias: initial logit scale/bias and whether they learn.
-    text_conditioned_scale_bias: FLAM's per-text frame scale/bias MLPs (init frame_scale_init,
-      frame_bias_init); otherwise one learnable scalar pair.
-    codebook_size > 0: MGA-CLAP's shared codebook pools frames and words into the clip embeddings.
-    la_block: MGA-CLAP's locality-aware (value-value attention) block on the encoder frames.
-    head_activation: the hidden activation of the clip and text MLPs ("gelu", or "relu" as in
-      LAION-CLAP's projections, for imported checkpoints).
-    scale_bias_input / scale_bias_hidden: what the per-text scale/bias MLPs read ("embeds": the
-      projected text embedding; "pooled": the text tower's pooled output, as OpenFLAM's MLPs do)
-      and their hidden width.
-    head_style: "mlp" (Linear, act, Linear) or "ln_mlp" (LayerNorm, Linear, act, LayerNorm, Linear:
-      MGA-CLAP's frame_proj / word_proj) for the clip and text MLPs.
-    codebook_inputs: what the codebook pools: "normalized" frame/word embeddings, or the
-      "projected" ones before L2 normalisation (MGA-CLAP's released code).
-    codebook_words: which text tokens the codebook pools: "tokens" (all under the attention mask)
-      or "words" (MGA-CLAP: the first token dropped, special tokens and padding given affinity 0).
-    frame_head_style: "rotary" (finelap's pre-norm rotary blocks, `FrameHead`) or "post_norm"
-      (FineLAP's released local projector: torch post-norm TransformerEncoder layers with a ReLU
-      feed-forward and no positions, `PostNormFrameHead`). frame_head_mlp_ratio: feed-forward width
-      / embed_dim. frame_head_per_window: the post-norm head attends within each fixed window of
-      the audio encoder only, over the window's frames as the reference saw them (padding
-      included; the encoder's `context_frames`), as a model that projected one 10.24-s input at a
-      time did.
-    """
-
-    audio_encoder: str = "cnn"
-    audio: dict = field(default_factory=dict)
-    text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
-    embed_dim: int = 256
-    clip_pooling: str = "mean"
-    clip_head_hidden: int | None = None
-    text_head_hidden: int | None = None
-    clip_input_norm: bool = False
-    text_projection: str = "mlp"
-    frame_head: bool = True
-    frame_head_layers: int = 1
-    frame_head_heads: int = 4
-    frame_head_window: int | None = None
-    dropout: float = 0.0
-    clip_scale_init: float = 10.0
-    clip_bias_init: float = -10.0
-    clip_scale_bias_learnable: bool = True
-    frame_scale_init: float = 10.0
-    frame_bias_init: float = -10.0
-    frame_scale_bias_learnable: bool = True
-    text_conditioned_scale_bias: bool = False
-    max_logit_scale: float = 100.0
-    codebook_size: int = 0
-    codebook_temperature: float = 1.0
-    la_block: bool = False
-    head_activation: str = "gelu"
-    scale_bias_input: str = "embeds"
-    scale_bias_hidden: int = 256
-    head_style: str = "mlp"
-    codebook_inputs: str = "normalized"
-    codebook_words: str = "tokens"
-    frame_head_style: str = "rotary"
-    frame_head_mlp_ratio: float = 2.0
-    frame_head_per_window: bool = False
-
-    def __post_init__(self) -> None:
-        if self.head_style not in ("mlp", "ln_mlp"):
-            raise ConfigError(f"model.head_style must be 'mlp' or 'ln_mlp', got {self.head_style!r}")
-        if self.codebook_inputs not in ("normalized", "projected"):
-            raise ConfigError(f"model.codebook_inputs must be 'normalized' or 'projected', got {self.codebook_inputs!r}")
-        if self.codebook_words not in ("tokens", "words"):
-            raise ConfigError(f"model.codebook_words must be 'tokens' or 'words', got {self.codebook_words!r}")
-        if self.codebook_inputs == "projected" and self.codebook_size and self.frame_head:
-            raise ConfigError("model.codebook_inputs='projected' pools the clip MLP's per-frame projections; it needs frame_head=false")
-        if self.frame_head_style not in ("rotary", "post_norm"):
-            raise ConfigError(f"model.frame_head_style must be 'rotary' or 'post_norm', got {self.frame_head_style!r}")
-        if not self.frame_head_mlp_ratio > 0:
-            raise ConfigError(f"model.frame_head_mlp_ratio must be positive, got {self.frame_head_mlp_ratio}")
-        if self.frame_head_per_window and (not self.frame_head or self.frame_head_style != "post_norm"):
-            raise ConfigError("model.frame_head_per_window needs frame_head: true and frame_head_style: post_norm")
-        if self.frame_head and self.frame_head_style == "post_norm" and self.frame_head_window is not None:
-            raise ConfigError("model.frame_head_window (local attention) applies to the rotary frame head only")
-        if self.scale_bias_input not in ("embeds", "pooled"):
-            raise ConfigError(f"model.scale_bias_input must be 'embeds' or 'pooled', got {self.scale_bias_input!r}")
-        if self.scale_bias_input == "pooled" and self.codebook_size:
-            raise ConfigError("model.scale_bias_input='pooled' needs the pooled text output, which the codebook (codebook_size > 0) replaces")
-        if self.head_activation not in ("gelu", "relu"):
-            raise ConfigError(f"model.head_activation must be 'gelu' or 'relu', got {self.head_activation!r}")
-        if isinstance(self.text, dict):
-            try:
-                self.text = TextEncoderConfig(**self.text)
-            except TypeError as e:
-                raise ConfigError(f"model.text: {e}") from None
-        if not isinstance(self.audio, dict):
-            raise ConfigError(f"model.audio must be a mapping of encoder options, got {type(self.audio).__name__}")
-        if self.embed_dim <= 0:
-            raise ConfigError(f"model.embed_dim must be positive, got {self.embed_dim}")
-        if self.clip_pooling not in ("mean", "cls", "meanmax"):
-            raise ConfigError(f"model.clip_pooling must be 'mean', 'cls' or 'meanmax', got {self.clip_pooling!r}")
-        if self.text_projection not in ("mlp", "identity"):
-            raise ConfigError(f"model.text_projection must be 'mlp' or 'identity', got {self.text_projection!r}")
-        if self.clip_scale_init <= 0 or self.frame_scale_init <= 0:
-            raise ConfigError("model.*_scale_init must be positive")
-        if max(self.clip_scale_init, self.frame_scale_init) > self.max_logit_scale:
-            raise ConfigError(f"initial logit scales exceed max_logit_scale={self.max_logit_scale}")
-        if self.codebook_size < 0 or self.codebook_size == 1:
-            raise ConfigError(f"model.codebook_size must be 0 (off) or >= 2, got {self.codebook_size}")
-        if self.codebook_size and self.clip_pooling == "meanmax":
-            raise ConfigError("model.codebook_size > 0 pools frames through the codebook; clip_pooling='meanmax' contradicts it")
-        if self.codebook_size and self.clip_pooling == "cls":
-            raise ConfigError("model.codebook_size > 0 pools frames through the codebook; clip_pooling='cls' contradicts it")
-        if self.frame_head and self.frame_head_layers < 0:
-            raise ConfigError("model.frame_head_layers must be >= 0")
-        if self.frame_head and self.embed_dim % self.frame_head_heads:
-            raise ConfigError(f"model.embed_dim ({self.embed_dim}) must be divisible by frame_head_heads ({self.frame_head_heads})")
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"unknown model option(s): {', '.join(unknown)}")
-        return cls(**d)
+# `ModelConfig` lives in finelap.model_config (no torch, so finelap.config can type RunConfig.model);
+# it is re-exported here, where it used to be defined.
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -323,6 +190,9 @@ class FineLAPModel(nn.Module):
                 cfg.frame_scale_init, cfg.frame_bias_init, cfg.frame_scale_bias_learnable, cfg.max_logit_scale
             )
         self.codebook = CodebookAggregator(d, cfg.codebook_size, cfg.codebook_temperature) if cfg.codebook_size else None
+        # SLAP's trainable extras (last, as the training hook used to attach them: same initialisation)
+        self.caption_decoder = build_caption_decoder(cfg.caption_decoder, da, self.text.tokenizer) if cfg.caption_decoder else None
+        self.slap_predictor = build_slap_predictor(da) if cfg.slap_predictor else None
         # set by the trainer for frozen pretrained towers (models.feature_cache): encoder frames computed once per input
         self.feature_cache: Any = None
 
@@ -465,13 +335,31 @@ def _no_decay_names(module: nn.Module) -> set[str]:
     return out
 
 
-def param_groups(model: FineLAPModel, base_lr: float, weight_decay: float) -> list[dict]:
+def param_groups(
+    model: FineLAPModel, base_lr: float, weight_decay: float, lr_mult: Mapping[str, float] | None = None
+) -> list[dict]:
     """AdamW parameter groups: per tower (audio, text, heads) x (decay, no_decay).
 
-    lr = base_lr * tower lr_mult (audio: encoder.lr_mult, text: cfg.text.lr_mult). Frozen parameters
-    (requires_grad False) and towers with lr_mult 0 are left out. Each group carries "name" and
-    "lr_mult" so schedulers can rescale it.
+    lr = base_lr * tower lr_mult (audio: encoder.lr_mult, text: cfg.text.lr_mult) * prefix
+    multiplier. `lr_mult` (train.lr_mult) maps parameter-name prefixes to multipliers: a prefix
+    covers the parameter of that name and every name below it ("clip_head" covers
+    "clip_head.mlp.0.weight"; "audio.stem" the audio encoder's stem); the longest covering prefix
+    applies, and its parameters get groups of their own, "<tower>/<prefix>/<decay|no_decay>". A
+    prefix that covers no parameter is a ConfigError (a typo would otherwise change nothing).
+    Frozen parameters (requires_grad False) and parameters whose multiplier is 0 are left out.
+    Each group carries "name" and "lr_mult" so schedulers can rescale it.
     """
+    prefixes = {str(k): float(v) for k, v in (lr_mult or {}).items()}
+    all_names = [n for n, _ in model.named_parameters()]
+    for pre in prefixes:
+        if not any(n == pre or n.startswith(pre + ".") for n in all_names):
+            top = sorted({n.split(".")[0] for n in all_names})
+            raise ConfigError(f"train.lr_mult: {pre!r} is not the name (or a dotted start) of any model parameter; top-level modules: {', '.join(top)}")
+
+    def prefix_of(name: str) -> str | None:
+        covering = [p for p in prefixes if name == p or name.startswith(p + ".")]
+        return max(covering, key=len) if covering else None
+
     towers = {
         "audio": (model.audio, model.audio.lr_mult),
         "text": (model.text, model.text.cfg.lr_mult),
@@ -479,17 +367,21 @@ def param_groups(model: FineLAPModel, base_lr: float, weight_decay: float) -> li
     tower_ids = {id(p) for mod, _ in towers.values() for p in mod.parameters()}
     groups: list[dict] = []
 
-    def add(name: str, named: list[tuple[str, nn.Parameter]], nd: set[str], mult: float) -> None:
-        if mult == 0:
-            return
-        decay = [p for n, p in named if p.requires_grad and n not in nd]
-        no_decay = [p for n, p in named if p.requires_grad and n in nd]
-        for suffix, params, wd in (("decay", decay, weight_decay), ("no_decay", no_decay, 0.0)):
-            if params:
-                groups.append({"name": f"{name}/{suffix}", "params": params, "lr": base_lr * mult, "lr_mult": mult, "weight_decay": wd})
+    def add(name: str, named: list[tuple[str, nn.Parameter]], nd: set[str], mult: float, full: Callable[[str], str]) -> None:
+        for pre in (None, *prefixes):  # the unprefixed parameters first: with no lr_mult, one pair of groups per tower
+            m = mult * (prefixes[pre] if pre is not None else 1.0)
+            mine = [(n, p) for n, p in named if p.requires_grad and prefix_of(full(n)) == pre]
+            if m == 0 or not mine:
+                continue
+            decay = [p for n, p in mine if n not in nd]
+            no_decay = [p for n, p in mine if n in nd]
+            group = name if pre is None else f"{name}/{pre}"
+            for suffix, params, wd in (("decay", decay, weight_decay), ("no_decay", no_decay, 0.0)):
+                if params:
+                    groups.append({"name": f"{group}/{suffix}", "params": params, "lr": base_lr * m, "lr_mult": m, "weight_decay": wd})
 
     for name, (mod, mult) in towers.items():
-        add(name, list(mod.named_parameters()), _no_decay_names(mod), mult)
+        add(name, list(mod.named_parameters()), _no_decay_names(mod), mult, lambda n, t=name: f"{t}.{n}")
     heads = [(n, p) for n, p in model.named_parameters() if id(p) not in tower_ids]
-    add("heads", heads, _no_decay_names(model), 1.0)
+    add("heads", heads, _no_decay_names(model), 1.0, lambda n: n)
     return groups

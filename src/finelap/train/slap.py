@@ -8,17 +8,15 @@ other SLAP ingredient, variable-length training without cropping, is data config
 Modules:
 - ``model.caption_decoder`` (a `CaptionDecoder`, loss.caption) and ``model.slap_predictor`` (a
   2-layer MLP on the student's frames, loss.distill; the BYOL/data2vec predictor that makes
-  student and teacher asymmetric) are registered on the model by `attach_slap_modules` (built by models.slap_modules), so the
-  optimizer ("heads" group), the EMA weights and checkpoints include them. Call it right after
-  `build_model` and before creating the optimizer/EMA and before any ``load_state_dict``.
+  student and teacher asymmetric) are model modules built from the model config
+  (``model.caption_decoder``, ``model.slap_predictor``; a run config that turns the losses on
+  sets them), so the optimizer ("heads" group), the EMA weights and checkpoints include them.
 - The teacher is a frozen copy of ``model.audio`` held by `SLAPState`, *not* a submodule of the
   model: it is neither optimised nor part of the model's state dict. `SLAPState.state_dict` gives
   its weights for the trainer state of a checkpoint (exact resume).
 
-Options without a config field (RunConfig has no `slap` section) are module constants:
-``DEFAULT_MASK_RATIO`` (share of each clip's valid frames hidden from the student),
-``DEFAULT_MASK_BLOCK`` (frames per contiguous masked block) and ``DECODER_DEFAULTS``. The teacher's
-EMA decay is ``train.ema_decay`` when set, else ``DEFAULT_TEACHER_DECAY``.
+Options: ``train.slap`` (`finelap.config.SLAPConfig`: mask ratio, mask block, teacher decay) and
+``model.caption_decoder`` (the decoder's sizes).
 
 Masks are a pure function of (train.seed, step, rank) (`mask_generator`), so a resumed run draws
 the same masks as an uninterrupted one.
@@ -32,23 +30,19 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from ..config import SLAPConfig
 from ..errors import ConfigError
 from ..loss_config import LossConfig
 from ..losses.aux import ema_update
 from ..models.audio_encoders import lengths_to_mask
 from ..models.decoder import prepare_targets
-from ..models.slap_modules import DECODER_ATTR, DECODER_DEFAULTS, PREDICTOR_ATTR, attach_aux_modules
+from ..models.slap_modules import DECODER_ATTR, PREDICTOR_ATTR
 
 __all__ = [
-    "DEFAULT_MASK_RATIO",
-    "DEFAULT_MASK_BLOCK",
-    "DEFAULT_TEACHER_DECAY",
-    "DECODER_DEFAULTS",
     "needs_decoder",
     "needs_predictor",
     "needs_slap_modules",
     "check_slap_config",
-    "attach_slap_modules",
     "make_teacher",
     "update_teacher",
     "mask_generator",
@@ -57,9 +51,7 @@ __all__ = [
     "SLAPState",
 ]
 
-DEFAULT_MASK_RATIO = 0.5  # data2vec/BEATs-style: half of the frames hidden from the student
-DEFAULT_MASK_BLOCK = 5  # contiguous frames per masked block (200 ms at 25 Hz): too short a gap is trivially interpolated
-DEFAULT_TEACHER_DECAY = 0.99  # short CPU runs (hundreds of steps) need a teacher that follows the student
+_DEFAULTS = SLAPConfig()
 _DECODER = DECODER_ATTR
 _PREDICTOR = PREDICTOR_ATTR
 
@@ -97,16 +89,6 @@ def check_slap_config(run_cfg: Any, model: nn.Module | None = None) -> None:
         )
     if model is not None and needs_predictor(run_cfg) and getattr(model.audio, "frozen", False):
         raise ConfigError("loss.distill trains the audio encoder, but it is frozen (model.audio.freeze=true)")
-
-
-def attach_slap_modules(model: nn.Module, run_cfg: Any, state_dict: Mapping[str, torch.Tensor] | None = None) -> None:
-    """Register SLAP's trainable modules on `model` (in place; idempotent): ``model.caption_decoder``
-    when loss.caption is on, ``model.slap_predictor`` when loss.distill is on, and either one that
-    `state_dict` holds. The builder is `finelap.models.slap_modules.attach_aux_modules` (see there).
-    Call before building the optimizer / EMA state, and before ``model.load_state_dict`` of a
-    checkpoint that has them.
-    """
-    attach_aux_modules(model, state_dict, decoder=needs_decoder(run_cfg), predictor=needs_predictor(run_cfg))
 
 
 # ----------------------------------------------------------------------------- teacher
@@ -187,8 +169,8 @@ def slap_inputs(
     loss_cfg: Any,
     generator: torch.Generator,
     *,
-    mask_ratio: float = DEFAULT_MASK_RATIO,
-    mask_block: int = DEFAULT_MASK_BLOCK,
+    mask_ratio: float = _DEFAULTS.mask_ratio,
+    mask_block: int = _DEFAULTS.mask_block,
     clean_frames: torch.Tensor | None = None,
     clean_mask: torch.Tensor | None = None,
 ) -> dict[str, Any]:
@@ -219,7 +201,7 @@ def slap_inputs(
             raise ConfigError("loss.distill needs an EMA teacher (SLAPState.create)")
         predictor = getattr(model, _PREDICTOR, None)
         if predictor is None:
-            raise ConfigError("loss.distill needs model.slap_predictor: call attach_slap_modules(model, cfg) after build_model")
+            raise ConfigError("loss.distill needs model.slap_predictor: build the model with model.slap_predictor=true")
         t = model.audio.num_frames(wave.shape[1])
         valid = lengths_to_mask(model.audio.frame_lengths(lengths), t)
         hide = sample_block_mask(valid, mask_ratio, mask_block, generator)
@@ -232,7 +214,7 @@ def slap_inputs(
     if loss_cfg.caption:
         decoder = getattr(model, _DECODER, None)
         if decoder is None:
-            raise ConfigError("loss.caption needs model.caption_decoder: call attach_slap_modules(model, cfg) after build_model")
+            raise ConfigError("loss.caption needs model.caption_decoder: build the model with a model.caption_decoder section")
         if clean_frames is not None:
             frames, fmask = clean_frames, clean_mask
         elif student is not None:
@@ -252,16 +234,16 @@ def slap_inputs(
 class SLAPState:
     """What SLAP adds to a training run besides model modules: the EMA teacher, its decay, the
     mask options and the seed. Build with `SLAPState.create(model, run_cfg)` after
-    `attach_slap_modules` and after moving the model to its device."""
+    moving the model to its device."""
 
     def __init__(
         self,
         teacher: nn.Module | None,
         loss_cfg: Any,
-        decay: float = DEFAULT_TEACHER_DECAY,
+        decay: float,
         seed: int = 0,
-        mask_ratio: float = DEFAULT_MASK_RATIO,
-        mask_block: int = DEFAULT_MASK_BLOCK,
+        mask_ratio: float = _DEFAULTS.mask_ratio,
+        mask_block: int = _DEFAULTS.mask_block,
     ) -> None:
         if not 0.0 < decay < 1.0:
             raise ConfigError(f"SLAP teacher decay must be in (0, 1), got {decay}")
@@ -277,13 +259,15 @@ class SLAPState:
     @classmethod
     def create(cls, model: nn.Module, run_cfg: Any, **kw: Any) -> "SLAPState":
         """Check the config (`check_slap_config`), copy the teacher from ``model.audio`` (only when
-        loss.distill is on) and take the decay from train.ema_decay (else DEFAULT_TEACHER_DECAY)."""
+        loss.distill is on) and take the options from train.slap (`TrainConfig.slap_teacher_decay`);
+        keyword arguments override them."""
         check_slap_config(run_cfg, model)
         loss = _loss_cfg(run_cfg)
-        train = getattr(run_cfg, "train", None)
-        decay = getattr(train, "ema_decay", None) or DEFAULT_TEACHER_DECAY
+        train = run_cfg.train
         teacher = make_teacher(model) if loss.distill is not None else None
-        return cls(teacher, loss, kw.pop("decay", decay), kw.pop("seed", getattr(train, "seed", 0)), **kw)
+        opts = {"decay": train.slap_teacher_decay, "seed": train.seed, "mask_ratio": train.slap.mask_ratio,
+                "mask_block": train.slap.mask_block, **kw}  # fmt: skip
+        return cls(teacher, loss, **opts)
 
     def inputs(
         self,
