@@ -39,9 +39,9 @@ from typing import Any, Callable, Collection, Iterable, Sequence
 
 import numpy as np
 
+from ..data.types import Clip, Event
 from ..errors import AudioError, ConfigError, FinelapError
 from ..utils import atomic_path, log, progress, write_json_atomic, write_text_atomic
-from .types import Clip, Event
 
 __all__ = [
     "CORPUS_VERSION",
@@ -924,7 +924,7 @@ def _try_reuse(out: Path, cfg_hash: str) -> CorpusResult | None:
         info = json.loads(sources.read_text(encoding="utf-8"))
         if info.get("config_hash") != cfg_hash:
             return None
-        from .manifests import read_manifest
+        from ..data.manifests import read_manifest
 
         clips = read_manifest(manifest)  # validates the lines and that every audio file exists
     except (OSError, ValueError, FinelapError):
@@ -1085,7 +1085,7 @@ def build_corpus(
         "skipped_clips": skipped_clips,
     }
     write_json_atomic(out / "sources.json", sources)
-    from .manifests import write_manifest
+    from ..data.manifests import write_manifest
 
     # written last: its presence (with a matching hash) is what marks the pool complete
     write_manifest(out / "manifest.jsonl", clips)
