@@ -177,11 +177,6 @@ class Pipeline:
         }
 
     # ------------------------------------------------------------------ inputs
-    @staticmethod
-    def _as_list(inputs: Any) -> tuple[list[Any], bool]:
-        """(items, is_batch): `sources.as_list`."""
-        return as_list(inputs)
-
     def _open(self, item: Any, sample_rate: int | None = None, index: int = 0, channel_axis: int | None = None) -> Source:
         """A readable source at the model's sample rate (`sources.open_source`): a path, an array
         recorded at `sample_rate`, or an {"array" or "raw", "sampling_rate"} dict; multichannel
@@ -231,7 +226,7 @@ class Pipeline:
         """Clip embeddings (N, D) float32, L2-normalised, one row per clip (a single clip gives
         (1, D); a batch is a list). Long audio: deterministic window average (module docstring).
         Files are decoded a group at a time, so memory stays bounded for long lists."""
-        items, _ = self._as_list(inputs)
+        items, _ = as_list(inputs)
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         out = np.empty((len(items), self.embed_dim), dtype=np.float32)
@@ -391,7 +386,7 @@ class Pipeline:
         checkpoint's prompt template) filled with each label. One clip -> one list; a batch (a
         list of clips) -> a list of lists."""
         labels = parse_labels(labels)
-        items, is_batch = self._as_list(audio)
+        items, is_batch = as_list(audio)
         prompts = apply_template(labels, self.prompt_template if template is None else template)
         if top_k is not None and top_k < 1:
             raise ConfigError(f"top_k must be >= 1, got {top_k}")
@@ -547,7 +542,7 @@ class Pipeline:
         Settings: see `detection_settings`. When nothing crosses the threshold, one line on stderr
         gives the peak and the threshold to pass."""
         labels = parse_labels(labels)
-        items, is_batch = self._as_list(audio)
+        items, is_batch = as_list(audio)
         tmpl = self.prompt_template if template is None else template
         prompts = apply_template(labels, tmpl)  # validated before any audio is decoded
         st = self.detection_settings(labels, threshold, median_filter_s, min_duration_s, merge_gap_s)
