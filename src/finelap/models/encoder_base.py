@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..audio import MelConfig, Timeline
+from ..audio import Timeline
 from ..errors import ConfigError
 
 __all__ = ["AudioFeatures", "AudioEncoder", "lengths_to_mask"]
@@ -49,21 +49,6 @@ class AudioFeatures:
 def lengths_to_mask(lengths: torch.Tensor, size: int) -> torch.Tensor:
     """lengths (B,) -> (B, size) bool mask, True where index < length."""
     return torch.arange(size, device=lengths.device)[None, :] < lengths[:, None]
-
-
-def _as_mel_config(mel: MelConfig | dict | None) -> MelConfig:
-    """Encoder front-ends default to a float32 STFT: 3x faster than MelConfig's float64 (which exists
-    for librosa parity), and its ~1e-2 dB error on quiet bins is irrelevant to a learned model."""
-    if mel is None:
-        return MelConfig(compute_dtype="float32")
-    if isinstance(mel, MelConfig):
-        return mel
-    if isinstance(mel, dict):
-        try:
-            return MelConfig(**{"compute_dtype": "float32", **mel})
-        except TypeError as e:
-            raise ConfigError(f"bad mel settings {mel}: {e}") from None
-    raise ConfigError(f"mel must be a MelConfig or a dict, got {type(mel).__name__}")
 
 
 class AudioEncoder(nn.Module):
