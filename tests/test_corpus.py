@@ -1,4 +1,4 @@
-"""Tests for the built-in default sound pool (finelap.data.corpus, `finelap corpus`).
+"""Tests for the built-in default sound pool (finelap.demo.corpus, `finelap corpus`).
 
 Real renders need fluidsynth + a GM soundfont and espeak-ng (Debian: scripts/system_deps.sh);
 those tests skip with the reason when the tools are absent. The fallback, determinism and reuse
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from finelap.data import corpus as C
+from finelap.demo import corpus as C
 from finelap.data.manifests import read_manifest
 from finelap.errors import ConfigError, FinelapError
 

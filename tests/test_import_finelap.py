@@ -116,7 +116,7 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> to
 
 def _reference(sd: dict, waves: list[np.ndarray], texts: list[str], tok) -> dict[str, torch.Tensor]:
     """FineLAP's forward (get_global_audio_embeds / get_dense_audio_embeds / get_global_text_embeds
-    and the logits of infer.py), re-stated with plain tensor ops from the state dict."""
+    and the logits of infer/pipeline.py), re-stated with plain tensor ops from the state dict."""
     from transformers import RobertaModel
 
     from _import_fixtures import FL_HEADS, tiny_roberta_config

@@ -197,7 +197,7 @@ def test_long_file_is_streamed_from_disk_and_equals_array(pipe, tmp_path, monkey
     path = tmp_path / "long.flac"
     sf.write(path, x, SR)
     from_array = pipe.frame_scores(sf.read(path, dtype="float32")[0], ["dog"], sample_rate=SR)
-    monkeypatch.setattr(infer, "_IN_MEMORY_S", 5.0)  # force the window-by-window file reader
+    monkeypatch.setattr(infer.sources, "_IN_MEMORY_S", 5.0)  # force the window-by-window file reader
     src = pipe._open(path)
     assert src.wave is None  # really streamed
     from_file = pipe.frame_scores(path, ["dog"])

@@ -12,9 +12,12 @@ Layers, bottom to top (a module may import its own floor and the floors below it
   3  checkpoint                         checkpoint directory format and file I/O (safetensors + JSON)
   4  data                               manifests, phrases, batching/collation, synthesis
   5  eval, scoring, search, streaming   metrics and evaluators over functions/arrays, never models
+     demo                               demo material built on data (the `finelap corpus` pool); data.corpus
+                                        is its old path, a re-export placed on this floor
   6  models                             encoders, heads, the two-tower model, loading a checkpoint
   7  losses                             objectives over model outputs (may use models' types, dist)
-  8  infer, calibration, hear           Pipeline: a loaded model + scoring + post-processing
+  8  infer, calibration, hear           Pipeline: a loaded model + scoring + post-processing (infer/ is a
+                                        package: pipeline, sources, labels, postprocess, index)
   9  train                              the loop (evaluates through infer, calibrates at the end)
  10  commands, cli, finelap (package)   the command line; the package root re-exports Pipeline
 
@@ -39,6 +42,7 @@ LAYERS: list[tuple[str, int]] = [
     ("finelap.checkpoint", 3),
     ("finelap.data", 4),
     ("finelap.eval", 5), ("finelap.scoring", 5), ("finelap.search", 5), ("finelap.streaming", 5),
+    ("finelap.demo", 5), ("finelap.data.corpus", 5),  # data.corpus: the old path of demo.corpus, a re-export
     ("finelap.models", 6),
     ("finelap.losses", 7),
     ("finelap.infer", 8), ("finelap.calibration", 8), ("finelap.hear", 8),
@@ -124,6 +128,8 @@ def test_no_module_imports_upward() -> None:
         ("finelap.data.batching", "import finelap.losses.clip\n"),  # absolute
         ("finelap.dist", "from . import config\n"),  # `from . import submodule`
         ("finelap.checkpoint", "from finelap import Pipeline\n"),  # the package root is the top floor
+        ("finelap.data.manifests", "from ..demo import corpus\n"),  # the data layer does not use the demo pool
+        ("finelap.models.layers", "from ..infer.sources import pad\n"),  # the new modules sit on their package's floor
     ],
 )
 def test_checker_flags_an_upward_import(module: str, source: str) -> None:
@@ -138,6 +144,9 @@ def test_checker_allows_downward_and_same_floor_imports() -> None:
     assert upward_imports("finelap.losses.clip", False, src, known) == []
     assert upward_imports("finelap.losses", True, "from .clip import info_nce\nfrom . import frame\n", known) == []
     assert floor_of("finelap.losses.new_objective") == floor_of("finelap.losses")  # new files inherit the floor
+    assert floor_of("finelap.infer.pipeline") == floor_of("finelap.infer") and floor_of("finelap.models.hf_encoders") == 6
+    assert upward_imports("finelap.data.corpus", False, "from ..demo.corpus import build_corpus\n", known) == []
+    assert upward_imports("finelap.infer.pipeline", False, "from . import index\nfrom ..models.build import load_pretrained\n", known) == []
 
 
 def test_new_modules_start_on_the_top_floor() -> None:

@@ -2,7 +2,10 @@
 tmp_path, nothing downloads), text towers (tiny BERT + the bundled MiniLM), heads, sparsemax, model."""
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import math
+import typing
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +39,7 @@ from finelap.models import (
     sparsemax,
 )
 from finelap.models.audio_encoders import AudioEncoder, MaskedNorm
+from finelap.models.encoder_registry import AudioEncoderOptions, audio_encoder_options, parse_audio_encoder_options
 
 SR = 16000
 TINY_CNN = dict(dim=32, stem_channels=8, stages=((8, 2, 2, 2, 1, 1), (16, 2, 2, 1, 2, 2)))
@@ -685,7 +689,7 @@ def test_config_validation_and_registry():
     assert isinstance(cfg.text, TextEncoderConfig) and ModelConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ConfigError, match="unknown audio encoder"):
         build_audio_encoder("nope")
-    with pytest.raises(ConfigError, match="bad options"):
+    with pytest.raises(ConfigError, match=r"'model\.audio\.dimm' \(did you mean 'dim'\?\).*audio encoder 'cnn'"):
         build_audio_encoder("cnn", dimm=3)
     assert {"cnn", "transformer", "hf"} <= set(AUDIO_ENCODERS.names())
     assert AUDIO_ENCODERS.get("cnn") is CNNEncoder
@@ -699,3 +703,49 @@ def test_config_validation_and_registry():
         assert isinstance(enc, TransformerEncoder) and enc.frontend.cfg == MelConfig(n_mels=32, compute_dtype="float32")
     finally:
         AUDIO_ENCODERS._items.pop("test_tiny_tf")  # keep the global registry as other tests expect it
+
+
+@pytest.mark.parametrize("name", AUDIO_ENCODERS.names())  # every built-in encoder, new ones included
+def test_every_encoder_has_options_that_are_its_keyword_arguments(name):
+    # the options dataclass and the builder's signature are written twice: same names, defaults, types
+    opts = audio_encoder_options(name)
+    assert opts is not None and issubclass(opts, AudioEncoderOptions)
+    builder = AUDIO_ENCODERS.get(name)
+    params = {k: p for k, p in inspect.signature(builder).parameters.items()}
+    fields = {f.name: f for f in dataclasses.fields(opts)}
+    assert set(fields) == set(params)
+    hints, arg_hints = typing.get_type_hints(opts), typing.get_type_hints(builder.__init__)
+    for k, f in fields.items():
+        default = None if f.default is dataclasses.MISSING else f.default
+        assert (params[k].default is inspect.Parameter.empty) == (f.default is dataclasses.MISSING), k
+        if default is not None:
+            assert default == params[k].default, k
+        assert hints[k] == arg_hints[k], k
+
+
+def test_audio_encoder_options_are_typed_and_checked():
+    o = parse_audio_encoder_options("cnn", {"dim": 64, "stages": [[8, 2, 2, 2, 1, 1]], "mel": {"n_mels": 32}, "lr_mult": 1})
+    assert o.dim == 64 and o.stages == [[8, 2, 2, 2, 1, 1]] and o.mel == {"n_mels": 32} and o.lr_mult == 1.0
+    assert o.norm == "batch" and o.freeze is False  # defaults: the builder's
+    assert parse_audio_encoder_options("aisfx", {}).freeze is True and parse_audio_encoder_options("aisfx", {"layers": [4]}).layers == [4]
+    with pytest.raises(ConfigError, match=r"'model\.audio\.dim': expected an integer.*audio encoder 'transformer'"):
+        build_audio_encoder("transformer", dim="wide")
+    with pytest.raises(ConfigError, match=r"'model\.audio\.freeze': expected true/false"):
+        build_audio_encoder("cnn", freeze=1)
+    with pytest.raises(ConfigError, match=r"missing required config key 'model\.audio\.path'.*audio encoder 'hf'"):
+        build_audio_encoder("hf")
+    with pytest.raises(ConfigError, match=r"'model\.audio\.window_s' \(did you mean 'window_batch'\?\)"):
+        build_audio_encoder("eat", window_s=10.0)
+    enc = build_audio_encoder("cnn", dim=48, stem_channels=8, stages=[[16, 2, 2, 2, 1, 1]], mel={"n_mels": 32}, norm="layer")
+    assert isinstance(enc, CNNEncoder) and enc.dim == 48 and enc.frontend.cfg.n_mels == 32
+
+    @register_audio_encoder("test_no_options")  # third-party builders without options still work
+    def _plain(**kw):
+        return TransformerEncoder(**{**TINY_TF, **kw})
+
+    try:
+        assert audio_encoder_options("test_no_options") is None
+        with pytest.raises(ConfigError, match="bad options"):
+            build_audio_encoder("test_no_options", dimm=3)
+    finally:
+        AUDIO_ENCODERS._items.pop("test_no_options")

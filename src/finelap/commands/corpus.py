@@ -38,7 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import time
 
-    from ..data import corpus
+    from ..demo import corpus
     from ..errors import ConfigError
 
     only = [c for c in args.classes.split(",") if c.strip()] if args.classes else None

@@ -20,6 +20,8 @@ of 0.16 s per 10.24-s window (6.25 Hz); the CLS token is the encoder's clip toke
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -27,8 +29,8 @@ from torch import nn
 
 from ..audio import Timeline
 from ..errors import ConfigError
-from ..registry import AUDIO_ENCODERS
 from .audio_encoders import AudioEncoder, PublishedWindowEncoder, _WindowBackend
+from .encoder_registry import AudioEncoderOptions, register_audio_encoder
 
 __all__ = ["kaldi_mel_banks", "kaldi_fbank", "EATViT", "EATEncoder", "EAT_NORM_MEAN", "EAT_NORM_STD"]
 
@@ -203,7 +205,28 @@ class _EATBackend(_WindowBackend):
         return frames, x[:, 0]
 
 
-@AUDIO_ENCODERS.register("eat")
+@dataclass(kw_only=True)
+class EATOptions(AudioEncoderOptions):
+    """`model.audio` of "eat" (see `EATEncoder`)."""
+
+    dim: int = 768
+    depth: int = 12
+    heads: int = 12
+    mlp_ratio: float = 4.0
+    patch_size: int = 16
+    eps: float = 1e-6
+    n_mels: int = 128
+    target_length: int = 1024
+    sample_rate: int = 16000
+    win_length: int = 400
+    hop_length: int = 160
+    n_fft: int = 512
+    norm_mean: float = EAT_NORM_MEAN
+    norm_std: float = EAT_NORM_STD
+    window_batch: int = 8
+
+
+@register_audio_encoder("eat", options=EATOptions)
 class EATEncoder(PublishedWindowEncoder):
     """EAT (FineLAP's audio tower): frames (B, T, dim) at 6.25 Hz (0.16 s; 64 per 10.24-s window)
     and the CLS token as `cls` (mean over the item's windows).

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from .audio_encoders import TransformerBlock, attention_masks, rotary_tables
+from .layers import TransformerBlock, attention_masks, rotary_tables
 
 __all__ = [
     "masked_mean",

@@ -23,7 +23,8 @@ from ..audio import Timeline
 from ..errors import ConfigError
 from ..model_config import ModelConfig
 from ..registry import AUDIO_ENCODERS
-from .audio_encoders import AudioEncoder
+from .encoder_base import AudioEncoder
+from .encoder_registry import build_audio_encoder, register_audio_encoder
 from .heads import (
     ClipHead,
     CodebookAggregator,
@@ -50,25 +51,6 @@ __all__ = [
     "frame_similarity",
     "frame_logits",
 ]
-
-# ----------------------------------------------------------------------------- registry
-
-# The project-wide registry (finelap.registry); audio_encoders.py registers "cnn", "transformer", "hf".
-
-
-def register_audio_encoder(name: str, *, override: bool = False) -> Callable[[Callable[..., AudioEncoder]], Callable[..., AudioEncoder]]:
-    """Decorator: make a builder (class or function returning an AudioEncoder) available by name."""
-    return AUDIO_ENCODERS.register(name, override=override)
-
-
-def build_audio_encoder(name: str, **kwargs: Any) -> AudioEncoder:
-    """Build the encoder registered as `name` with its keyword options (ConfigError on bad names/options)."""
-    builder = AUDIO_ENCODERS.get(name)
-    try:
-        return builder(**kwargs)
-    except TypeError as e:  # a misspelt option: say which encoder and which options
-        raise ConfigError(f"audio encoder {name!r}: bad options {sorted(kwargs)} ({e})") from None
-
 
 # ----------------------------------------------------------------------------- config
 
@@ -324,7 +306,7 @@ _NO_DECAY_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, n
 
 def _no_decay_names(module: nn.Module) -> set[str]:
     """Biases, norm weights, embeddings and scalar/vector parameters (scales, biases, tokens) are not decayed."""
-    from .audio_encoders import MaskedNorm
+    from .layers import MaskedNorm
 
     out: set[str] = set()
     for mname, mod in module.named_modules():

@@ -36,6 +36,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -46,8 +47,8 @@ from torch import nn
 
 from ..audio import Timeline
 from ..errors import CheckpointError, ConfigError
-from ..registry import AUDIO_ENCODERS
 from .audio_encoders import AudioEncoder, AudioFeatures, lengths_to_mask
+from .encoder_registry import AudioEncoderOptions, register_audio_encoder
 
 __all__ = [
     "AISFX_SHA256",
@@ -295,7 +296,19 @@ class AisfxNet(nn.Module):
         return outs, n
 
 
-@AUDIO_ENCODERS.register("aisfx")
+@dataclass(kw_only=True)
+class AisfxOptions(AudioEncoderOptions):
+    """`model.audio` of "aisfx" (see `AisfxEncoder`); frozen by default."""
+
+    layers: Sequence[int] = (4, 2)
+    hop_frames: int = 4
+    freeze: bool = True
+    trainable_blocks: int = 4
+    weights: str | None = None
+    pretrained: bool = True
+
+
+@register_audio_encoder("aisfx", options=AisfxOptions)
 class AisfxEncoder(AudioEncoder):
     """The pretrained aisfx CNN as a finelap audio tower: frames (B, T, D) at 44.1 kHz / (1024 * hop_frames).
 

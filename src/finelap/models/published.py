@@ -34,9 +34,9 @@ from torch import nn
 
 from ..audio import Timeline, mel_filterbank
 from ..errors import CheckpointError, ConfigError, FinelapError
-from ..registry import AUDIO_ENCODERS
 from .audio_encoders import AudioEncoder, PublishedWindowEncoder, _WindowBackend
 from .eat import heads_for_width
+from .encoder_registry import AudioEncoderOptions, register_audio_encoder
 
 __all__ = [
     "SourceError",
@@ -184,7 +184,23 @@ class _HTSATBackend(_WindowBackend):
         return out.last_hidden_state.mean(2).transpose(1, 2), out.pooler_output  # (K, T', C), (K, C)
 
 
-@AUDIO_ENCODERS.register("htsat")
+@dataclass(kw_only=True)
+class HTSATOptions(AudioEncoderOptions):
+    """`model.audio` of "htsat" (see `HTSATEncoder`): `config` (ClapAudioConfig fields) is required."""
+
+    config: dict
+    sample_rate: int = 48000
+    n_fft: int = 1024
+    hop_length: int = 480
+    fmin: float = 50.0
+    fmax: float = 14000.0
+    mel_scale: str = "slaney"
+    window_s: float = 10.0
+    window_batch: int = 16
+    locality_aware: bool = False
+
+
+@register_audio_encoder("htsat", options=HTSATOptions)
 class HTSATEncoder(PublishedWindowEncoder):
     """HTS-AT (LAION-CLAP's and OpenFLAM's audio tower) built from its config, weights from a finelap
     checkpoint. Frames: the last stage's token grid averaged over frequency, `frames_per_window`

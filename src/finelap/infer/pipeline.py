@@ -1,72 +1,28 @@
-"""Inference: `Pipeline.from_pretrained(dir)` answers questions about audio files of any length.
-
-    pipe = finelap.Pipeline.from_pretrained("runs/finelap/final")
-    pipe.embed_audio(["a.wav", "b.flac"])                 # (2, D) clip embeddings, L2-normalised
-    pipe.classify("a.wav", ["dog", "rain", "siren"])      # [{"label": "dog", "score": 0.81}, ...]
-    pipe.detect("street.flac", ["dog", "car horn"])       # [{"onset", "offset", "score", "label"}, ...]
-    pipe.ground("park.wav", "a dog barking")              # [{"onset", "offset", "score", "label"}, ...]
-    fs = pipe.frame_scores("park.wav", ["a dog barking"]) # FrameScores: (T, N) probabilities in seconds
-
-Results are dicts, as Hugging Face pipelines return them. One clip is:
-- a path (any format soundfile reads; resampled to the model's rate);
-- an array or tensor with its rate, `sample_rate=` (required: raw samples have no default rate):
-  (samples,) mono, or (samples, channels) / (channels, samples), downmixed to mono (channel
-  mean); the channel axis is the dimension of at most 8, or `channel_axis=` says which;
-- an HF-style dict {"array" (or "raw"): samples, "sampling_rate": Hz}, e.g. a `datasets` row.
-A batch is a list (or tuple) of clips, and gives a list of results, one per clip; a 2-D array
-is one multichannel clip, never a batch. Everything is deterministic:
-
-- clip embeddings of audio longer than `audio.max_seconds` are the coverage-weighted mean of the
-  clip embeddings of fixed `audio.clip_seconds` windows on a grid starting at 0 (the last window is
-  moved back to end at the end of the audio), renormalised; never random crops;
-- frame-level outputs of any length are streamed through `finelap.streaming`: windows of
-  `window_s` on the encoder's frame grid, read from disk window by window with `margin_s` of
-  context on both sides and stitched. For encoders whose receptive field fits in the margin the
-  result equals one-pass encoding; memory is O(window) whatever the duration. On CPU, windows
-  (and clip-embedding batches) run on `workers` threads with a share of torch's threads each:
-  window-level parallelism keeps both cores busy even on a loaded machine, where op-level
-  threads mostly wait for each other (measured 3.7x faster on 2 busy cores; benchmarks/long_audio.py).
-
-Prompts: every label or phrase becomes the text query through `finelap.scoring.make_prompt` with
-the checkpoint's `eval.prompt_template` (underscores as spaces), in classify, detect, ground,
-frame_scores and the evaluators alike. Detection settings (threshold, per-class thresholds, median
-filter, minimum duration, merge gap; seconds) come from the checkpoint's calibration
-(`finelap calibrate`; else its eval defaults) unless given, and are announced once per Pipeline.
-
-Probabilities: sigmoid of the frame logits, or FLAM's logit-adjusted probability
-p / (p + sigmoid(beta_text)) when the model has per-text frame biases
-(`model.text_conditioned_scale_bias`); `calibrated=None` picks automatically.
-"""
+"""`Pipeline`: a loaded finelap model answering questions about audio of any length (see the
+`finelap.infer` package docstring). Inputs and streaming: `sources`; labels and prompts:
+`labels`; detection settings and events: `postprocess`; the search-index contract: `index`."""
 from __future__ import annotations
 
-import hashlib
-import json
-import math
 import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence, Union
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .audio import AUDIO_EXTENSIONS, LogMel, MelConfig, Timeline, audio_duration, load_audio, resample, to_float32
-from .eval.plots import display_mel_stream
-from .errors import AudioError, ConfigError, FinelapError
-from .scoring import (
-    DetectionSettings, FrameScores, fmt_threshold, make_prompts, nothing_found_advice, resolve_detection_settings,
-)
-from .utils import log
+from ..audio import Timeline, to_float32
+from ..eval.plots import display_mel_stream
+from ..errors import ConfigError, FinelapError
+from ..scoring import DetectionSettings, FrameScores
+from . import index as search_index
+from .labels import apply_template, parse_labels
+from .postprocess import announce_settings, event, resolve_settings, say_nothing_found
+from .sources import AudioInput, Source, as_list, map_in_threads, open_source, pad, plan_encoder_windows
 
-__all__ = ["Pipeline", "FrameScores", "FrameEmbeddings", "AudioInput", "parse_labels", "find_audio_files", "display_mel_stream"]
-
-# One clip: a path, an array (samples,) / (samples, channels) / (channels, samples) with its
-# sample rate, or an HF-style {"array" or "raw": samples, "sampling_rate": Hz} dict.
-AudioInput = Union[str, os.PathLike, np.ndarray, torch.Tensor, Mapping[str, Any]]
-# Multichannel arrays: the channel axis is the dimension of at most this many entries.
-_MAX_CHANNELS = 8
+__all__ = ["Pipeline", "FrameEmbeddings", "NO_CHECKPOINT_HELP"]
 
 NO_CHECKPOINT_HELP = (
     "no finelap checkpoint given: pass a checkpoint directory (--checkpoint DIR on the command line, "
@@ -75,14 +31,9 @@ NO_CHECKPOINT_HELP = (
     "trains the default recipe on your data; `finelap import` converts a published FLAM or LAION-CLAP checkpoint"
 )
 
-# Files up to this long are decoded whole; longer ones are read window by window from disk.
-_IN_MEMORY_S = 600.0
+
 # Text prompts per text-tower call (bounds memory for very long label lists).
 _TEXT_BATCH = 256
-_DONE = object()
-
-
-# ----------------------------------------------------------------------------- results
 
 
 @dataclass
@@ -95,176 +46,6 @@ class FrameEmbeddings:
     times: np.ndarray
     duration_s: float
     name: str = ""
-
-
-@dataclass
-class _Source:
-    """One audio input, readable window by window: read(start, end) -> float32 samples at the
-    model's rate. `wave` is set when the whole input is in memory."""
-
-    name: str
-    n_samples: int
-    read: Callable[[int, int], np.ndarray]
-    wave: np.ndarray | None = None
-
-
-# ----------------------------------------------------------------------------- helpers
-
-
-def split_labels(text: str) -> list[str]:
-    """Split a label string on ';' and ',' outside double quotes, CSV style: `dog;rain, heavy`
-    -> ["dog", "rain", "heavy"]; `dog;"rain, heavy"` -> ["dog", "rain, heavy"]; `""` inside
-    quotes is a literal quote. Items are stripped; empty items are kept (the caller decides).
-
-    Raises FinelapError for an unclosed quote."""
-    items: list[str] = []
-    cur: list[str] = []
-    quoted = False
-    i = 0
-    while i < len(text):
-        c = text[i]
-        if c == '"':
-            if quoted and text[i + 1 : i + 2] == '"':  # "" inside quotes: a literal quote
-                cur.append('"')
-                i += 1
-            else:
-                quoted = not quoted
-        elif c in ";," and not quoted:
-            items.append("".join(cur).strip())
-            cur = []
-        else:
-            cur.append(c)
-        i += 1
-    if quoted:
-        raise FinelapError(f"unclosed double quote in the label list {text!r}")
-    items.append("".join(cur).strip())
-    return items
-
-
-def parse_labels(labels: str | Sequence[str]) -> list[str]:
-    """Labels from a list (used as given, stripped) or a string in `--labels` syntax: separated
-    by ';' or ',', double quotes keep a separator inside a label ("dog;\"rain, heavy\"").
-
-    Raises FinelapError for an empty list, an empty label or a duplicate.
-    """
-    items = split_labels(labels) if isinstance(labels, str) else list(labels)
-    out = [str(x).strip() for x in items]
-    if isinstance(labels, str):
-        out = [x for x in out if x]  # "dog;rain;" is forgiving on the command line
-    if not out:
-        raise FinelapError("empty label list: give at least one label, e.g. --labels 'dog;rain;siren'")
-    for x in out:
-        if not x:
-            raise FinelapError(f"empty label in {list(items)!r}")
-    seen = set()
-    for x in out:
-        if x in seen:
-            raise FinelapError(f"duplicate label {x!r} in the label list")
-        seen.add(x)
-    return out
-
-
-def _unpack_audio_dict(item: Mapping[str, Any], sample_rate: int | None, name: str) -> tuple[Any, int]:
-    """(samples, rate) of an HF-style {"array" | "raw": samples, "sampling_rate": Hz} dict (what
-    `datasets.Audio` yields and HF audio pipelines take). A `sample_rate` argument must agree."""
-    keys = [k for k in ("array", "raw") if k in item]
-    if len(keys) != 1 or "sampling_rate" not in item:
-        raise FinelapError(f"{name}: an audio dict needs 'array' (or 'raw') and 'sampling_rate' keys, got {sorted(map(str, item))}")
-    rate = item["sampling_rate"]
-    if isinstance(rate, (float, np.floating)) and float(rate).is_integer():
-        rate = int(rate)
-    if sample_rate is not None and rate != sample_rate:
-        raise FinelapError(f"{name}: the dict says sampling_rate={rate} but sample_rate={sample_rate} was passed")
-    x = item[keys[0]]
-    if isinstance(x, (list, tuple)):
-        x = np.asarray(x, dtype=np.float32)
-    return x, rate
-
-
-def _downmix(x: np.ndarray, channel_axis: int | None, name: str) -> np.ndarray:
-    """(samples,) unchanged; (samples, channels) or (channels, samples) -> channel mean (samples,).
-
-    The channel axis is `channel_axis` when given, else the one dimension of at most
-    _MAX_CHANNELS; an ambiguous shape (both dimensions small, e.g. (6, 4), or both large, e.g.
-    (2000, 3000)) is an error that asks for `channel_axis`."""
-    if x.ndim == 1:
-        if channel_axis is not None:
-            raise FinelapError(f"{name}: channel_axis={channel_axis} given for a 1-D (mono) array")
-        return x
-    if x.ndim != 2:
-        raise FinelapError(f"{name}: audio array must be (samples,) or 2-D (samples, channels) / (channels, samples), got shape {x.shape}")
-    if channel_axis is None:
-        small = [d for d in (0, 1) if x.shape[d] <= _MAX_CHANNELS]
-        if len(small) != 1:
-            raise FinelapError(
-                f"{name}: cannot tell which axis of shape {x.shape} holds the channels (expected one dimension "
-                f"of at most {_MAX_CHANNELS}); pass channel_axis=0 for (channels, samples) or 1 for (samples, channels)"
-            )
-        channel_axis = small[0]
-    if channel_axis not in (0, 1, -1, -2):
-        raise FinelapError(f"{name}: channel_axis must be 0 or 1 for a 2-D array, got {channel_axis}")
-    return x.mean(axis=channel_axis, dtype=np.float64).astype(np.float32)
-
-
-def _event(onset: float, offset: float, score: float, label: str) -> dict[str, Any]:
-    """One detected event as `detect`/`ground` return it (seconds rounded to ms)."""
-    return {"onset": round(float(onset), 3), "offset": round(float(offset), 3), "score": float(score), "label": str(label)}
-
-
-def _apply_template(labels: Sequence[str], template: str) -> list[str]:
-    """Prompts for labels or phrases: `finelap.scoring.make_prompt`, the one rule everywhere."""
-    try:
-        return make_prompts(template, labels)
-    except FinelapError as e:
-        raise ConfigError(str(e)) from None
-
-
-def find_audio_files(inputs: Sequence[str | os.PathLike]) -> list[Path]:
-    """Expand folders (recursively, sorted) into audio files; files are kept as given (even if
-    missing, so the caller reports them). Hidden files and folders are skipped. Broken symbolic
-    links with an audio extension are kept too, so the caller lists them as failed rather than
-    dropping them unseen."""
-    out: list[Path] = []
-    for item in inputs:
-        p = Path(item)
-        if p.is_dir():
-            found = sorted(
-                f for f in p.rglob("*")
-                if (f.is_file() or f.is_symlink()) and f.suffix.lower() in AUDIO_EXTENSIONS
-                and not any(part.startswith(".") for part in f.relative_to(p).parts)
-            )  # fmt: skip
-            out.extend(found)
-        else:
-            out.append(p)
-    return out
-
-
-def _hash_file(path: Path, h: Any) -> None:
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-
-
-def _config_bytes_without_calibration(path: Path) -> bytes:
-    """config.json as it was before `finelap calibrate` added `config.eval.calibration`: detection
-    settings do not change embeddings, so recalibrating must not orphan a search index. The
-    checkpoint writer's own format (indent 2, key order kept) gives back the original bytes."""
-    raw = path.read_bytes()
-    try:
-        meta = json.loads(raw)
-        ev = meta["config"]["eval"]
-    except (ValueError, KeyError, TypeError):
-        return raw
-    if not isinstance(ev, dict) or not isinstance(ev.get("calibration"), dict):
-        return raw
-    if ev["calibration"].get("added_key"):  # a checkpoint from before eval.calibration existed
-        ev.pop("calibration")
-    else:
-        ev["calibration"] = None
-    return (json.dumps(meta, indent=2) + "\n").encode()
-
-
-# ----------------------------------------------------------------------------- pipeline
 
 
 class Pipeline:
@@ -308,8 +89,8 @@ class Pipeline:
 
         Raises CheckpointError for a missing, incomplete or incompatible checkpoint. kwargs go to
         the constructor (window_s, margin_s, batch_windows, workers)."""
-        from .errors import CheckpointError
-        from .models.build import load_pretrained
+        from ..errors import CheckpointError
+        from ..models.build import load_pretrained
 
         path = path if path is not None else os.environ.get("FINELAP_CHECKPOINT") or None
         if path is None:
@@ -379,27 +160,7 @@ class Pipeline:
         """Identifies weights + preprocessing: embeddings with different ids must not be mixed
         (used by `finelap.search.Index`). Hash of the checkpoint files, or of the state dict."""
         if getattr(self, "_embedder_id", None) is None:
-            from .checkpoint import CONFIG_FILE, EMA_FILE, MODEL_FILE
-
-            h = hashlib.blake2b(digest_size=16)
-            ckpt_path = getattr(self.checkpoint, "path", None)
-            if ckpt_path is not None and (Path(ckpt_path) / CONFIG_FILE).is_file():
-                # which weights were loaded is part of the identity (EMA or raw)
-                h.update(b"ema" if self.use_ema else b"raw")
-                for name in (CONFIG_FILE, EMA_FILE if self.use_ema else MODEL_FILE):
-                    f = Path(ckpt_path) / name
-                    if name == CONFIG_FILE:
-                        h.update(name.encode())
-                        h.update(_config_bytes_without_calibration(f))
-                    elif f.is_file():
-                        h.update(name.encode())
-                        _hash_file(f, h)
-            else:
-                for k, v in sorted(self.model.state_dict().items()):
-                    h.update(k.encode())
-                    h.update(v.detach().cpu().contiguous().numpy().tobytes())
-                h.update(json.dumps(self.config.to_dict() if hasattr(self.config, "to_dict") else str(self.config), sort_keys=True, default=str).encode())
-            self._embedder_id = f"finelap-{h.hexdigest()}"
+            self._embedder_id = search_index.embedder_id(self.model, self.config, self.checkpoint, self.use_ema)
         return self._embedder_id
 
     @property
@@ -416,92 +177,14 @@ class Pipeline:
         }
 
     # ------------------------------------------------------------------ inputs
-    def _as_list(self, inputs: Any) -> tuple[list[Any], bool]:
-        """(items, is_batch). One clip (a path, a {"array"/"raw", "sampling_rate"} dict, or a 1-D
-        or 2-D array: mono, or multichannel to downmix) is one item; a list or tuple of clips is
-        a batch. Arrays of 3 or more dimensions are refused: a batch is a list."""
-        if isinstance(inputs, (str, os.PathLike, Mapping)):
-            return [inputs], False
-        if isinstance(inputs, (np.ndarray, torch.Tensor)):
-            if inputs.ndim > 2:
-                raise FinelapError(
-                    f"audio array must be (samples,) or (samples, channels) / (channels, samples), got shape "
-                    f"{tuple(inputs.shape)}; pass a batch of clips as a list of arrays"
-                )
-            return [inputs], False
-        if isinstance(inputs, (list, tuple)):
-            if not inputs:
-                raise FinelapError("no audio inputs given (empty list)")
-            if all(isinstance(x, (int, float, np.number)) and not isinstance(x, bool) for x in inputs):
-                raise FinelapError(
-                    "a list is a batch of clips, but this one holds numbers: pass the samples as a numpy array "
-                    "(with sample_rate=...)"
-                )
-            return list(inputs), True
-        raise FinelapError(f"audio must be a path, an array, a {{'array', 'sampling_rate'}} dict or a list of them, got {type(inputs).__name__}")
-
-    def _open(self, item: Any, sample_rate: int | None = None, index: int = 0, channel_axis: int | None = None) -> _Source:
-        """A readable source at the model's sample rate. Files longer than 10 minutes are read
-        window by window from disk; shorter ones are decoded once.
-
-        item: a path; an array (samples,) or (samples, channels) / (channels, samples) recorded
-        at `sample_rate` (required: there is no default rate for raw samples); or an HF-style
-        dict {"array" or "raw": samples, "sampling_rate": Hz}. Multichannel audio is downmixed
-        to mono (channel mean); the channel axis is `channel_axis` (0 or 1; -1 = last) or, when
-        None, the one dimension of at most 8."""
-        sr = self.sample_rate
-        if isinstance(item, _Source):
-            return item
-        if isinstance(item, (str, os.PathLike)):
-            path = Path(item)
-            duration = audio_duration(path)  # validates: missing, empty, unsupported, corrupt header
-            if duration <= _IN_MEMORY_S:
-                wave = load_audio(path, sr)
-                if len(wave) == 0:
-                    raise AudioError(path, "zero-length audio after resampling")
-                return _Source(str(path), len(wave), lambda s, e, w=wave: w[s:e], wave)
-            from .streaming import file_reader
-
-            read, n = file_reader(path, sr)
-            return _Source(str(path), n, read)
-        name = f"audio_{index}"
-        if isinstance(item, Mapping):
-            item, sample_rate = _unpack_audio_dict(item, sample_rate, name)
-        if isinstance(item, torch.Tensor):
-            item = item.detach().cpu().numpy()
-        if not isinstance(item, np.ndarray):
-            raise FinelapError(f"{name}: expected a path, an array or an {{'array', 'sampling_rate'}} dict, got {type(item).__name__}")
-        if sample_rate is None:
-            raise FinelapError(
-                f"{name}: an audio array needs its sample rate: pass sample_rate=<Hz> (this model runs at {sr} Hz) "
-                f"or {{'array': x, 'sampling_rate': <Hz>}}"
-            )
-        if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, np.integer)) or sample_rate <= 0:
-            raise FinelapError(f"{name}: sample_rate must be a positive integer (Hz), got {sample_rate!r}")
-        try:
-            x = to_float32(item)
-        except TypeError as e:
-            raise FinelapError(f"{name}: {e}") from None
-        x = _downmix(x, channel_axis, name)
-        if len(x) == 0:
-            raise FinelapError(f"{name}: empty audio (0 samples)")
-        if not np.isfinite(x).all():
-            raise FinelapError(f"{name}: audio contains NaN or Inf samples")
-        if int(sample_rate) != sr:
-            x = resample(x, int(sample_rate), sr)
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        return _Source(name, len(x), lambda s, e, w=x: w[s:e], x)
-
-    @staticmethod
-    def _pad(waves: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-        lengths = torch.tensor([len(w) for w in waves], dtype=torch.long)
-        out = torch.zeros(len(waves), int(lengths.max()))
-        for i, w in enumerate(waves):
-            out[i, : len(w)] = torch.from_numpy(np.asarray(w, dtype=np.float32))
-        return out, lengths
+    def _open(self, item: Any, sample_rate: int | None = None, index: int = 0, channel_axis: int | None = None) -> Source:
+        """A readable source at the model's sample rate (`sources.open_source`): a path, an array
+        recorded at `sample_rate`, or an {"array" or "raw", "sampling_rate"} dict; multichannel
+        audio is downmixed (`channel_axis`, else the one dimension of at most 8)."""
+        return open_source(item, self.sample_rate, sample_rate, index, channel_axis)
 
     # ------------------------------------------------------------------ clip embeddings
-    def _clip_jobs(self, src: _Source) -> list[tuple[int, int, float]]:
+    def _clip_jobs(self, src: Source) -> list[tuple[int, int, float]]:
         """Fixed windows (start, end, weight) whose clip embeddings are averaged for this source.
 
         Up to audio.max_seconds: the whole input. Longer: windows of audio.clip_seconds on a grid
@@ -519,7 +202,7 @@ class Pipeline:
             jobs.append((start, start + clip, new / clip))
         return jobs
 
-    def _embed_sources(self, sources: Sequence[_Source], batch_size: int) -> np.ndarray:
+    def _embed_sources(self, sources: Sequence[Source], batch_size: int) -> np.ndarray:
         """(len(sources), D) clip embeddings; windows of all sources are batched together,
         longest first (less padding), in a fixed order (deterministic)."""
         jobs = [(i, s, e, w) for i, src in enumerate(sources) for s, e, w in self._clip_jobs(src)]
@@ -528,7 +211,7 @@ class Pipeline:
         dev = self.device
 
         def work(group: list[tuple[int, int, int, float]]) -> tuple[list, torch.Tensor]:
-            wave, lengths = self._pad([sources[i].read(s, e) for i, s, e, _ in group])
+            wave, lengths = pad([sources[i].read(s, e) for i, s, e, _ in group])
             with torch.inference_mode():
                 return group, self.model.encode_audio(wave.to(dev), lengths.to(dev)).audio_embeds.double().cpu()
 
@@ -543,7 +226,7 @@ class Pipeline:
         """Clip embeddings (N, D) float32, L2-normalised, one row per clip (a single clip gives
         (1, D); a batch is a list). Long audio: deterministic window average (module docstring).
         Files are decoded a group at a time, so memory stays bounded for long lists."""
-        items, _ = self._as_list(inputs)
+        items, _ = as_list(inputs)
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         out = np.empty((len(items), self.embed_dim), dtype=np.float32)
@@ -560,52 +243,14 @@ class Pipeline:
         return max(1, min(self.workers if self.workers is not None else torch.get_num_threads(), 8))
 
     def _map(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> Iterator[Any]:
-        """fn over items, results in order. On CPU, `workers` Python threads each run one item
-        with a share of torch's threads (window-level parallelism, which degrades gracefully on
-        a busy machine, unlike op-level threads that wait for each other); at most 2 x workers
-        items are in flight, so memory stays bounded."""
-        workers = min(self._num_workers(), len(items))
-        if workers <= 1:
-            for x in items:
-                yield fn(x)
-            return
-        from collections import deque
-        from concurrent.futures import ThreadPoolExecutor
-
-        prev = torch.get_num_threads()
-        per_worker = max(1, prev // workers)
-        try:
-            # OpenMP thread counts are per OS thread: set it in each worker (torch also keeps a
-            # process-wide value, restored below)
-            with ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(per_worker,)) as ex:
-                it = iter(items)
-                pending: deque = deque(ex.submit(fn, x) for x in [next(it) for _ in range(min(len(items), 2 * workers))])
-                while pending:
-                    res = pending.popleft().result()
-                    nxt = next(it, _DONE)
-                    if nxt is not _DONE:
-                        pending.append(ex.submit(fn, nxt))
-                    yield res
-        finally:
-            torch.set_num_threads(prev)
+        """fn over items, results in order, on `workers` threads on CPU (`sources.map_in_threads`)."""
+        return map_in_threads(fn, items, self._num_workers())
 
     def _plan_windows(self, n_samples: int) -> list:
-        """`streaming.plan_windows` with this pipeline's window and margin, except for encoders that
-        run on fixed, non-overlapping windows of their own (HTS-AT, Whisper, the imported 10-s models):
-        their chunks are whole numbers of encoder windows starting on the file's window grid, without
-        margins, so a frame sees the same window whether the file is streamed or encoded in one pass
-        (with margins, each chunk would restart the window grid at its own first sample)."""
-        from .streaming import plan_windows
+        """Streaming windows for this pipeline's window, margin and encoder (`sources.plan_encoder_windows`)."""
+        return plan_encoder_windows(self.model.audio, n_samples, self.timeline, self.sample_rate, self.window_s, self.margin_s)
 
-        window_s, margin_s = self.window_s, self.margin_s
-        be = getattr(self.model.audio, "backend", None)
-        win = getattr(be, "window_samples", None)
-        if be is not None and getattr(be, "variable_length", True) is False and win and getattr(be, "step_samples", None) == win:
-            win_s = win / self.sample_rate
-            window_s, margin_s = max(1, round(window_s / win_s)) * win_s, 0.0
-        return plan_windows(n_samples, self.timeline, window_s, margin_s)
-
-    def _stream(self, src: _Source, fn: Callable[[torch.Tensor], torch.Tensor], raw: bool = False) -> Iterator[tuple[int, torch.Tensor]]:
+    def _stream(self, src: Source, fn: Callable[[torch.Tensor], torch.Tensor], raw: bool = False) -> Iterator[tuple[int, torch.Tensor]]:
         """(first frame, fn(frame_embeds (t, D))) chunks covering every frame of `src` once, in
         order. Windows from `streaming.plan_windows` (frame-grid aligned, with margins); groups of
         `batch_windows` are encoded together, groups run on `workers` threads. `raw`: the audio
@@ -617,7 +262,7 @@ class Pipeline:
         dev = self.device
 
         def work(group: list) -> list[tuple[int, torch.Tensor]]:
-            wave, lengths = self._pad([src.read(w.read_start, w.read_end) for w in group])
+            wave, lengths = pad([src.read(w.read_start, w.read_end) for w in group])
             with torch.inference_mode():
                 if raw:
                     fe = self.model.audio(wave.to(dev), lengths.to(dev)).frames
@@ -671,7 +316,7 @@ class Pipeline:
     def _text(self, prompts: Sequence[str]) -> Any:
         """TextOutput for these prompts, in batches of 256. Not cached across calls: the model may
         be a training model whose weights change between evaluations."""
-        from .models.model import TextOutput
+        from ..models.model import TextOutput
 
         parts = []
         with torch.inference_mode():
@@ -741,8 +386,8 @@ class Pipeline:
         checkpoint's prompt template) filled with each label. One clip -> one list; a batch (a
         list of clips) -> a list of lists."""
         labels = parse_labels(labels)
-        items, is_batch = self._as_list(audio)
-        prompts = _apply_template(labels, self.prompt_template if template is None else template)
+        items, is_batch = as_list(audio)
+        prompts = apply_template(labels, self.prompt_template if template is None else template)
         if top_k is not None and top_k < 1:
             raise ConfigError(f"top_k must be >= 1, got {top_k}")
         a = torch.from_numpy(self.embed_audio(items, sample_rate, batch_size, channel_axis))
@@ -774,7 +419,7 @@ class Pipeline:
         te = text.text_embeds.to(frame_embeds.dtype)
         logits = s * torch.matmul(frame_embeds, te.T) + b
         if calibrated:
-            from .losses.frame import flam_calibrated_prob
+            from ..losses.frame import flam_calibrated_prob
 
             return flam_calibrated_prob(logits, b)
         return torch.sigmoid(logits)
@@ -796,10 +441,10 @@ class Pipeline:
             texts = [texts]
         texts = parse_labels(list(texts))
         cal = self._use_calibration(calibrated)
-        text = self._text(_apply_template(texts, self.prompt_template if template is None else template))
+        text = self._text(apply_template(texts, self.prompt_template if template is None else template))
         return self._frame_scores(self._open(audio, sample_rate, channel_axis=channel_axis), texts, text, cal)
 
-    def _frame_scores(self, src: _Source, texts: list[str], text: Any, cal: bool) -> FrameScores:
+    def _frame_scores(self, src: Source, texts: list[str], text: Any, cal: bool) -> FrameScores:
         t = self.timeline.num_frames_for_samples(src.n_samples)
         out = np.empty((t, len(texts)), dtype=np.float32)
         filled = 0
@@ -813,7 +458,7 @@ class Pipeline:
     def frame_scores_from_embeddings(self, text_emb: np.ndarray, frames: np.ndarray, calibrated: bool | None = None) -> np.ndarray:
         """Scores (T,) of one text embedding (D,) against stored frame embeddings (T, D) (search
         index); probabilities as in `frame_scores` (per-text scale/bias from the text embedding)."""
-        from .models.model import TextOutput
+        from ..models.model import TextOutput
 
         te = torch.as_tensor(np.asarray(text_emb, dtype=np.float32)).reshape(1, -1).to(self.device)
         fe = torch.as_tensor(np.asarray(frames, dtype=np.float32)).to(self.device)
@@ -845,24 +490,11 @@ class Pipeline:
         `announce`, says once per Pipeline (one line on stderr) which settings are used and where
         they come from, and once per query that is not one of the calibrated classes (it gets the
         global threshold). Raises ConfigError for out-of-range values."""
-        try:
-            st = resolve_detection_settings(self.config.eval, list(queries), threshold, median_filter_s, min_duration_s, merge_gap_s)
-        except FinelapError as e:
-            raise ConfigError(str(e)) from None
+        st = resolve_settings(self.config.eval, queries, threshold, median_filter_s, min_duration_s, merge_gap_s)
         if st.source == "defaults" and threshold is None:
             self._warn_uncalibrated(st.global_threshold)
         if announce:
-            said = self.__dict__.setdefault("_announced", set())
-            line = st.describe()
-            if line not in said:
-                said.add(line)
-                log(line)
-            new = [q for q in st.uncalibrated_queries if q not in said]
-            if new:
-                said.update(new)
-                n = len((st.calibration or {}).get("classes") or [])
-                log(f"not among the {n} calibrated classes, so using the global threshold {fmt_threshold(st.global_threshold)}: "
-                    + ", ".join(repr(q) for q in new[:8]) + (f" and {len(new) - 8} more" if len(new) > 8 else ""))  # fmt: skip
+            announce_settings(st, self.__dict__.setdefault("_announced", set()))
         return st
 
     def resolve_postprocessing(self, threshold: float | None, median_filter_s: float | None, min_duration_s: float | None,
@@ -890,14 +522,6 @@ class Pipeline:
         st = self.detection_settings(scores.texts, threshold, median_filter_s, min_duration_s, merge_gap_s)
         return st.postprocess.segments(scores)
 
-    @staticmethod
-    def _say_nothing_found(peak: float, where: str, settings: DetectionSettings, query: str) -> None:
-        """One line when nothing was detected: the peak (`where`: its query, file and time) and the
-        threshold that was used for that query (its own or the global one, rounded)."""
-        advice = nothing_found_advice(peak, settings, query, flag="threshold=")
-        log(f"no detection above the threshold; the highest probability was {peak:.3g} ({where}), {advice} "
-            "(or calibrate the checkpoint: `finelap calibrate`)")
-
     def detect(
         self,
         audio: AudioInput | Sequence[AudioInput],
@@ -918,9 +542,9 @@ class Pipeline:
         Settings: see `detection_settings`. When nothing crosses the threshold, one line on stderr
         gives the peak and the threshold to pass."""
         labels = parse_labels(labels)
-        items, is_batch = self._as_list(audio)
+        items, is_batch = as_list(audio)
         tmpl = self.prompt_template if template is None else template
-        prompts = _apply_template(labels, tmpl)  # validated before any audio is decoded
+        prompts = apply_template(labels, tmpl)  # validated before any audio is decoded
         st = self.detection_settings(labels, threshold, median_filter_s, min_duration_s, merge_gap_s)
         cal = self._use_calibration(calibrated)
         text = self._text(prompts)  # once for all files
@@ -932,9 +556,9 @@ class Pipeline:
             p, j, k = fs.peak()
             if p > best[0]:
                 best = (p, f"{labels[k]!r} in {src.name} at {fs.times[j]:.2f} s", labels[k])
-            results.append([_event(on, off, conf, lab) for on, off, lab, conf in st.postprocess.segments(fs)])
+            results.append([event(on, off, conf, lab) for on, off, lab, conf in st.postprocess.segments(fs)])
         if not any(results):
-            self._say_nothing_found(best[0], best[1], st, best[2])
+            say_nothing_found(best[0], best[1], st, best[2])
         return results if is_batch else results[0]
 
     def ground(
@@ -962,8 +586,8 @@ class Pipeline:
         segs = st.postprocess.segments(fs)
         if not segs:
             p, j, _ = fs.peak()
-            self._say_nothing_found(p, f"at {fs.times[j]:.2f} s", st, text.strip())
-        return [_event(on, off, c, lab) for on, off, lab, c in segs]
+            say_nothing_found(p, f"at {fs.times[j]:.2f} s", st, text.strip())
+        return [event(on, off, c, lab) for on, off, lab, c in segs]
 
     # ------------------------------------------------------------------ evaluators
     def evaluatable(self, name: str | None = None, batch_size: int = 16) -> Any:
@@ -971,7 +595,7 @@ class Pipeline:
         The evaluators build the prompts (`make_prompt` with the checkpoint's template), so
         frame_scores here takes them as given: `evaluate_sed(pipe.evaluatable(), ...)` scores a
         class exactly as `detect` and `frame_scores` do."""
-        from .eval.tasks import Evaluatable
+        from ..eval.tasks import Evaluatable
 
         return Evaluatable(
             embed_audio=lambda audio: self.embed_audio(list(audio), batch_size=batch_size),
@@ -986,35 +610,7 @@ class Pipeline:
     def embed_files(self, paths: Sequence[str | os.PathLike], *, with_frames: bool = False, batch_size: int = 16) -> Iterator[Any]:
         """One `finelap.search.EmbedResult` per path, in order; a missing or corrupt file gives a
         result with `error` set instead of raising (the `finelap.search.Embedder` contract)."""
-        from .search import EmbedResult
-
-        paths = [Path(p) for p in paths]
-        group = max(batch_size * 4, 16)
-        for g in range(0, len(paths), group):
-            ok: list[tuple[Path, _Source]] = []
-            results: dict[int, Any] = {}
-            for k, p in enumerate(paths[g : g + group]):
-                try:
-                    ok.append((p, self._open(p)))
-                except FinelapError as e:
-                    results[k] = EmbedResult(p, error=str(getattr(e, "problem", e)))
-            try:
-                embs = self._embed_sources([s for _, s in ok], batch_size) if ok else np.zeros((0, self.embed_dim), np.float32)
-            except FinelapError:  # a decode error inside a long file: retry one by one to isolate it
-                embs = None
-            j = 0
-            for k, p in enumerate(paths[g : g + group]):
-                if k in results:
-                    yield results[k]
-                    continue
-                src = ok[j][1]
-                try:
-                    emb = embs[j] if embs is not None else self._embed_sources([src], batch_size)[0]
-                    frames = self.embed_frames(src).embeds if with_frames else None
-                    yield EmbedResult(p, emb, frames, self.frame_rate_hz if with_frames else None, src.n_samples / self.sample_rate)
-                except FinelapError as e:
-                    yield EmbedResult(p, error=str(getattr(e, "problem", e)))
-                j += 1
+        return search_index.embed_files(self, paths, with_frames=with_frames, batch_size=batch_size)
 
     # ------------------------------------------------------------------ captions
     @property
@@ -1032,7 +628,7 @@ class Pipeline:
         as a waveform or as one encoder pass. For encoders whose receptive field fits in the margin
         the frames, hence the caption, equal one-pass encoding. Greedy for beam_size 1, else beam
         search (length-normalised log-probability)."""
-        from .errors import CheckpointError
+        from ..errors import CheckpointError
 
         decoder = getattr(self.model, "caption_decoder", None)
         if decoder is None:
@@ -1080,7 +676,7 @@ class Pipeline:
         probability axis. `threshold`: one value, or one per query (as `detection_settings(...)
         .threshold_for` gives them, with their `threshold_kinds`: "per-class", "global", ...).
         Long audio is read window by window. See `eval.plots.plot_timeline`."""
-        from .eval.plots import plot_timeline
+        from ..eval.plots import plot_timeline
 
         src = self._open(audio, sample_rate, channel_axis=channel_axis)
         mel, mel_tl, mel_cfg = display_mel_stream(src, self.sample_rate)
