@@ -17,6 +17,7 @@ from ..audio import Timeline, to_float32
 from ..eval.plots import display_mel_stream
 from ..errors import ConfigError, FinelapError
 from ..scoring import DetectionSettings, FrameScores
+from ..models.model import frame_logits
 from . import index as search_index
 from .labels import apply_template, parse_labels
 from .postprocess import announce_settings, event, resolve_settings, say_nothing_found
@@ -416,8 +417,7 @@ class Pipeline:
     def _probs(self, frame_embeds: torch.Tensor, text: Any, calibrated: bool) -> torch.Tensor:
         """frame_embeds (..., T, D) -> (..., T, N) probabilities."""
         s, b = self.model.frame_scale_and_bias(text)
-        te = text.text_embeds.to(frame_embeds.dtype)
-        logits = s * torch.matmul(frame_embeds, te.T) + b
+        logits = frame_logits(frame_embeds, text.text_embeds.to(frame_embeds.dtype), s, b)
         if calibrated:
             from ..losses.frame import flam_calibrated_prob
 
