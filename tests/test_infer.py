@@ -466,6 +466,30 @@ def test_embed_files_reports_bad_files_instead_of_raising(pipe, tmp_path):
     assert res[0].frame_rate_hz == 25.0 and res[0].duration_s == pytest.approx(1.0)
 
 
+def test_index_built_with_the_pipeline_ranks_as_its_embeddings_do(pipe, tmp_path):
+    """The Pipeline is the library's own `finelap.search.Embedder`: an index built through it
+    ranks files exactly as its clip/text embeddings say, and stays usable when reopened."""
+    from finelap.search import Index
+
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    names = [f"s{i}.wav" for i in range(5)]
+    for i, n in enumerate(names):
+        sf.write(lib / n, test_signal(1.0 + 0.25 * i, seed=i), SR)
+    (lib / "corrupt.wav").write_bytes(b"not audio at all")
+    idx = Index.build(lib, pipe, tmp_path / "idx", show_progress=False)
+    assert idx.paths == names and [f["path"] for f in idx.failed] == ["corrupt.wav"]
+    query = "a dog barking"
+    sims = pipe.embed_audio([str(lib / n) for n in names]) @ pipe.embed_text([query])[0]
+    assert np.diff(np.sort(sims)).min() > 1e-4  # a strict order to check
+    want = [names[i] for i in np.argsort(-sims)]
+    hits = idx.search(query, k=5)
+    assert [h.rel_path for h in hits] == want
+    np.testing.assert_allclose([h.score for h in hits], np.sort(sims)[::-1], atol=1e-5)
+    again = Index.load(tmp_path / "idx", embedder=pipe).search(query, k=5)
+    assert [h.rel_path for h in again] == want
+
+
 def test_checkpoint_errors(tmp_path, ckpt):
     with pytest.raises(CheckpointError, match="does not exist"):
         Pipeline.from_pretrained(tmp_path / "no_such_checkpoint")
