@@ -38,3 +38,17 @@ def tick_labels(ax: Any, axis: str = "y") -> list[str]:
 
 def texts(ax: Any) -> list[str]:
     return [t.get_text() for t in ax.texts]
+
+
+def score_curves(fig: Any) -> dict[str, np.ndarray]:
+    """{legend label: (T,) values} of the per-query score steps of a timeline figure (`fig.axes[1]`)."""
+    from matplotlib.patches import StepPatch
+
+    return {p.get_label(): np.asarray(p.get_data()[0]) for p in fig.axes[1].patches if isinstance(p, StepPatch)}
+
+
+def lane_spans(fig: Any, label: str) -> np.ndarray:
+    """(n, 2) sorted [onset_s, offset_s] rows of the bars named `label` ("detected: dog",
+    "reference: dog") in the event lanes of a timeline figure (`fig.axes[2]`)."""
+    bars = [p for c in fig.axes[2].collections if c.get_label() == label for p in c.get_paths()]
+    return np.array(sorted((float(p.vertices[:, 0].min()), float(p.vertices[:, 0].max())) for p in bars)).reshape(-1, 2)

@@ -21,11 +21,13 @@ from finelap import infer
 from finelap.config import load_run_config
 from finelap.errors import AudioError, CheckpointError, ConfigError, FinelapError
 from finelap.hear import get_scene_embeddings, get_timestamp_embeddings, load_model
-from finelap.infer import FrameScores, Pipeline, display_mel_stream, parse_labels
+from finelap.infer import Pipeline, display_mel_stream, parse_labels
 from finelap.models.audio_encoders import MaskedNorm
 from finelap.models.build import build_model
 from finelap.train.checkpoint import save_checkpoint
 from tinyfactory import TINY_CNN, tiny_text_dir
+
+from _figures import assert_png_picture, lane_spans, score_curves
 
 SR = 16000
 
@@ -556,9 +558,18 @@ def test_display_mel_stream_equals_one_pass_log_mel(pipe):
     np.testing.assert_allclose(db, ref, atol=2e-3)
 
 
-def test_plot_writes_png(pipe, tmp_path):
+def test_plot_shows_the_scores_segments_and_spectrogram(pipe, tmp_path, saved_figures):
     x = test_signal(3.0)
     fs = pipe.frame_scores(x, ["dog", "rain"], sample_rate=SR)
-    out = pipe.plot(x, fs, tmp_path / "p.png", segments=[[(0.5, 1.0)], []], threshold=0.5, sample_rate=SR)
-    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert isinstance(fs, FrameScores)
+    out = pipe.plot(x, fs, tmp_path / "p.png", segments=[[(0.5, 1.0)], []], threshold=0.5, sample_rate=SR,
+                    reference=[[(0.4, 1.2)], [(2.0, 2.5)]])  # fmt: skip
+    assert out == tmp_path / "p.png"
+    assert_png_picture(out)
+    (fig,) = saved_figures
+    curves = score_curves(fig)
+    np.testing.assert_allclose(np.stack([curves["dog"], curves["rain"]], axis=1), fs.scores)
+    np.testing.assert_allclose(lane_spans(fig, "detected: dog"), [(0.5, 1.0)])
+    assert lane_spans(fig, "detected: rain").size == 0
+    np.testing.assert_allclose(lane_spans(fig, "reference: rain"), [(2.0, 2.5)])
+    spec = fig.axes[0]
+    assert spec.get_xlim() == pytest.approx((0.0, 3.0)) and spec.images[0].get_extent()[1] == pytest.approx(3.0, abs=0.05)

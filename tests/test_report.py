@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from matplotlib.patches import StepPatch
 
 from finelap.audio import LogMel, MelConfig, Timeline, audio_duration
 from finelap.data.manifests import GroundingItem, GroundingPhrase, read_strong_tsv
@@ -22,7 +21,7 @@ from finelap.eval import plots as P
 from finelap.eval.report import to_jsonable, write_report
 from finelap.eval.tasks import Evaluatable, FrameScores, PostProcess, evaluate_grounding, evaluate_sed, evaluate_zeroshot
 
-from _figures import assert_png_picture, axes_titled, texts, tick_labels
+from _figures import assert_png_picture, axes_titled, lane_spans, score_curves, texts, tick_labels
 
 
 def _tone(path: Path, seconds: float = 2.0, sr: int = 16000, f0: float = 880.0) -> str:
@@ -31,10 +30,6 @@ def _tone(path: Path, seconds: float = 2.0, sr: int = 16000, f0: float = 880.0) 
     x = 0.3 * np.sin(2 * np.pi * f0 * t) * (t > seconds / 3) + 0.01 * np.random.default_rng(0).standard_normal(len(t))
     sf.write(str(path), x.astype(np.float32), sr)
     return str(path)
-
-
-def _stairs(ax) -> dict[str, StepPatch]:
-    return {p.get_label(): p for p in ax.patches if isinstance(p, StepPatch)}
 
 
 def _strict_load(path: Path) -> dict:
@@ -134,11 +129,8 @@ def test_sed_report_writes_scores_detections_and_timelines(tmp_path, saved_figur
     (timeline,) = [f for f in saved_figures if f.axes[0].get_title() == "b.wav: SED scores (oracle)"]
     (ex,) = [e for e in r["artifacts"]["examples"] if e["audio"].endswith("b.wav")]
     for label, (on, off) in (("beep", (0.7, 2.0)), ("hum", (0.0, 0.5))):
-        values, _, _ = _stairs(timeline.axes[1])[label].get_data()
-        np.testing.assert_allclose(values, ex["scores"][:, ex["queries"].index(label)])
-        (ref,) = [c for c in timeline.axes[2].collections if c.get_label() == f"reference: {label}"]
-        (bar,) = ref.get_paths()
-        assert (bar.vertices[:, 0].min(), bar.vertices[:, 0].max()) == pytest.approx((on, off))
+        np.testing.assert_allclose(score_curves(timeline)[label], ex["scores"][:, ex["queries"].index(label)])
+        np.testing.assert_allclose(lane_spans(timeline, f"reference: {label}"), [(on, off)])
     doc = _strict_load(paths["json"])
     for k in ("PSDS1", "PSDS2", "event_F1", "segment_F1", "frame_AUROC"):
         assert k in doc
@@ -232,10 +224,11 @@ def test_plot_timeline_from_wave_and_from_mel(tmp_path, saved_figures):
     spec, curves, lanes = fig.axes[:3]
     assert spec.get_title() == "wave input" and spec.get_xlim() == pytest.approx((0.0, 3.0))
     assert spec.images[0].get_extent()[:2] == pytest.approx((0.0, 3.0), abs=0.02)  # the spectrogram spans the audio
-    for k, name in enumerate(["beep", "a much longer query about a hum"]):
-        values, edges, _ = _stairs(curves)[name].get_data()
-        np.testing.assert_allclose(values, s[:, k])
-        np.testing.assert_allclose(edges, np.arange(76) / 25.0)
+    drawn = score_curves(fig)
+    np.testing.assert_allclose(np.stack([drawn["beep"], drawn["a much longer query about a hum"]], axis=1), s)
+    for label, span in (("detected: beep", (1.0, 3.0)), ("reference: beep", (1.0, 3.0)), ("reference: a much longer query about a hum", (0.0, 0.5))):
+        np.testing.assert_allclose(lane_spans(fig, label), [span])
+    assert lane_spans(fig, "detected: a much longer query about a hum").size == 0
     assert [ln.get_ydata()[0] for ln in curves.get_lines() if ln.get_linestyle() == "--"] == [0.5]
     assert tick_labels(lanes) == ["a much longer query abo…", "beep"]  # first query on top, long names shortened
     cfg = MelConfig()
