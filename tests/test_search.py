@@ -20,9 +20,7 @@ import finelap.search as search_mod
 from finelap.audio import load_audio
 from finelap.errors import AudioError, CheckpointError, DataFormatError, FinelapError
 from finelap.search import (
-    BuildReport,
     EmbedResult,
-    Hit,
     Index,
     SpanConfig,
     best_span,
@@ -206,7 +204,11 @@ def test_build_and_search_ranking(library: Path, tmp_path: Path) -> None:
     # reopened from disk: same answer
     again = Index.load(out, embedder=emb).search(str(center(1)), k=3)
     assert [(h.rel_path, round(h.score, 6)) for h in again] == [(h.rel_path, round(h.score, 6)) for h in hits]
-    json.dumps(hits[0].to_dict())  # CLI output is JSON-serialisable
+    # what the CLI prints: the hit as JSON, no time span without frames; the build in one line
+    assert json.loads(json.dumps(hits[0].to_dict())) == {
+        "rank": 1, "path": str(library / "a" / "low.wav"), "rel_path": "a/low.wav", "score": hits[0].score,
+        "onset": None, "offset": None, "span_score": None, "duration": 1.0}  # fmt: skip
+    assert idx.report.summary().startswith("4 files indexed: 4 added, 0 updated, 0 removed, 0 unchanged, 0 failed (4 embedded, 0 reused) in ")
 
 
 def test_meta_and_layout(library: Path, tmp_path: Path) -> None:
@@ -678,4 +680,3 @@ def test_save_and_from_arrays_roundtrip(tmp_path: Path) -> None:
     assert back.paths == idx.paths and back.embedder_id == "rand"
     q = np.asarray(idx.clip[7])
     assert back.search_vectors(q, 1)[1][0, 0] == 7
-    assert isinstance(BuildReport().summary(), str) and Hit(Path("a"), 1.0).to_dict()["onset"] is None
