@@ -328,11 +328,27 @@ def cli_detect_and_ground(main, ckpt: Path, wav: Path, tmp_path: Path, capsys) -
 
 def cli_zeroshot(main, ckpt: Path, audio: Path, tmp_path: Path, rows: str) -> dict:
     """`finelap eval zeroshot` on an ESC-50-style CSV (`rows`: its lines after the header) of the
-    clips in `audio`; returns the result JSON."""
+    clips in `audio`; checks its top-1 accuracy against the checkpoint's own clip and prompt
+    embeddings scored here, and returns the result JSON."""
     import json
+
+    import numpy as np
+    import pytest
+
+    from finelap.eval.tasks import make_prompt
+    from finelap.infer import Pipeline
 
     csv = tmp_path / "meta.csv"
     csv.write_text("filename,fold,target,category\n" + rows)
     out = tmp_path / "zs.json"
     assert main(["eval", "zeroshot", "--checkpoint", str(ckpt), "--data", str(csv), "--audio-dir", str(audio), "--out", str(out)]) == 0
-    return json.loads(out.read_text())
+    res = json.loads(out.read_text())
+    items = [line.split(",") for line in rows.strip().splitlines()]
+    labels = sorted({r[3] for r in items})
+    pipe = Pipeline.from_pretrained(ckpt)
+    sims = pipe.embed_audio([str(audio / r[0]) for r in items]) @ pipe.embed_text([make_prompt(pipe.prompt_template, l) for l in labels]).T
+    truth = np.array([labels.index(r[3]) for r in items])
+    assert res["labels"] == labels and res["n_items"] == len(items)
+    right = [bool((sims[i, t] > np.delete(sims[i], t)).all()) for i, t in enumerate(truth)]  # a tie is a miss
+    assert res["top1_accuracy"] == pytest.approx(float(np.mean(right)))
+    return res

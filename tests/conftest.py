@@ -1,5 +1,6 @@
 """Shared test fixtures. Tests run on CPU with tiny models; real-audio tests use ../shared/data
-(relative to the repository) and skip with a reason when it is absent."""
+(relative to the repository, or $FINELAP_SHARED_DATA, e.g. from a git worktree elsewhere) and
+skip with a reason when it is absent."""
 from __future__ import annotations
 
 import os
@@ -15,7 +16,7 @@ os.environ.setdefault("FINELAP_NO_PROGRESS", "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 REPO = Path(__file__).resolve().parents[1]
-ESC50 = REPO.parent / "shared" / "data" / "esc50-dev"
+ESC50 = Path(os.environ.get("FINELAP_SHARED_DATA") or REPO.parent / "shared" / "data") / "esc50-dev"
 
 
 @pytest.fixture(scope="session")
@@ -44,3 +45,20 @@ def record_statistics_sizes(monkeypatch, module) -> list[int]:
 
     monkeypatch.setattr(module, "statistics_fn", recording)
     return seen
+
+
+@pytest.fixture
+def saved_figures(monkeypatch) -> list:
+    """Every matplotlib Figure saved while the test runs, in order: what a written PNG shows can
+    then be read from its axes (lines, bars, images, labels) instead of from PNG bytes."""
+    from matplotlib.figure import Figure
+
+    saved: list = []
+    original = Figure.savefig
+
+    def recording(self, *args, **kwargs):
+        saved.append(self)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", recording)
+    return saved

@@ -1,4 +1,4 @@
-"""Checkpoints: bitwise resume, atomic saves, tied weights, clear errors, no pickle."""
+"""Checkpoints: bitwise resume, atomic saves, tied weights, clear errors, pickled files refused and never unpickled."""
 from __future__ import annotations
 
 import json
@@ -321,9 +321,69 @@ def test_unsupported_state_is_rejected_before_writing(tmp_path: Path) -> None:
     assert not tmp_path.joinpath("c").exists() and list(tmp_path.iterdir()) == []
 
 
-def test_no_pickle_in_checkpoint_module() -> None:
-    src = Path(ck.__file__).read_text()
-    assert not re.search(r"import pickle|pickle\.|torch\.load\(|torch\.save\(|allow_pickle|weights_only", src)
+class _Payload:
+    """Unpickling this runs code: it creates `marker` (the attack a pickled checkpoint allows)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_pickled_weight_files_are_refused_without_running_them(tmp_path: Path) -> None:
+    """A checkpoint whose weight files are pickles (torch.save output, e.g. a .pt renamed to
+    .safetensors) is refused with a one-line error naming the file, and its payload never runs."""
+    marker = tmp_path / "PAYLOAD_RAN"
+    good = save_checkpoint(tmp_path / "c", TinyMLP(), {}, step=3, optimizer=torch.optim.SGD(TinyMLP().parameters(), lr=0.1))
+    for name in ("model.safetensors", "optimizer.safetensors", "ema.safetensors"):
+        bad = tmp_path / f"bad_{name.split('.')[0]}"
+        bad.mkdir()
+        for f in good.iterdir():
+            (bad / f.name).write_bytes(f.read_bytes())
+        torch.save({"net.0.weight": torch.zeros(16, 6), "evil": _Payload(marker)}, bad / name)
+        with pytest.raises(CheckpointError, match=rf"{re.escape(name)}: corrupt safetensors file"):
+            load_checkpoint(bad)
+    assert not marker.exists()
+    pt = tmp_path / "payload.pt"
+    pt.write_bytes((tmp_path / "bad_model" / "model.safetensors").read_bytes())
+    torch.load(pt, weights_only=False)  # control: the payload is live when unpickled
+    assert marker.exists()
+    # a directory holding only the usual PyTorch pickles is not a checkpoint
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    (legacy / "config.json").write_text((good / "config.json").read_text())
+    torch.save(TinyMLP().state_dict(), legacy / "pytorch_model.bin")
+    torch.save(TinyMLP().state_dict(), legacy / "model.pt")
+    with pytest.raises(CheckpointError, match=r"not a finelap checkpoint: missing model\.safetensors$"):
+        load_checkpoint(legacy)
+
+
+def test_save_and_load_never_use_pickle(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With every pickle / torch serialisation entry point made to fail, a full checkpoint (weights,
+    EMA, optimizer, scheduler, RNG, trainer extras) still saves and loads back exactly."""
+    import pickle
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a checkpoint must never be (un)pickled")
+
+    for mod, name in ((pickle, "load"), (pickle, "loads"), (pickle, "dump"), (pickle, "dumps"), (pickle, "Unpickler"),
+                      (pickle, "Pickler"), (torch, "load"), (torch, "save")):  # fmt: skip
+        monkeypatch.setattr(mod, name, forbidden)
+    seed_all(0)
+    model, opt, sched = make_run(0)
+    train_steps(model, opt, sched, 2)
+    ema = {k: v.clone() + 1 for k, v in model.state_dict().items()}
+    path = save_checkpoint(tmp_path / "c", model, {"name": "x"}, step=2, optimizer=opt, scheduler=sched, ema_state=ema,
+                           trainer_state={"epoch": 1, "seen": torch.arange(3)})  # fmt: skip
+    back = load_checkpoint(path)
+    for k, v in model.state_dict().items():
+        assert torch.equal(back.state_dict[k], v) and torch.equal(back.ema_state[k], ema[k]), k
+    fresh, opt2, sched2 = make_run(1)
+    assert restore_training_state(back, opt2, sched2) == 2
+    for a, b in zip(opt.state_dict()["state"].values(), opt2.state_dict()["state"].values()):
+        assert torch.equal(a["exp_avg"], b["exp_avg"]) and torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
+    assert back.trainer_state["epoch"] == 1 and torch.equal(back.trainer_state["seen"], torch.arange(3))
 
 
 def test_outputs_have_normal_permissions(tmp_path):

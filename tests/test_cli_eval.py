@@ -4,14 +4,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from finelap.cli import main
 from finelap.config import load_run_config
 from finelap.data.manifests import (GroundingItem, GroundingPhrase, read_manifest, write_durations_tsv, write_esc50_csv,
                                     write_grounding_json, write_strong_tsv)
+from finelap.eval.tasks import make_prompt
+from finelap.infer import Pipeline
 from finelap.train.loop import train
 
+from _figures import assert_png_picture
 from tinyfactory import tiny_dataset, tiny_overrides
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,7 +48,7 @@ def test_eval_sed_from_manifest_and_dcase_tsv(trained, capsys):
     assert res2["PSDS1"] == pytest.approx(res["PSDS1"]) and res2["frame_AUROC"] == pytest.approx(res["frame_AUROC"])
 
 
-def test_eval_zeroshot_csv_retrieval_grounding(trained):
+def test_eval_zeroshot_csv_retrieval_grounding(trained, saved_figures):
     ckpt, man, tmp = trained
     clips = read_manifest(man)
     for i, c in enumerate(clips):
@@ -54,8 +58,20 @@ def test_eval_zeroshot_csv_retrieval_grounding(trained):
     assert main(["eval", "zeroshot", "--checkpoint", str(ckpt), "--data", str(tmp / "meta.csv"), "--audio-dir", str(man.parent),
                  "--folds", "2", "--out", str(out)]) == 0
     res = json.loads(out.read_text())
-    assert 0.0 <= res["top1_accuracy"] <= 1.0 and res["n_items"] == 4
-    assert (tmp / "zs_confusion.png").exists()
+    # the checkpoint's own embeddings of the fold-2 clips and label prompts, scored here by hand
+    test = [c for c in clips if c.meta["fold"] == 2]
+    labels = sorted({c.labels[0] for c in test})
+    pipe = Pipeline.from_pretrained(ckpt)
+    sims = pipe.embed_audio([c.audio for c in test]) @ pipe.embed_text([make_prompt(pipe.prompt_template, l) for l in labels]).T
+    truth, pred = np.array([labels.index(c.labels[0]) for c in test]), sims.argmax(axis=1)
+    right = [bool((sims[i, t] > np.delete(sims[i], t)).all()) for i, t in enumerate(truth)]  # a tie is a miss
+    assert res["labels"] == labels and res["n_items"] == 4 and res["top1_accuracy"] == pytest.approx(np.mean(right))
+    cm = np.zeros((len(labels), len(labels)), int)
+    np.add.at(cm, (truth, pred), 1)
+    assert res["confusion_matrix"] == cm.tolist()
+    assert_png_picture(tmp / "zs_confusion.png")
+    (confusion,) = [f for f in saved_figures if f.axes[0].get_xlabel() == "predicted class"]
+    np.testing.assert_allclose(confusion.axes[0].images[0].get_array(), cm / cm.sum(axis=1, keepdims=True))
     out = tmp / "ret.json"
     assert main(["eval", "retrieval", "--checkpoint", str(ckpt), "--data", str(man), "--out", str(out), "--no-plots"]) == 0
     assert "text_to_audio_R@1" in json.loads(out.read_text())

@@ -15,7 +15,7 @@ from finelap.cli import main
 from finelap.infer import Pipeline
 from test_infer import SR, make_checkpoint, test_signal
 
-PNG = b"\x89PNG\r\n\x1a\n"
+from _figures import assert_png_picture, lane_spans, score_curves
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +68,7 @@ def test_classify_table_and_json(files, pipe, capsys):
     assert sum(p["score"] for p in preds) == pytest.approx(1.0, abs=1e-5)
 
 
-def test_detect_writes_dcase_tsv_scores_and_plots(files, pipe, capsys, tmp_path):
+def test_detect_writes_dcase_tsv_scores_and_plots(files, pipe, capsys, tmp_path, saved_figures):
     labels = ["dog", "rain"]
     scores = pipe.frame_scores(str(files["a.wav"]), labels).scores  # the checkpoint's template, as detect
     thr = float(np.median(scores))
@@ -83,12 +83,20 @@ def test_detect_writes_dcase_tsv_scores_and_plots(files, pipe, capsys, tmp_path)
     assert [(r["filename"], float(r["onset"]), float(r["offset"]), r["event_label"]) for r in rows] == [
         (name, r["onset"], r["offset"], r["label"]) for name, file_rows in zip(("a.wav", "b.flac"), api) for r in file_rows
     ]
-    for name, dur in (("a", 4.0), ("b", 2.5)):
+    for name, audio, dur in (("a", files["a.wav"], 4.0), ("b", files["b.flac"], 2.5)):
         with open(scores_dir / f"{name}.tsv", newline="") as f:
             srows = list(csv.reader(f, delimiter="\t"))
         assert srows[0] == ["onset", "offset", "dog", "rain"]
         assert float(srows[1][0]) == 0.0 and float(srows[-1][1]) == pytest.approx(dur)
-        assert (tmp_path / f"det_{name}.png").read_bytes()[:8] == PNG  # one plot per input
+        # one plot per input, showing that file's scores and the detections written to the TSV
+        assert_png_picture(tmp_path / f"det_{name}.png")
+        (fig,) = [f for f in saved_figures if f.axes[0].get_title().startswith(f"{audio.name}: detection")]
+        curves = score_curves(fig)
+        file_scores = pipe.frame_scores(str(audio), labels).scores
+        for k, label in enumerate(labels):
+            np.testing.assert_allclose(curves[label], file_scores[:, k], atol=1e-6)
+            want = [(float(r["onset"]), float(r["offset"])) for r in rows if r["filename"] == audio.name and r["event_label"] == label]
+            np.testing.assert_allclose(lane_spans(fig, f"detected: {label}"), np.reshape(sorted(want), (-1, 2)), atol=1e-3)
     # without --out: printed with their score; --json: machine-readable, the API's dicts plus the file name
     rc, out, _ = run(capsys, "detect", files["a.wav"], "--labels", "dog;rain", "--threshold", thr, "--json", "--checkpoint", files["ckpt"])
     events = json.loads(out)["events"]
@@ -128,7 +136,7 @@ def test_nothing_found_names_the_threshold_used_for_each_query(files, capsys, tm
     assert "no segment: the highest probability" in out and "under the threshold 0.99 (given threshold)" in out, out
 
 
-def test_ground_prints_segments_json_and_plot(files, pipe, capsys, tmp_path):
+def test_ground_prints_segments_json_and_plot(files, pipe, capsys, tmp_path, saved_figures):
     fs = pipe.frame_scores(str(files["a.wav"]), ["a dog barking"])
     thr = float(np.quantile(fs.scores, 0.7))
     png = tmp_path / "g.png"
@@ -139,7 +147,10 @@ def test_ground_prints_segments_json_and_plot(files, pipe, capsys, tmp_path):
     assert q[0]["text"] == "a dog barking"
     assert q[0]["segments"] == pipe.ground(str(files["a.wav"]), "a dog barking", threshold=thr)
     assert q[0]["segments"] and set(q[0]["segments"][0]) == {"onset", "offset", "score", "label"}
-    assert png.read_bytes()[:8] == PNG
+    assert_png_picture(png)
+    (fig,) = saved_figures
+    np.testing.assert_allclose(score_curves(fig)["a dog barking"], fs.scores[:, 0], atol=1e-6)
+    np.testing.assert_allclose(lane_spans(fig, "detected: a dog barking"), [(s["onset"], s["offset"]) for s in q[0]["segments"]], atol=1e-3)
     rc, out, _ = run(capsys, "ground", files["a.wav"], "a dog barking", "rain", "--threshold", "1.0", "--checkpoint", files["ckpt"])
     assert rc == 0 and out.count("no segment: the highest probability") == 2
 
@@ -352,7 +363,8 @@ def test_plot_reference_overlay_comes_from_the_tsv_rows_of_that_file(files, pipe
                      "--reference", ref, "--log-scale", "--checkpoint", files["ckpt"])  # fmt: skip
     assert rc == 0, err
     assert seen[0]["reference"] == [[(0.5, 1.25), (2.0, 3.0)], []] and seen[0]["log_scale"] is True
-    assert "'car horn', not among the queries" in err and png.stat().st_size > 0
+    assert "'car horn', not among the queries" in err
+    assert_png_picture(png)
     rc, _, err = run(capsys, "ground", files["a.wav"], "a dog", "--plot", png, "--reference", ref, "--checkpoint", files["ckpt"])
     assert rc == 0 and seen[1]["reference"] == [[]] and seen[1]["log_scale"] is False
 

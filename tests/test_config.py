@@ -143,6 +143,8 @@ def test_dotted_overrides() -> None:
     assert cfg.train.lr == 3e-4 and cfg.data.mix == {"captions": 0.25, "events": 0.75}
     # a dict value merges into an existing section instead of replacing it
     assert apply_overrides(base, ["loss.weights={frame: 3}"])["loss"]["weights"] == {"clip": 1.0, "frame": 3}
+    # loss term names hold "/": a dotted key may end in one
+    assert apply_overrides(base, ["loss.weights.aux/distill=0.5"])["loss"]["weights"] == {"clip": 1.0, "frame": 1.0, "aux/distill": 0.5}
     # a single path for a list field becomes a one-element list
     assert resolve_run_config(apply_overrides({}, ["data.train=x.jsonl"])).data.train == ["x.jsonl"]
 

@@ -172,7 +172,7 @@ def test_cli_import_then_classify_detect_ground_eval(tmp_path, capsys):
     assert sum(p["score"] for p in res["results"][0]["predictions"]) == pytest.approx(1.0, abs=1e-5)
     cli_detect_and_ground(main, ckpt, audio / "c1.wav", tmp_path, capsys)
     zs = cli_zeroshot(main, ckpt, audio, tmp_path, "c0.wav,1,0,dog\nc1.wav,1,1,rain\nc2.wav,2,0,dog\nc3.wav,2,1,rain\n")
-    assert zs["n_items"] == 4 and 0.0 <= zs["top1_accuracy"] <= 1.0
+    assert zs["n_items"] == 4  # and its top-1 accuracy is the checkpoint's embeddings' (cli_zeroshot checks)
     # the 7.3-s file (longer than the 2.55-s window) is scored on the Timeline's frames, all of them
     from finelap.infer import Pipeline
 

@@ -21,11 +21,13 @@ from finelap import infer
 from finelap.config import load_run_config
 from finelap.errors import AudioError, CheckpointError, ConfigError, FinelapError
 from finelap.hear import get_scene_embeddings, get_timestamp_embeddings, load_model
-from finelap.infer import FrameScores, Pipeline, display_mel_stream, parse_labels
+from finelap.infer import Pipeline, display_mel_stream, parse_labels
 from finelap.models.audio_encoders import MaskedNorm
 from finelap.models.build import build_model
 from finelap.train.checkpoint import save_checkpoint
 from tinyfactory import TINY_CNN, tiny_text_dir
+
+from _figures import assert_png_picture, lane_spans, score_curves
 
 SR = 16000
 
@@ -466,6 +468,30 @@ def test_embed_files_reports_bad_files_instead_of_raising(pipe, tmp_path):
     assert res[0].frame_rate_hz == 25.0 and res[0].duration_s == pytest.approx(1.0)
 
 
+def test_index_built_with_the_pipeline_ranks_as_its_embeddings_do(pipe, tmp_path):
+    """The Pipeline is the library's own `finelap.search.Embedder`: an index built through it
+    ranks files exactly as its clip/text embeddings say, and stays usable when reopened."""
+    from finelap.search import Index
+
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    names = [f"s{i}.wav" for i in range(5)]
+    for i, n in enumerate(names):
+        sf.write(lib / n, test_signal(1.0 + 0.25 * i, seed=i), SR)
+    (lib / "corrupt.wav").write_bytes(b"not audio at all")
+    idx = Index.build(lib, pipe, tmp_path / "idx", show_progress=False)
+    assert idx.paths == names and [f["path"] for f in idx.failed] == ["corrupt.wav"]
+    query = "a dog barking"
+    sims = pipe.embed_audio([str(lib / n) for n in names]) @ pipe.embed_text([query])[0]
+    assert np.diff(np.sort(sims)).min() > 1e-4  # a strict order to check
+    want = [names[i] for i in np.argsort(-sims)]
+    hits = idx.search(query, k=5)
+    assert [h.rel_path for h in hits] == want
+    np.testing.assert_allclose([h.score for h in hits], np.sort(sims)[::-1], atol=1e-5)
+    again = Index.load(tmp_path / "idx", embedder=pipe).search(query, k=5)
+    assert [h.rel_path for h in again] == want
+
+
 def test_checkpoint_errors(tmp_path, ckpt):
     with pytest.raises(CheckpointError, match="does not exist"):
         Pipeline.from_pretrained(tmp_path / "no_such_checkpoint")
@@ -532,9 +558,18 @@ def test_display_mel_stream_equals_one_pass_log_mel(pipe):
     np.testing.assert_allclose(db, ref, atol=2e-3)
 
 
-def test_plot_writes_png(pipe, tmp_path):
+def test_plot_shows_the_scores_segments_and_spectrogram(pipe, tmp_path, saved_figures):
     x = test_signal(3.0)
     fs = pipe.frame_scores(x, ["dog", "rain"], sample_rate=SR)
-    out = pipe.plot(x, fs, tmp_path / "p.png", segments=[[(0.5, 1.0)], []], threshold=0.5, sample_rate=SR)
-    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert isinstance(fs, FrameScores)
+    out = pipe.plot(x, fs, tmp_path / "p.png", segments=[[(0.5, 1.0)], []], threshold=0.5, sample_rate=SR,
+                    reference=[[(0.4, 1.2)], [(2.0, 2.5)]])  # fmt: skip
+    assert out == tmp_path / "p.png"
+    assert_png_picture(out)
+    (fig,) = saved_figures
+    curves = score_curves(fig)
+    np.testing.assert_allclose(np.stack([curves["dog"], curves["rain"]], axis=1), fs.scores)
+    np.testing.assert_allclose(lane_spans(fig, "detected: dog"), [(0.5, 1.0)])
+    assert lane_spans(fig, "detected: rain").size == 0
+    np.testing.assert_allclose(lane_spans(fig, "reference: rain"), [(2.0, 2.5)])
+    spec = fig.axes[0]
+    assert spec.get_xlim() == pytest.approx((0.0, 3.0)) and spec.images[0].get_extent()[1] == pytest.approx(3.0, abs=0.05)

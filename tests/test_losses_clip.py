@@ -314,7 +314,7 @@ def test_compute_losses_finelap_terms_and_skips_missing_frames():
     assert out["clip/sigmoid"].item() == pytest.approx(want_clip.item(), rel=1e-6)
     assert out["loss"].item() == pytest.approx(out["clip/sigmoid"].item() + 2.0 * out["frame/sigmoid"].item(), rel=1e-6)
     out["loss"].backward()
-    assert x.frame_logit_scale.grad is not None and x.logit_bias.grad is not None
+    assert x.frame_logit_scale.grad.abs() > 0 and x.logit_bias.grad.abs() > 0  # both terms reach their own scale/bias
     # a batch without strong labels has no frame term
     out2 = compute_losses(cfg, _inputs(with_frames=False))
     assert set(out2) == {"clip/sigmoid", "loss"}

@@ -10,6 +10,8 @@ from finelap.audio import Timeline
 from finelap.eval import plots as P
 from finelap.eval.tasks import _example_queries
 
+from _figures import assert_png_picture
+
 SR = 16000
 
 
@@ -74,8 +76,8 @@ def test_empty_detections_say_so_with_the_peak():
         (text,) = [t.get_text() for t in fig.axes[1].texts]
         assert text.startswith("no detection above 0.954 (per-class threshold) for dog (peak ")
         assert "\nno detection above 0.285 (global threshold) for rain (peak 0.3)" in text
-        assert _legend_handle(fig, "per-class threshold 0.954 (dog)") is not None
-        assert _legend_handle(fig, "global threshold 0.285 (rain)") is not None
+        for text, curve in (("per-class threshold 0.954 (dog)", "dog"), ("global threshold 0.285 (rain)", "rain")):
+            assert to_rgba(_legend_handle(fig, text).get_color()) == to_rgba(_legend_handle(fig, curve).get_color())
     finally:
         fig.clf()
 
@@ -134,7 +136,7 @@ def test_training_curves_put_clip_and_frame_losses_on_separate_axes(tmp_path):
         assert hi < 1.0  # its own scale: not squashed under a clip loss of 5-7
     finally:
         fig.clf()
-    assert P.plot_training_curves(csv_path, tmp_path / "curves.png").stat().st_size > 0
+    assert_png_picture(P.plot_training_curves(csv_path, tmp_path / "curves.png"))
 
 
 def test_eval_timeline_queries_include_top_scoring_false_positives():

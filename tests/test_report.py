@@ -1,6 +1,7 @@
 """Reports (finelap.eval.report) and figures (finelap.eval.plots): strict, stable JSON; Markdown
-that lists metrics, template and skipped files; PNGs that exist and decode; score/detection files
-that the standard readers load back."""
+that lists metrics, template and skipped files; figures that draw the numbers they were given
+(read from the saved matplotlib figures) into PNGs that decode to real pictures; score/detection
+files that the standard readers load back."""
 from __future__ import annotations
 
 import json
@@ -20,7 +21,7 @@ from finelap.eval import plots as P
 from finelap.eval.report import to_jsonable, write_report
 from finelap.eval.tasks import Evaluatable, FrameScores, PostProcess, evaluate_grounding, evaluate_sed, evaluate_zeroshot
 
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+from _figures import assert_png_picture, axes_titled, lane_spans, score_curves, texts, tick_labels
 
 
 def _tone(path: Path, seconds: float = 2.0, sr: int = 16000, f0: float = 880.0) -> str:
@@ -29,16 +30,6 @@ def _tone(path: Path, seconds: float = 2.0, sr: int = 16000, f0: float = 880.0) 
     x = 0.3 * np.sin(2 * np.pi * f0 * t) * (t > seconds / 3) + 0.01 * np.random.default_rng(0).standard_normal(len(t))
     sf.write(str(path), x.astype(np.float32), sr)
     return str(path)
-
-
-def _assert_png(path: Path, min_bytes: int = 5000) -> None:
-    import matplotlib.image as mpimg
-
-    data = Path(path).read_bytes()
-    assert data[:8] == PNG_MAGIC and len(data) > min_bytes, f"{path} is not a sizeable PNG"
-    img = mpimg.imread(str(path))
-    assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
-    assert img[..., :3].std() > 0.01  # not a blank canvas
 
 
 def _strict_load(path: Path) -> dict:
@@ -85,7 +76,7 @@ def _sed_setup(tmp_path: Path):
 # ----------------------------------------------------------------------------- report
 
 
-def test_zeroshot_report_files_json_and_markdown(tmp_path):
+def test_zeroshot_report_files_json_and_markdown(tmp_path, saved_figures):
     r = _zeroshot_result(tmp_path / "audio")
     r["made_up_undefined_metric"] = float("nan")  # must become null, not NaN
     cfg = {"preset": "finelap", "eval": {"prompt_template": "the sound of {}"}, "lr": np.float32(1e-3)}
@@ -93,7 +84,14 @@ def test_zeroshot_report_files_json_and_markdown(tmp_path):
     assert set(paths) == {"json", "md", "confusion", "per_class_ap"}
     for k in ("confusion", "per_class_ap"):
         assert paths[k].name == f"zs_{k}.png"
-        _assert_png(paths[k])
+        assert_png_picture(paths[k])
+    # the figures show this result: its confusion matrix (2 clips per class, all right) and its APs
+    confusion, ap = saved_figures
+    (image,) = confusion.axes[0].images
+    np.testing.assert_array_equal(image.get_array(), np.eye(3))
+    assert tick_labels(confusion.axes[0]) == ["dog", "rain", "siren"] and texts(confusion.axes[0]) == ["2", "2", "2"]
+    assert "top-1 accuracy 1.000, 6 clips" in confusion.axes[0].get_title()
+    assert [b.get_width() for b in ap.axes[0].patches] == [1.0, 1.0, 1.0]
     doc = _strict_load(paths["json"])
     assert doc["task"] == "zeroshot" and doc["top1_accuracy"] == 1.0 and doc["top5_accuracy"] == 1.0 and doc["mAP"] == 1.0
     assert doc["prompt_template"] == "the sound of {}"
@@ -117,13 +115,22 @@ def test_report_json_is_stable(tmp_path):
     assert set(a) == {"json", "md"}  # plots=False: no PNG
 
 
-def test_sed_report_writes_scores_detections_and_timelines(tmp_path):
+def test_sed_report_writes_scores_detections_and_timelines(tmp_path, saved_figures):
     clips, fns = _sed_setup(tmp_path)
     r = evaluate_sed(fns, clips, postprocess=PostProcess(median_filter_s=0.1))
     paths = write_report(r, tmp_path / "rep" / "sed.json")
     assert {"json", "md", "psd_roc", "timeline_0", "timeline_1", "detections", "scores"} <= set(paths)
-    _assert_png(paths["psd_roc"])
-    _assert_png(paths["timeline_0"])
+    assert_png_picture(paths["psd_roc"])
+    assert_png_picture(paths["timeline_0"])
+    roc = axes_titled(saved_figures[0], "PSD-ROC (")
+    assert [ln.get_label() for ln in roc.get_lines()] == list(r["artifacts"]["psd_roc"])
+    assert all(ln.get_ydata()[-1] == 1.0 for ln in roc.get_lines())  # the oracle finds every event
+    # the example timeline of b.wav: its scores as evaluated, its two reference events in the lanes
+    (timeline,) = [f for f in saved_figures if f.axes[0].get_title() == "b.wav: SED scores (oracle)"]
+    (ex,) = [e for e in r["artifacts"]["examples"] if e["audio"].endswith("b.wav")]
+    for label, (on, off) in (("beep", (0.7, 2.0)), ("hum", (0.0, 0.5))):
+        np.testing.assert_allclose(score_curves(timeline)[label], ex["scores"][:, ex["queries"].index(label)])
+        np.testing.assert_allclose(lane_spans(timeline, f"reference: {label}"), [(on, off)])
     doc = _strict_load(paths["json"])
     for k in ("PSDS1", "PSDS2", "event_F1", "segment_F1", "frame_AUROC"):
         assert k in doc
@@ -168,7 +175,7 @@ def test_example_timelines_read_a_long_file_window_by_window(tmp_path, monkeypat
     ex = {"audio": str(path), "scores": np.zeros((n, 1), np.float32), "timeline": Timeline(25.0), "queries": ["dog"],
           "duration_s": 600.0, "detections": [[]], "ground_truth": [[(1.0, 2.0)]], "threshold": [0.5]}  # fmt: skip
     out = _plot_examples([ex], tmp_path / "rep", 16000)
-    _assert_png(out["timeline_0"])
+    assert_png_picture(out["timeline_0"])
     assert spans and all(d is not None and d <= 120 for d in spans), spans
 
 
@@ -204,7 +211,7 @@ def test_to_jsonable():
 # ----------------------------------------------------------------------------- plots
 
 
-def test_plot_timeline_from_wave_and_from_mel(tmp_path):
+def test_plot_timeline_from_wave_and_from_mel(tmp_path, saved_figures):
     sr = 16000
     wave = sf.read(_tone(tmp_path / "t.wav", 3.0))[0].astype(np.float32)
     tl = Timeline(25.0)
@@ -212,11 +219,26 @@ def test_plot_timeline_from_wave_and_from_mel(tmp_path):
     p = P.plot_timeline(wave, s, tl, ["beep", "a much longer query about a hum"], tmp_path / "w.png", sample_rate=sr,
                         detections=[[(1.0, 3.0)], []], ground_truth=[[(1.0, 3.0)], [(0.0, 0.5)]], threshold=0.5,
                         title="wave input")  # fmt: skip
-    _assert_png(p)
+    assert_png_picture(p)
+    fig = saved_figures[-1]
+    spec, curves, lanes = fig.axes[:3]
+    assert spec.get_title() == "wave input" and spec.get_xlim() == pytest.approx((0.0, 3.0))
+    assert spec.images[0].get_extent()[:2] == pytest.approx((0.0, 3.0), abs=0.02)  # the spectrogram spans the audio
+    drawn = score_curves(fig)
+    np.testing.assert_allclose(np.stack([drawn["beep"], drawn["a much longer query about a hum"]], axis=1), s)  # as given
+    hum = "a much longer query about a hum"
+    for label, span in (("detected: beep", (1.0, 3.0)), ("reference: beep", (1.0, 3.0)), (f"reference: {hum}", (0.0, 0.5))):
+        np.testing.assert_allclose(lane_spans(fig, label), [span])
+    assert lane_spans(fig, f"detected: {hum}").size == 0
+    assert [ln.get_ydata()[0] for ln in curves.get_lines() if ln.get_linestyle() == "--"] == [0.5]
+    assert tick_labels(lanes) == ["a much longer query abo…", "beep"]  # first query on top, long names shortened
     cfg = MelConfig()
     mel = LogMel(cfg)(torch.from_numpy(wave)).numpy()
     p = P.plot_timeline(mel, s[:, :1], tl, ["beep"], tmp_path / "m.png", audio_timeline=Timeline.from_mel(cfg), mel_config=cfg)
-    _assert_png(p)
+    assert_png_picture(p)
+    spec = saved_figures[-1].axes[0]
+    np.testing.assert_array_equal(spec.images[0].get_array(), mel)  # the given mel, drawn as is
+    assert spec.get_ylabel() == "frequency (Hz)" and "1k" in tick_labels(spec)
     with pytest.raises(ValueError, match="audio_timeline"):
         P.plot_timeline(mel, s[:, :1], tl, ["beep"], tmp_path / "x.png")
     with pytest.raises(ValueError, match=r"\(T, 3\)"):
@@ -240,32 +262,63 @@ def test_display_mel_matches_logmel_and_pools_long_audio():
     np.testing.assert_allclose(pooled[:, 0], ref[:, : round(100 / tl2.frame_rate_hz)].mean(axis=1), atol=1e-3)
 
 
-def test_similarity_heatmap_confusion_ap_psd_roc(tmp_path):
+def test_similarity_heatmap_confusion_ap_psd_roc(tmp_path, saved_figures):
     wave = sf.read(_tone(tmp_path / "t.wav", 2.0))[0].astype(np.float32)
     sims = np.random.default_rng(0).random((50, 3))
-    _assert_png(P.plot_similarity_heatmap(wave, sims, Timeline(25.0), ["a", "b", "c"], tmp_path / "h.png"))
-    _assert_png(P.plot_confusion([[3, 1], [0, 4]], ["dog", "cat"], tmp_path / "c.png"))
+    assert_png_picture(P.plot_similarity_heatmap(wave, sims, Timeline(25.0), ["a", "b", "c"], tmp_path / "h.png"))
+    heat = saved_figures[-1].axes[1]
+    (mesh,) = heat.collections
+    np.testing.assert_array_equal(np.asarray(mesh.get_array()).reshape(3, 50), sims.T)  # one row per text, first on top
+    assert tick_labels(heat) == ["a", "b", "c"] and heat.get_ylim() == (2.5, -0.5)
+    np.testing.assert_allclose(mesh.get_coordinates()[0, [0, -1], 0], [0.0, 2.0])  # 50 frames at 25 Hz
+    assert_png_picture(P.plot_confusion([[3, 1], [0, 4]], ["dog", "cat"], tmp_path / "c.png"))
+    ax = saved_figures[-1].axes[0]
+    np.testing.assert_allclose(ax.images[0].get_array(), [[0.75, 0.25], [0.0, 1.0]])  # row-normalised
+    assert texts(ax) == ["3", "1", "4"] and tick_labels(ax, "x") == tick_labels(ax) == ["dog", "cat"]
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("predicted class", "true class") and "accuracy 0.875, 8 clips" in ax.get_title()
     with pytest.raises(ValueError, match=r"\(3, 3\)"):
         P.plot_confusion([[3, 1], [0, 4]], ["a", "b", "c"], tmp_path / "c.png")
-    _assert_png(P.plot_per_class_ap([0.2, None, 0.9], ["a", "b", "c"], tmp_path / "ap.png"))
+    assert_png_picture(P.plot_per_class_ap([0.2, None, 0.9], ["a", "b", "c"], tmp_path / "ap.png"))
+    ax = saved_figures[-1].axes[0]
+    bars = sorted(ax.patches, key=lambda b: -b.get_y())  # top to bottom: best first, undefined last
+    assert [b.get_width() for b in bars] == [0.9, 0.2, 0.0] and tick_labels(ax) == ["c", "a", "b"]
+    assert sorted(texts(ax)) == ["0.20", "0.90", "n/a"] and ax.get_legend().get_texts()[0].get_text() == "mAP = 0.550"
     curves = {"PSDS1": (np.array([0.0, 20.0, 60.0, np.inf]), np.array([0.2, 0.5, 0.8, 0.9]))}
-    _assert_png(P.plot_psd_roc(curves, tmp_path / "roc.png"))
+    assert_png_picture(P.plot_psd_roc(curves, tmp_path / "roc.png"))
+    ax = saved_figures[-1].axes[0]
+    (line,) = ax.get_lines()
+    assert line.get_label() == "PSDS1" and line.get_drawstyle() == "steps-post" and ax.get_xlim() == (0.0, 100.0)
+    # the non-finite point is dropped; the last step reaches the end of the integrated range
+    np.testing.assert_allclose(line.get_xdata(), [0.0, 20.0, 60.0, 100.0])
+    np.testing.assert_allclose(line.get_ydata(), [0.2, 0.5, 0.8, 0.8])
 
 
-def test_comparison_bars(tmp_path):
+def test_comparison_bars(tmp_path, saved_figures):
     res = {"clap": {"top1": 0.3, "psds": None}, "finelap": {"top1": 0.25, "psds": 0.12}, "flam": {"top1": float("nan")}}
-    _assert_png(P.plot_comparison(res, [("top1", "zero-shot top-1"), ("psds", "PSDS1")], tmp_path / "cmp.png"))
+    assert_png_picture(P.plot_comparison(res, [("top1", "zero-shot top-1"), ("psds", "PSDS1")], tmp_path / "cmp.png"))
+    ax = saved_figures[-1].axes[0]
+    bars = sorted(ax.patches, key=lambda b: b.get_x())  # metric groups left to right, models in order within
+    np.testing.assert_allclose([b.get_height() for b in bars], [0.3, 0.25, 0.0, 0.0, 0.12, 0.0])  # missing = 0 ...
+    assert [t for t in texts(ax) if t == "n/a"] == ["n/a"] * 3  # ... and labelled "n/a"
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["clap", "finelap", "flam"]
+    assert tick_labels(ax, "x") == ["zero-shot\ntop-1", "PSDS1"]
     with pytest.raises(ValueError, match="at least one"):
         P.plot_comparison({}, [("top1", "top-1")], tmp_path / "x.png")
 
 
-def test_training_curves(tmp_path):
+def test_training_curves(tmp_path, saved_figures):
     csv_path = tmp_path / "metrics.csv"
     csv_path.write_text(
         "step,lr,train/clip/sigmoid,train/loss,grad_norm,val/top1_accuracy\n"
         "1,0.001,2.0,2.5,1.0,\n2,0.0009,1.5,1.9,0.8,\n2,,,,,0.25\n4,0.0005,1.0,1.2,0.5,\n4,,,,,0.5\n"
     )
-    _assert_png(P.plot_training_curves(csv_path, tmp_path / "curves.png"))
+    assert_png_picture(P.plot_training_curves(csv_path, tmp_path / "curves.png"))
+    fig = saved_figures[-1]
+    for title, want in (("total loss", [2.5, 1.9, 1.2]), ("clip loss", [2.0, 1.5, 1.0]), ("learning rate", [0.001, 0.0009, 0.0005]),
+                        ("validation metrics", [0.25, 0.5])):  # fmt: skip
+        (line,) = axes_titled(fig, title).get_lines()
+        np.testing.assert_allclose(line.get_ydata(), want)
+        np.testing.assert_allclose(line.get_xdata(), [1, 2, 4] if len(want) == 3 else [2, 4])
     bad = tmp_path / "bad.csv"
     bad.write_text("iteration,loss\n1,2\n")
     with pytest.raises(DataFormatError, match="'step' column"):

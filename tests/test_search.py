@@ -20,10 +20,7 @@ import finelap.search as search_mod
 from finelap.audio import load_audio
 from finelap.errors import AudioError, CheckpointError, DataFormatError, FinelapError
 from finelap.search import (
-    BuildReport,
     EmbedResult,
-    Embedder,
-    Hit,
     Index,
     SpanConfig,
     best_span,
@@ -138,8 +135,51 @@ def build(root: Path, emb: ToneEmbedder, out: Path, **kw) -> Index:
 # ----------------------------------------------------------------------------- build + search
 
 
-def test_fake_embedder_satisfies_protocol() -> None:
-    assert isinstance(ToneEmbedder(), Embedder)
+class ProtocolOnlyEmbedder:
+    """An Embedder written from the protocol alone (no base class): it answers a batch in reverse
+    order (the contract allows any order) and reports `corrupt` files as errors. `flaw` makes it
+    break the contract in one way: "no_id", "skip" (drops a file), "foreign" (answers for a path
+    it was not given)."""
+
+    embedder_id = "protocol-only"
+
+    def __init__(self, flaw: str = "") -> None:
+        self.tones = ToneEmbedder()
+        self.flaw = flaw
+        if flaw == "no_id":
+            self.embedder_id = ""
+
+    def embed_files(self, paths: list[Path], *, with_frames: bool = False) -> Iterator[EmbedResult]:
+        results = list(self.tones.embed_files(paths, with_frames=with_frames))[::-1]
+        if self.flaw == "skip":
+            results = [r for r in results if Path(r.path).name != "mid.wav"]
+        if self.flaw == "foreign":
+            results[0] = EmbedResult(Path(results[0].path).with_name("other.wav"), clip_embedding=results[0].clip_embedding)
+        yield from results
+
+    def embed_text(self, texts: Sequence[str]) -> np.ndarray:
+        return self.tones.embed_text(texts)
+
+
+def test_index_works_through_any_embedder_that_keeps_the_protocol(library: Path, tmp_path: Path) -> None:
+    """What the Embedder protocol promises, checked through a protocol-only implementation: results
+    are matched to files by path whatever their order, so the ranking is the one the audio implies;
+    each way of breaking the contract is reported, not silently indexed."""
+    (library / "broken.wav").write_bytes(b"RIFF" + b"\0" * 40)
+    idx = build(library, ProtocolOnlyEmbedder(), tmp_path / "idx", batch_size=8)
+    assert idx.embedder_id == "protocol-only" and [f["path"] for f in idx.failed] == ["broken.wav"]
+    for band, ranked in ((1, ["a/low.wav", "b/mix.wav"]), (4, ["b/mid.wav", "b/mix.wav"]), (10, ["high.wav"])):
+        hits = idx.search(f"{center(band)} Hz", k=len(ranked))
+        assert [h.rel_path for h in hits] == ranked, band
+        assert hits[0].score == pytest.approx(1.0, abs=1e-3)
+    # contract violations
+    with pytest.raises(TypeError, match="no usable `embedder_id`"):
+        build(library, ProtocolOnlyEmbedder("no_id"), tmp_path / "x")
+    skipped = build(library, ProtocolOnlyEmbedder("skip"), tmp_path / "skip", batch_size=8)
+    assert "b/mid.wav" not in skipped.paths
+    assert {f["path"]: f["error"] for f in skipped.failed}["b/mid.wav"] == "embedder returned no result for this file"
+    with pytest.raises(ValueError, match="returned results for paths it was not given"):
+        build(library, ProtocolOnlyEmbedder("foreign"), tmp_path / "foreign", batch_size=8)
 
 
 def test_build_and_search_ranking(library: Path, tmp_path: Path) -> None:
@@ -164,7 +204,11 @@ def test_build_and_search_ranking(library: Path, tmp_path: Path) -> None:
     # reopened from disk: same answer
     again = Index.load(out, embedder=emb).search(str(center(1)), k=3)
     assert [(h.rel_path, round(h.score, 6)) for h in again] == [(h.rel_path, round(h.score, 6)) for h in hits]
-    json.dumps(hits[0].to_dict())  # CLI output is JSON-serialisable
+    # what the CLI prints: the hit as JSON, no time span without frames; the build in one line
+    assert json.loads(json.dumps(hits[0].to_dict())) == {
+        "rank": 1, "path": str(library / "a" / "low.wav"), "rel_path": "a/low.wav", "score": hits[0].score,
+        "onset": None, "offset": None, "span_score": None, "duration": 1.0}  # fmt: skip
+    assert idx.report.summary().startswith("4 files indexed: 4 added, 0 updated, 0 removed, 0 unchanged, 0 failed (4 embedded, 0 reused) in ")
 
 
 def test_meta_and_layout(library: Path, tmp_path: Path) -> None:
@@ -636,4 +680,3 @@ def test_save_and_from_arrays_roundtrip(tmp_path: Path) -> None:
     assert back.paths == idx.paths and back.embedder_id == "rand"
     q = np.asarray(idx.clip[7])
     assert back.search_vectors(q, 1)[1][0, 0] == 7
-    assert isinstance(BuildReport().summary(), str) and Hit(Path("a"), 1.0).to_dict()["onset"] is None

@@ -27,6 +27,8 @@ from finelap.data.synth import (
 from finelap.data.synth import _fits  # noqa: PLC2701 - hand-checked helper
 from finelap.errors import ConfigError
 
+from _figures import assert_png_picture, axes_titled, tick_labels
+
 SR = 16000
 
 
@@ -454,7 +456,7 @@ def test_split_folds(tmp_path):
 # ----------------------------------------------------------------------------- end to end
 
 
-def test_outputs_round_trip_and_match_render(pool_dir, tmp_path):
+def test_outputs_round_trip_and_match_render(pool_dir, tmp_path, saved_figures):
     from finelap.data.manifests import read_class_folders, read_durations_tsv, read_manifest, read_strong_tsv
 
     cfg = _cfg()
@@ -462,8 +464,19 @@ def test_outputs_round_trip_and_match_render(pool_dir, tmp_path):
     res = synthesize(read_class_folders(pool_dir), out, cfg, workers=1)
     for name in ("config.json", "splits.json", "phrase_bank.json", "stats.json", "stats.png"):
         assert (out / name).is_file(), name
-    assert (out / "stats.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     stats = json.loads((out / "stats.json").read_text())
+    # stats.png: a picture of these statistics (events per class stacked over splits, polyphony per split)
+    assert_png_picture(out / "stats.png")
+    (fig,) = saved_figures
+    per_class = axes_titled(fig, "events per class")
+    classes = tick_labels(per_class)
+    assert classes == sorted({c for st in stats["splits"].values() for c in st["events_per_class"]})
+    drawn = {c: 0.0 for c in classes}
+    for bar in per_class.patches:
+        drawn[classes[round(bar.get_y() + bar.get_height() / 2)]] += bar.get_width()
+    assert drawn == {c: sum(st["events_per_class"].get(c, 0) for st in stats["splits"].values()) for c in classes}
+    heights = [b.get_height() for b in axes_titled(fig, "overlap (polyphony)").patches]
+    assert heights == pytest.approx([f for st in stats["splits"].values() for f in st["polyphony_time_fraction"]])
     assert stats["pool"]["n_sources"] == 15 and stats["pool"]["n_skipped"] == 0 and stats["pool"]["noise_floor"]
     syn = Synthesizer(_pool(pool_dir, cfg), cfg)
     for split, n in cfg.splits.items():
