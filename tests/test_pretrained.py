@@ -329,6 +329,16 @@ def test_cached_and_uncached_training_give_the_same_loss(tmp_path):
     assert set(g1) == set(g3) and g1
     for n in g1:
         torch.testing.assert_close(g1[n], g3[n], atol=1e-5, rtol=1e-4)
+    # digests made where the batch is collated (the loading workers) name the same entries
+    from finelap.data.batching import wave_digest
+
+    batch_d = Collate(model.timeline, 4, digests=True)([ds[i] for i in range(6)])
+    assert batch_d.wave_digests == [wave_digest(batch.wave[i, : int(batch.lengths[i])]) for i in range(6)]
+    assert len(set(batch_d.wave_digests)) == 6
+    model.zero_grad(set_to_none=True)
+    t4 = forward_backward(model, loss_cfg, batch_d, clusters)
+    assert model.feature_cache.stats()["hits"] == 12 and model.feature_cache.stats()["misses"] == 6
+    assert all(t4[k] == pytest.approx(t1[k], rel=1e-5, abs=1e-6) for k in t1)
 
 
 def test_length_groups_keep_similar_lengths_together():

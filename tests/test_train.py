@@ -75,6 +75,58 @@ def test_accumulation_equals_one_big_batch(tmp_path, preset):
         assert "frame/sigmoid" in full
 
 
+@pytest.mark.parametrize("preset", ["finelap", "flam"])
+def test_frame_head_on_labelled_clips_only_gives_the_same_step(tmp_path, preset, monkeypatch):
+    """The frame losses read only clips with strong labels, so the trainer runs the frame head on
+    those rows only: same loss terms and gradients as running it on every clip, fewer rows."""
+    import finelap.train.loop as L
+    from finelap.losses.compose import frame_rows_needed
+
+    torch.manual_seed(0)
+    cfg, man = _setup(tmp_path, preset, n=16)
+    clips = read_manifest(man)
+    model = build_model(cfg)
+    clusters = build_clusters(model, clips, cfg)
+    batch = _batch(cfg, model, clips, clusters, 16)
+    assert frame_rows_needed(cfg.loss) == "labelled"
+    n_lab = int(batch.has_frames.sum())
+    assert 0 < n_lab < batch.size  # a mixed batch, so some rows are skipped
+    m_all = copy.deepcopy(model)
+    seen: list[int] = []
+    head = model.frame_head
+    orig = head.forward
+    monkeypatch.setattr(head, "forward", lambda x, m=None: (seen.append(x.shape[0]), orig(x, m))[1])
+    part = forward_backward(model, cfg.loss, batch, clusters)
+    assert seen == [n_lab]
+    monkeypatch.setattr(L, "_frame_rows", lambda loss_cfg, b: None)
+    full = forward_backward(m_all, cfg.loss, batch, clusters)
+    assert part.keys() == full.keys() and any(k.startswith("frame/") for k in full)
+    for k in full:
+        assert part[k] == pytest.approx(full[k], rel=1e-5, abs=1e-6), k
+    for (name, p1), (_, p2) in zip(model.named_parameters(), m_all.named_parameters()):
+        if p2.grad is None:
+            assert p1.grad is None, name
+            continue
+        torch.testing.assert_close(p1.grad, p2.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_encode_audio_frame_rows(tmp_path):
+    """frame_rows: the chosen rows equal a full pass, the others are zeros; no rows at all works."""
+    torch.manual_seed(0)
+    cfg, _ = _setup(tmp_path, "finelap", n=4)
+    model = build_model(cfg).eval()
+    wave = torch.randn(3, 16000) * 0.1
+    lengths = torch.tensor([16000, 12000, 8000])
+    with torch.no_grad():
+        full = model.encode_audio(wave, lengths)
+        some = model.encode_audio(wave, lengths, frame_rows=torch.tensor([False, True, False]))
+        none = model.encode_audio(wave, lengths, frame_rows=torch.zeros(3, dtype=torch.bool))
+    torch.testing.assert_close(some.frame_embeds[1], full.frame_embeds[1], rtol=1e-5, atol=1e-6)
+    assert some.frame_embeds[[0, 2]].abs().sum() == 0 and none.frame_embeds.abs().sum() == 0
+    torch.testing.assert_close(some.audio_embeds, full.audio_embeds)
+    assert none.frame_embeds.shape == full.frame_embeds.shape
+
+
 def test_resume_is_bitwise_identical(tmp_path):
     cfg, _ = _setup(tmp_path, out="straight")
     final_a = train(cfg, progress=False)

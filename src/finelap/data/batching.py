@@ -31,6 +31,17 @@ def caption_ids(captions: list[str]) -> torch.Tensor:
     return torch.tensor(out, dtype=torch.long)
 
 
+def wave_digest(wave: torch.Tensor | np.ndarray) -> str:
+    """Content digest of one waveform (its float32 samples and their count): the part of a
+    feature-cache key that does not depend on the encoder (`models.feature_cache.FeatureCache` adds its `cache_key()`).
+    Cheap to compute where the waveform is made (a data-loading worker)."""
+    a = wave.detach().to("cpu", torch.float32).contiguous().numpy() if isinstance(wave, torch.Tensor) else np.ascontiguousarray(wave, np.float32)
+    h = hashlib.blake2b(digest_size=16)
+    h.update(str(a.size).encode())
+    h.update(a.tobytes())
+    return h.hexdigest()
+
+
 @dataclass
 class Batch:
     """A collated batch. Shapes: B clips, N samples, T encoder frames, K phrases per clip.
@@ -41,6 +52,8 @@ class Batch:
     frame_targets (B, T, K) float in {0,1}, or None when no clip in the batch has events.
     has_frames (B,) bool: the clip has strong labels (frame loss applies).
     caption_group (B,) int: clips sharing a caption text share an id (for masking false negatives).
+    wave_digests: each clip's waveform content digest (`models.feature_cache.wave_digest`, made by
+    `Collate(digests=True)` in the loading workers), or None; the feature cache keys on it.
     """
 
     wave: torch.Tensor
@@ -56,6 +69,7 @@ class Batch:
     events: list[list[Event]]
     labels: list[list[str]]
     skipped: list[str] = field(default_factory=list)
+    wave_digests: list[str] | None = None
 
     @property
     def size(self) -> int:
@@ -240,9 +254,10 @@ class ClipDataset(torch.utils.data.Dataset):
 class Collate:
     """Pads waves, rasterises events into (B, T, K) targets on the model's Timeline."""
 
-    def __init__(self, timeline: Timeline, phrases_per_clip: int = 20) -> None:
+    def __init__(self, timeline: Timeline, phrases_per_clip: int = 20, digests: bool = False) -> None:
         self.timeline = timeline
         self.k = phrases_per_clip
+        self.digests = digests  # each wave's content digest (`wave_digest`), for a feature cache
 
     def __call__(self, items: Sequence[dict | None]) -> Batch:
         skipped = [it["error"] for it in items if it is not None and "error" in it]
@@ -283,6 +298,7 @@ class Collate:
             events=[it["events"] for it in items],
             labels=[it["labels"] for it in items],
             skipped=skipped,
+            wave_digests=[wave_digest(it["wave"]) for it in items] if self.digests else None,
         )
 
 

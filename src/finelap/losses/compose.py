@@ -128,6 +128,13 @@ def gather_inputs(cfg: LossConfig, ctx: StepContext) -> dict[str, Any]:
     return x
 
 
+def frame_rows_needed(cfg: LossConfig) -> str:
+    """Whose frame embeddings the enabled objectives read: "all", "labelled" (only clips with
+    strong labels) or "none" (`Objective.frame_rows`); the trainer skips the frame head elsewhere."""
+    kinds = {obj.frame_rows_read() for obj in cfg.objectives()}
+    return "all" if "all" in kinds else "labelled" if "labelled" in kinds else "none"
+
+
 def compute_losses(cfg: LossConfig, x: LossInputs | Mapping[str, Any], rank: int = 0, world_size: int = 1) -> dict[str, torch.Tensor]:
     """Every term ``cfg`` enables that this batch supports, composed with ``cfg``'s weights.
 

@@ -577,6 +577,7 @@ class FineLAPFrameObjective(Objective):
     name = "finelap"
     slot = "frame"
     all_terms = ("frame/sigmoid",)
+    frame_rows = "labelled"  # every frame term is weighted by has_frames
     needs = ("frame_embeds", "frame_mask", "has_frames", "phrase_embeds", "phrase_mask", "frame_targets",
              "frame_logit_scale", "frame_logit_bias")  # fmt: skip
 
@@ -622,6 +623,7 @@ class FLAMFrameObjective(Objective):
     name = "flam"
     slot = "frame"
     all_terms = ("frame/flam", "frame/prior")
+    frame_rows = "labelled"  # every frame term is weighted by has_frames
     needs = ("frame_embeds", "frame_mask", "has_frames", "flam_text_embeds", "flam_alpha", "flam_beta", "flam_targets")
 
     def terms(self, cfg: LossConfig) -> list[str]:

@@ -84,6 +84,7 @@ class FrameInfoNCEObjective(Objective):
     name = "frame_infonce"
     slot = "frame"
     all_terms = ("frame/infonce",)
+    frame_rows = "labelled"  # every frame term is weighted by has_frames
     needs = ("frame_embeds", "frame_mask", "has_frames", "phrase_embeds", "phrase_mask", "frame_targets",
              "frame_logit_scale", "frame_logit_bias")  # fmt: skip
 

@@ -8,6 +8,9 @@ An objective is one class in one module of ``finelap.losses``, registered by nam
 - ``all_terms``: every term name it can produce ("group/name", weighted by name);
 - ``needs``: the inputs it reads (names of `LossInputs` fields, or new names of its own);
 - ``own_options``: LossConfig fields only it reads (setting one while it is off is an error);
+- ``frame_rows``: whose frame embeddings it reads: "all" clips, only the "labelled" ones (clips
+  with strong labels, ``has_frames``; the trainer then runs the frame head on those rows only) or
+  "none"; by default "all" when ``needs`` names ``frame_embeds``, else "none";
 
 and implements two stages:
 
@@ -135,6 +138,13 @@ class Objective:
     all_terms: ClassVar[tuple[str, ...]]
     needs: ClassVar[tuple[str, ...]] = ()
     own_options: ClassVar[tuple[str, ...]] = ()
+    frame_rows: ClassVar[str | None] = None
+
+    def frame_rows_read(self) -> str:
+        """"all" | "labelled" | "none": whose frame embeddings ``compute`` can depend on."""
+        if self.frame_rows is not None:
+            return self.frame_rows
+        return "all" if "frame_embeds" in self.needs else "none"
 
     def selected(self, cfg: LossConfig) -> bool:
         """Whether ``cfg`` switches this objective on (by default: its slot holds its name)."""
@@ -175,6 +185,8 @@ def register_objective(cls: O) -> O:
     for attr in ("name", "slot", "all_terms"):
         if not getattr(cls, attr, None):
             raise TypeError(f"objective {cls.__name__} must declare {attr}")
+    if getattr(cls, "frame_rows", None) not in (None, "all", "labelled", "none"):
+        raise TypeError(f"objective {cls.__name__}: frame_rows must be 'all', 'labelled' or 'none', got {cls.frame_rows!r}")
     if cls.slot not in SLOTS:
         raise TypeError(f"objective {cls.__name__}: slot {cls.slot!r} is not a LossConfig slot {SLOTS}")
     for term in cls.all_terms:

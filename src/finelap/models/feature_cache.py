@@ -2,8 +2,8 @@
 
 With a frozen pretrained tower (e.g. `aisfx`), the tower's output for a given waveform never
 changes, so training pays for it once per distinct input and later epochs cost only the heads.
-Entries are keyed by the waveform's content (blake2b of its float32 samples, after the dataset's
-decoding, resampling, mixing and cropping) and by the encoder's `cache_key()` (architecture
+Entries are keyed by the waveform's content (`wave_digest`: blake2b of its float32 samples, after
+the dataset's decoding, resampling, mixing and cropping; computed by the data-loading workers) and by the encoder's `cache_key()` (architecture
 options + weights), so soundscapes mixed in the waveform domain are cached per mix, a random crop
 is cached per crop, and a changed tower never reads stale features.
 
@@ -18,13 +18,16 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
+import numpy as np
 import torch
 
+from ..data.batching import wave_digest
 from .audio_encoders import AudioEncoder, AudioFeatures, lengths_to_mask
 
-__all__ = ["FeatureCache", "supports_feature_cache"]
+__all__ = ["FeatureCache", "supports_feature_cache", "wave_digest"]  # wave_digest: from data.batching
+
 
 
 def supports_feature_cache(encoder: AudioEncoder) -> bool:
@@ -61,12 +64,9 @@ class FeatureCache:
 
     # ------------------------------------------------------------------ keys and storage
     @staticmethod
-    def _key(enc_key: str, wave: torch.Tensor) -> str:
-        h = hashlib.blake2b(digest_size=16)
-        h.update(enc_key.encode())
-        h.update(str(wave.numel()).encode())
-        h.update(wave.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-        return h.hexdigest()
+    def _key(enc_key: str, digest: str) -> str:
+        """The entry's name: the encoder's key and the waveform's `wave_digest`."""
+        return hashlib.blake2b(f"{enc_key}|{digest}".encode(), digest_size=16).hexdigest()
 
     def _path(self, enc_key: str, key: str) -> Path | None:
         return None if self.folder is None else self.folder / enc_key / key[:2] / f"{key}.safetensors"
@@ -114,11 +114,22 @@ class FeatureCache:
 
     # ------------------------------------------------------------------ encode
     @torch.no_grad()
-    def encode(self, encoder: AudioEncoder, wave: torch.Tensor, lengths: torch.Tensor | None = None) -> AudioFeatures:
-        wave, lengths = encoder._check(wave, lengths)
-        enc_key = encoder.cache_key()  # type: ignore[attr-defined]
+    def encode(self, encoder: AudioEncoder, wave: torch.Tensor, lengths: torch.Tensor | None = None,
+               digests: Sequence[str] | None = None) -> AudioFeatures:  # fmt: skip
+        """digests: each item's `wave_digest` when the caller has it already (the training batches
+        compute them in the data-loading workers), else computed here."""
+        if wave.dim() != 2 or not wave.is_floating_point():
+            wave, lengths = encoder._check(wave, lengths)  # its error, naming the problem
         b, n = wave.shape
-        keys = [self._key(enc_key, wave[i, : int(lengths[i])]) for i in range(b)]
+        lengths = torch.full((b,), n, dtype=torch.long) if lengths is None else torch.as_tensor(lengths).long().reshape(-1).cpu()
+        if lengths.shape[0] != b or (b and (int(lengths.min()) < 0 or int(lengths.max()) > n)):
+            wave, lengths = encoder._check(wave, lengths)
+        if digests is None:
+            digests = [wave_digest(wave[i, : int(lengths[i])]) for i in range(b)]
+        elif len(digests) != b:
+            raise ValueError(f"{len(digests)} wave digests for a batch of {b}")
+        enc_key = encoder.cache_key()  # type: ignore[attr-defined]
+        keys = [self._key(enc_key, d) for d in digests]
         entries: list[Any] = [self._get(enc_key, k) for k in keys]
         todo = [i for i, e in enumerate(entries) if e is None]
         self.hits += b - len(todo)
@@ -126,7 +137,7 @@ class FeatureCache:
         for group in _length_groups([int(lengths[i]) for i in todo], todo):
             # similar lengths together: a 5-s clip padded to a 10-s soundscape would cost twice its compute
             n_max = max(1, max(int(lengths[i]) for i in group))
-            out = encoder(wave[group, :n_max], lengths[group])
+            out = encoder(wave[group, :n_max], lengths[group].to(wave.device))
             for j, i in enumerate(group):
                 v = int(out.frame_mask[j].sum())
                 entry = (out.frames[j, :v].detach().clone(), None if out.cls is None else out.cls[j].detach().clone())

@@ -193,11 +193,22 @@ class FineLAPModel(nn.Module):
 
     # ------------------------------------------------------------------ towers
     def encode_audio(
-        self, wave: torch.Tensor, lengths: torch.Tensor | None = None, mask_frames: torch.Tensor | None = None
+        self,
+        wave: torch.Tensor,
+        lengths: torch.Tensor | None = None,
+        mask_frames: torch.Tensor | None = None,
+        frame_rows: torch.Tensor | None = None,
+        wave_digests: Sequence[str] | None = None,
     ) -> AudioOutput:
-        """wave (B, N) at `sample_rate`, lengths (B,) -> AudioOutput (T = timeline.num_frames_for_samples(N))."""
+        """wave (B, N) at `sample_rate`, lengths (B,) -> AudioOutput (T = timeline.num_frames_for_samples(N)).
+
+        frame_rows (B,) bool: the clips whose frame embeddings are wanted; the frame head runs on
+        those rows only and the others' frame embeddings are zeros (the trainer passes the clips
+        with strong labels when every frame loss reads only those). Ignored with a codebook, which
+        pools every clip's frame embeddings into its clip embedding. wave_digests: each item's
+        `feature_cache.wave_digest`, when known, for the feature cache of a frozen tower."""
         if self.feature_cache is not None and mask_frames is None and getattr(self.audio, "frozen", False):
-            feats = self.feature_cache.encode(self.audio, wave, lengths)
+            feats = self.feature_cache.encode(self.audio, wave, lengths, wave_digests)
         else:
             feats = self.audio(wave, lengths, mask_frames)
         x, m = feats.frames, feats.frame_mask
@@ -210,12 +221,15 @@ class FineLAPModel(nn.Module):
             cb = self.codebook(projected, m)
             audio_embeds, weights = F.normalize(cb.embeds, dim=-1), cb.weights
         else:
-            if self.frame_head is None:
-                frame_embeds = self.clip_head.project(x)
-            elif self.cfg.frame_head_per_window and self.la_block is None and feats.context_frames is not None:
-                frame_embeds = self.frame_head(feats.context_frames, feats.context_mask)[:, : x.shape[1]]
+            rows = None if frame_rows is None or self.codebook is not None else frame_rows.to(device=x.device, dtype=torch.bool)
+            if rows is None or bool(rows.all()):
+                frame_embeds = self._frame_embeds(x, m, feats)
             else:
-                frame_embeds = self.frame_head(x, m)
+                idx = rows.nonzero().squeeze(1)
+                part = self._frame_embeds(x[idx], m[idx], feats, idx) if len(idx) else None
+                frame_embeds = x.new_zeros(x.shape[0], x.shape[1], self.cfg.embed_dim, dtype=part.dtype if part is not None else x.dtype)
+                if part is not None:
+                    frame_embeds = frame_embeds.index_copy(0, idx, part)
             if self.codebook is not None:
                 cb = self.codebook(frame_embeds, m)
                 audio_embeds, weights = F.normalize(cb.embeds, dim=-1), cb.weights
@@ -231,6 +245,18 @@ class FineLAPModel(nn.Module):
             frames=feats.frames,
             codebook_weights=weights,
         )
+
+    def _frame_embeds(self, x: torch.Tensor, m: torch.Tensor, feats: Any, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Frame embeddings (b, T, D) of encoder frames x (b, T, Da) with mask m; `rows` indexes
+        `feats` when x holds only some of its clips."""
+        if self.frame_head is None:
+            return self.clip_head.project(x)
+        if self.cfg.frame_head_per_window and self.la_block is None and feats.context_frames is not None:
+            ctx, cm = feats.context_frames, feats.context_mask
+            if rows is not None:
+                ctx, cm = ctx[rows], (cm[rows] if cm is not None else None)
+            return self.frame_head(ctx, cm)[:, : x.shape[1]]
+        return self.frame_head(x, m)
 
     def encode_text(self, texts: Sequence[str]) -> TextOutput:
         """N strings -> TextOutput(text_embeds (N, D), ...). Pooled text-tower outputs come from the

@@ -30,7 +30,7 @@ from ..data.phrases import PhraseClusters
 from ..data.types import Clip
 from ..errors import CheckpointError, ConfigError, FinelapError
 from ..losses.aux import ema_update  # re-exported: the one EMA helper (EMA weights and SLAP's teacher)
-from ..losses.compose import LossConfig, compute_losses, gather_inputs
+from ..losses.compose import LossConfig, compute_losses, frame_rows_needed, gather_inputs
 from ..losses.frame import cluster_activity  # re-exported (FLAM's targets)
 from ..losses.objective import StepContext, StepTexts, step_texts  # re-exported
 from ..models.build import build_model, checkpoint_state, complete_state
@@ -59,26 +59,38 @@ def lr_lambda(step: int, warmup: int, total: int, schedule: str, min_ratio: floa
 
 def _sync_gradients(model: torch.nn.Module, world_size: int) -> None:
     """Average gradients over ranks (what DDP does), so that with the losses' gather convention
-    (finelap.dist) every rank holds the single-process gradient of the global loss."""
+    (finelap.dist) every rank holds the single-process gradient of the global loss.
+
+    A parameter may have a gradient on some ranks only (e.g. the frame head, run only on clips
+    with strong labels, on a rank that has none): missing gradients count as zeros, and a
+    parameter keeps no gradient only when no rank has one."""
     if world_size == 1:
         return
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    if not grads:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
         return
-    flat = torch.cat([g.reshape(-1) for g in grads])
+    ref = next((p.grad for p in params if p.grad is not None), params[0])
+    present = torch.tensor([0.0 if p.grad is None else 1.0 for p in params], device=ref.device, dtype=ref.dtype)
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p, dtype=ref.dtype)).reshape(-1) for p in params] + [present])
     torch.distributed.all_reduce(flat)
-    flat /= world_size
     i = 0
-    for g in grads:
-        g.copy_(flat[i : i + g.numel()].view_as(g))
-        i += g.numel()
+    for k, p in enumerate(params):
+        n = p.numel()
+        if float(flat[len(flat) - len(params) + k]) > 0:
+            g = (flat[i : i + n] / world_size).view_as(p)
+            if p.grad is None:
+                p.grad = g.to(p.dtype).clone()
+            else:
+                p.grad.copy_(g)
+        i += n
 
 
 # ----------------------------------------------------------------------------- one step's forward
 
 
-def _audio_reps(model: FineLAPModel, wave: torch.Tensor, lengths: torch.Tensor) -> dict[str, torch.Tensor]:
-    a = model.encode_audio(wave, lengths)
+def _audio_reps(model: FineLAPModel, wave: torch.Tensor, lengths: torch.Tensor, frame_rows: torch.Tensor | None = None,
+                digests: Sequence[str] | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
+    a = model.encode_audio(wave, lengths, frame_rows=frame_rows, wave_digests=digests)
     return {"audio_embeds": a.audio_embeds, "frame_embeds": a.frame_embeds, "frame_mask": a.frame_mask, "frames": a.frames}
 
 
@@ -111,6 +123,21 @@ def losses_from_reps(
     return compute_losses(loss_cfg, gather_inputs(loss_cfg, ctx), rank, world_size)
 
 
+def _frame_rows(loss_cfg: LossConfig, batch: Batch) -> torch.Tensor | None:
+    """(B,) bool: the clips whose frame embeddings the losses read (`frame_rows_needed`), so the
+    frame head skips the others (half of a captions+events batch); None: all of them."""
+    need = frame_rows_needed(loss_cfg)
+    if need == "all":
+        return None
+    if need == "none":
+        return torch.zeros(batch.size, dtype=torch.bool, device=batch.has_frames.device)
+    return batch.has_frames.to(torch.bool)
+
+
+def _digests(batch: Batch, sl: slice) -> list[str] | None:
+    return None if batch.wave_digests is None else batch.wave_digests[sl]
+
+
 def _cat_pad(parts: list[torch.Tensor]) -> torch.Tensor:
     """Concatenate along dim 0, zero-padding dim 1 (frames) to the longest part."""
     if parts[0].dim() < 2:
@@ -141,9 +168,10 @@ def forward_backward(
     full batch (up to float rounding) for encoders without batch statistics (GroupNorm, LayerNorm).
     """
     st = step_texts(batch, clusters, phrase_template)
+    rows = _frame_rows(loss_cfg, batch)
     if accum_steps <= 1:
         with autocast():
-            a = _audio_reps(model, batch.wave, batch.lengths)
+            a = _audio_reps(model, batch.wave, batch.lengths, rows, batch.wave_digests)
             t = _text_reps(model, st.texts)
             extra = slap.inputs(model, batch, step, rank, a["frames"], a["frame_mask"]) if slap is not None else None
         terms = losses_from_reps(model, loss_cfg, batch, st, a, t, clusters, rank, world_size, extra)
@@ -159,7 +187,7 @@ def forward_backward(
         for sl in slices:
             rng_states.append(torch.get_rng_state())
             with autocast():
-                cached.append(_audio_reps(model, batch.wave[sl], batch.lengths[sl]))
+                cached.append(_audio_reps(model, batch.wave[sl], batch.lengths[sl], None if rows is None else rows[sl], _digests(batch, sl)))
         text_rng = torch.get_rng_state()
         with autocast():
             t_cached = _text_reps(model, st.texts)
@@ -172,7 +200,7 @@ def forward_backward(
     for sl, state, c in zip(slices, rng_states, cached):
         torch.set_rng_state(state)
         with autocast():
-            reps = _audio_reps(model, batch.wave[sl], batch.lengths[sl])
+            reps = _audio_reps(model, batch.wave[sl], batch.lengths[sl], None if rows is None else rows[sl], _digests(batch, sl))
         outs, grads = [], []
         for k, v in reps.items():
             g = a_leaf[k].grad if isinstance(a_leaf[k], torch.Tensor) and a_leaf[k].requires_grad else None
@@ -408,7 +436,7 @@ def _train(cfg: RunConfig, info: dist.DistInfo, resume: str | bool | None, progr
             return len(sampler)
 
     loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=_RankSlice(), collate_fn=Collate(model.timeline, cfg.data.phrases_per_clip),
+        dataset, batch_sampler=_RankSlice(), collate_fn=Collate(model.timeline, cfg.data.phrases_per_clip, digests=model.feature_cache is not None),
         num_workers=cfg.data.num_workers, persistent_workers=False,
     )  # fmt: skip
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if cfg.train.precision == "bf16" else nullcontext
