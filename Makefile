@@ -30,7 +30,7 @@ system-deps:
 
 demo: install system-deps
 	$(BIN)/finelap corpus --out $(DEMO_DIR)/pool --sample-rate 44100
-	$(BIN)/finelap synth --pool $(DEMO_DIR)/pool/manifest.jsonl --out $(DEMO_DIR)/soundscapes --splits train=600,val=60,test=100 --seed 0 --sample-rate 44100
+	$(BIN)/finelap synth --pool $(DEMO_DIR)/pool/manifest.jsonl --out $(DEMO_DIR)/soundscapes --splits train=500,val=120,test=100 --seed 0 --sample-rate 44100
 	@if [ -f $(DEMO_DIR)/run/final/model.safetensors ]; then \
 	  echo "finelap demo: reusing the trained checkpoint $(DEMO_DIR)/run/final (make clean to retrain)"; \
 	else \

@@ -1,4 +1,4 @@
-"""Name -> builder registries (audio encoders, losses, datasets) and preset lookup.
+"""Name -> builder registries (audio encoders, training objectives) and preset lookup.
 
 Behaviour comes from config, never from name strings (DESIGN principle 3): a config says
 `audio_encoder: cnn`, the registry maps that name to a builder, and the builder reads its typed config.
@@ -83,7 +83,6 @@ AUDIO_ENCODERS: Registry = Registry(
 )
 # training objectives (finelap.losses.objective.Objective instances), one per module of finelap.losses
 LOSSES: Registry = Registry("loss", packages=["finelap.losses"])
-DATASETS: Registry = Registry("dataset", ["finelap.data.manifests"])
 # preset name -> YAML path, for presets that live outside the searched config folders
 PRESETS: Registry[Path] = Registry("preset")
 

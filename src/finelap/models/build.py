@@ -91,8 +91,9 @@ def upgrade_checkpoint_config(config: Mapping[str, Any], state_keys: Callable[[]
     built; loading checks the stored decoder's ``arch`` against it) when loss.caption is on or
     the weights hold ``caption_decoder.*``, else None; a missing model.slap_predictor is true when
     loss.distill is set or the weights hold ``slap_predictor.*``. `state_keys` (the weights' key
-    names) is called only when the loss section does not decide. A config that has the fields is
-    returned unchanged (a copy) with no notes.
+    names) is called only when the loss section does not decide. Notes name the modules derived as
+    present (an absent one is the default and needs no warning, so a checkpoint without SLAP's
+    modules loads silently). A config that has the fields is returned unchanged (a copy), no notes.
     """
     cfg = copy.deepcopy(dict(config))
     model = cfg.get("model")
@@ -112,16 +113,18 @@ def upgrade_checkpoint_config(config: Mapping[str, Any], state_keys: Callable[[]
         elif stored(DECODER_ATTR):
             model["caption_decoder"], why = {}, f"the weights hold {DECODER_ATTR}.*"
         else:
-            model["caption_decoder"], why = None, f"loss.caption is off and the weights hold no {DECODER_ATTR}.*"
-        notes.append(f"model.caption_decoder = {'default sizes' if model['caption_decoder'] is not None else 'null'} ({why})")
+            model["caption_decoder"], why = None, ""
+        if model["caption_decoder"] is not None:  # the absent module is the plain default: nothing to say
+            notes.append(f"model.caption_decoder = default sizes ({why})")
     if "slap_predictor" not in model:
         if loss.get("distill") is not None:
             model["slap_predictor"], why = True, "loss.distill is set"
         elif stored(PREDICTOR_ATTR):
             model["slap_predictor"], why = True, f"the weights hold {PREDICTOR_ATTR}.*"
         else:
-            model["slap_predictor"], why = False, f"loss.distill is null and the weights hold no {PREDICTOR_ATTR}.*"
-        notes.append(f"model.slap_predictor = {str(model['slap_predictor']).lower()} ({why})")
+            model["slap_predictor"], why = False, ""
+        if model["slap_predictor"]:
+            notes.append(f"model.slap_predictor = true ({why})")
     cfg["model"] = model
     return cfg, notes
 
