@@ -289,6 +289,21 @@ def _check_shape(name: str, t: torch.Tensor, shape: tuple[int | None, ...]) -> N
         raise ValueError(f"{name} must have shape {want}, got {tuple(t.shape)}")
 
 
+def check_phrase_set_shapes(frame_embeds: torch.Tensor, frame_mask: torch.Tensor, phrase_embeds: torch.Tensor,
+                            targets: torch.Tensor, phrase_mask: torch.Tensor, has_frames: torch.Tensor) -> tuple[int, int, int, int]:  # fmt: skip
+    """(B, T, D, K) of a per-clip phrase-set loss's inputs, or a ValueError naming the input whose
+    shape disagrees (frame_embeds (B, T, D), frame_mask (B, T), phrase_embeds (B, K, D), targets
+    (B, T, K), phrase_mask (B, K), has_frames (B,))."""
+    b, t, d = frame_embeds.shape
+    k = phrase_embeds.shape[1]
+    _check_shape("frame_mask", frame_mask, (b, t))
+    _check_shape("phrase_embeds", phrase_embeds, (b, k, d))
+    _check_shape("targets", targets, (b, t, k))
+    _check_shape("phrase_mask", phrase_mask, (b, k))
+    _check_shape("has_frames", has_frames, (b,))
+    return b, t, d, k
+
+
 def finelap_frame_loss(
     frame_embeds: torch.Tensor,
     frame_mask: torch.Tensor,
@@ -321,13 +336,7 @@ def finelap_frame_loss(
     Returns a 0-dim tensor (0, still attached to the graph, when nothing is valid).
     """
     _check_dist(rank, world_size)
-    b, t, d = frame_embeds.shape
-    k = phrase_embeds.shape[1]
-    _check_shape("frame_mask", frame_mask, (b, t))
-    _check_shape("phrase_embeds", phrase_embeds, (b, k, d))
-    _check_shape("targets", targets, (b, t, k))
-    _check_shape("phrase_mask", phrase_mask, (b, k))
-    _check_shape("has_frames", has_frames, (b,))
+    b, t, d, k = check_phrase_set_shapes(frame_embeds, frame_mask, phrase_embeds, targets, phrase_mask, has_frames)
     has = has_frames.to(torch.float32)
     w_bt = frame_mask.to(torch.float32) * has[:, None]
     w_bk = phrase_mask.to(torch.float32) * has[:, None]
@@ -561,7 +570,8 @@ def empty_phrase_set(fe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torc
             torch.zeros(b, dtype=torch.bool, device=fe.device))  # fmt: skip
 
 
-def _frame_mask_of(x: Inputs, fe: torch.Tensor) -> torch.Tensor:
+def frame_mask_of(x: Inputs, fe: torch.Tensor) -> torch.Tensor:
+    """The step's frame mask (B, T), all frames valid when the inputs give none."""
     fm = x.get("frame_mask")
     return fm if fm is not None else torch.ones(fe.shape[:2], dtype=torch.bool, device=fe.device)
 
@@ -589,7 +599,7 @@ class FineLAPFrameObjective(Objective):
         if not any_rank(present, world_size, input_device(x)):
             return {}
         fe = self.need(x, "frame_embeds")
-        fm = _frame_mask_of(x, fe)
+        fm = frame_mask_of(x, fe)
         if present:
             pe, pm, tg, hf = self.need(x, "phrase_embeds"), self.need(x, "phrase_mask"), x["frame_targets"], x["has_frames"]
         else:
@@ -652,7 +662,7 @@ class FLAMFrameObjective(Objective):
             return {}
         fe = self.need(x, "frame_embeds")
         b, t, d = fe.shape
-        fm = _frame_mask_of(x, fe)
+        fm = frame_mask_of(x, fe)
         if present:
             te, al, be = self.need(x, "flam_text_embeds"), self.need(x, "flam_alpha"), self.need(x, "flam_beta")
             tg, hf = x["flam_targets"], has

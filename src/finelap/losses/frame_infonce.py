@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from ..loss_config import LossConfig
 from ..models.model import frame_logits
-from .frame import _check_dist, _check_shape, _normalise, empty_phrase_set, frame_inputs, phrase_inputs, phrase_set_present
+from .frame import _check_dist, _normalise, check_phrase_set_shapes, empty_phrase_set, frame_inputs, frame_mask_of, phrase_inputs, phrase_set_present
 from .objective import Inputs, Objective, StepContext, any_rank, input_device, register_objective
 
 __all__ = ["frame_info_nce", "FrameInfoNCEObjective"]
@@ -52,13 +52,7 @@ def frame_info_nce(
     Returns a 0-dim tensor (0, still attached to the graph, when no frame counts).
     """
     _check_dist(rank, world_size)
-    b, t, d = frame_embeds.shape
-    k = phrase_embeds.shape[1]
-    _check_shape("frame_mask", frame_mask, (b, t))
-    _check_shape("phrase_embeds", phrase_embeds, (b, k, d))
-    _check_shape("targets", targets, (b, t, k))
-    _check_shape("phrase_mask", phrase_mask, (b, k))
-    _check_shape("has_frames", has_frames, (b,))
+    b, t, d, k = check_phrase_set_shapes(frame_embeds, frame_mask, phrase_embeds, targets, phrase_mask, has_frames)
     dt = torch.float64 if frame_embeds.dtype == torch.float64 else torch.float32  # at least float32
     z = frame_logits(frame_embeds.to(dt), phrase_embeds.to(dt), scale, bias).to(dt)
     pm = phrase_mask.to(torch.bool)[:, None, :]
@@ -96,8 +90,7 @@ class FrameInfoNCEObjective(Objective):
         if not any_rank(present, world_size, input_device(x)):
             return {}
         fe = self.need(x, "frame_embeds")
-        fm = x.get("frame_mask")
-        fm = fm if fm is not None else torch.ones(fe.shape[:2], dtype=torch.bool, device=fe.device)
+        fm = frame_mask_of(x, fe)
         scale, bias = self.need(x, "frame_logit_scale"), self.need(x, "frame_logit_bias")
         if present:
             pe, pm, tg, hf = self.need(x, "phrase_embeds"), self.need(x, "phrase_mask"), x["frame_targets"], x["has_frames"]
