@@ -73,10 +73,11 @@ def _sync_gradients(model: torch.nn.Module, world_size: int) -> None:
     present = torch.tensor([0.0 if p.grad is None else 1.0 for p in params], device=ref.device, dtype=ref.dtype)
     flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p, dtype=ref.dtype)).reshape(-1) for p in params] + [present])
     torch.distributed.all_reduce(flat)
+    had = (flat[len(flat) - len(params) :] > 0).tolist()  # one device sync, not one per parameter
     i = 0
-    for k, p in enumerate(params):
+    for p, any_rank_had in zip(params, had):
         n = p.numel()
-        if float(flat[len(flat) - len(params) + k]) > 0:
+        if any_rank_had:
             g = (flat[i : i + n] / world_size).view_as(p)
             if p.grad is None:
                 p.grad = g.to(p.dtype).clone()
