@@ -341,6 +341,68 @@ def test_cached_and_uncached_training_give_the_same_loss(tmp_path):
     assert all(t4[k] == pytest.approx(t1[k], rel=1e-5, abs=1e-6) for k in t1)
 
 
+def test_workers_skip_decoding_inputs_whose_features_are_on_disk(tmp_path):
+    """With a cache folder, items are named by file identity; once their features are on disk the
+    loader returns them undecoded, and the step's loss is the same as with decoded audio."""
+    import os
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from tinyfactory import tiny_dataset, tiny_overrides
+
+    from finelap.config import load_run_config
+    from finelap.data.batching import ClipDataset, Collate
+    from finelap.data.manifests import read_manifest
+    from finelap.losses.compose import LossConfig
+    from finelap.models.build import build_model
+    from finelap.models.feature_cache import CachedOnDisk
+    from finelap.train.loop import build_clusters, forward_backward
+
+    man = tiny_dataset(tmp_path / "data", n=6)
+    ov = [o for o in tiny_overrides(tmp_path, man) if not o.startswith(("model.audio=", "model.audio_encoder="))]
+    cfg = load_run_config("sfx", ov + ['model.audio={"layers": [4, 2], "freeze": true, "pretrained": false}', "model.embed_dim=32"])
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    clips = read_manifest(man)
+    clusters = build_clusters(model, clips, cfg)
+    loss_cfg = cfg.loss if isinstance(cfg.loss, LossConfig) else LossConfig(**cfg.loss)
+    model.train()
+    ds = ClipDataset(clips, model.sample_rate, 1.5, random_crop=True, clusters=clusters, phrases_per_clip=4)
+    keys = [(3, i, i) for i in range(6)]  # (step, slot, index): random crops of the 2-s clips
+    plain = Collate(model.timeline, 4)([ds[k] for k in keys])
+    t0 = forward_backward(model, loss_cfg, plain, clusters)
+    model.zero_grad(set_to_none=True)
+
+    model.feature_cache = FeatureCache(tmp_path / "cache")
+    ds.skip_decode = CachedOnDisk(tmp_path / "cache", model.audio.cache_key())
+    first = Collate(model.timeline, 4, digests=True)([ds[k] for k in keys])
+    assert first.wave_decoded is None and all(d.startswith("file:") for d in first.wave_digests)
+    torch.testing.assert_close(first.wave, plain.wave)  # the same crops as without skipping
+    t1 = forward_backward(model, loss_cfg, first, clusters)  # computes and stores the features
+    model.zero_grad(set_to_none=True)
+    second = Collate(model.timeline, 4, digests=True)([ds[k] for k in keys])
+    assert second.wave_decoded == [False] * 6 and not second.wave.abs().any()
+    assert second.wave_digests == first.wave_digests and torch.equal(second.lengths, plain.lengths)
+    assert second.events == plain.events and second.phrases == plain.phrases and second.captions == plain.captions
+    model.feature_cache = FeatureCache(tmp_path / "cache")  # a new process: only the disk has them
+    t2 = forward_backward(model, loss_cfg, second, clusters)
+    assert model.feature_cache.stats()["disk_hits"] == 6 and model.feature_cache.stats()["misses"] == 0
+    for k in t0:
+        assert t1[k] == pytest.approx(t0[k], rel=1e-5, abs=1e-6) and t2[k] == pytest.approx(t0[k], rel=1e-5, abs=1e-6)
+    # an edited file gets a new key and is decoded again
+    path = Path(str(clips[0].audio))
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    third = Collate(model.timeline, 4, digests=True)([ds[k] for k in keys])
+    assert third.wave_decoded == [True] + [False] * 5 and third.wave_digests[0] != first.wave_digests[0]
+    # entries that vanish between loading and encoding: a clear error, never features of silence
+    import shutil
+
+    shutil.rmtree(tmp_path / "cache")
+    model.feature_cache = FeatureCache(tmp_path / "cache")
+    with pytest.raises(RuntimeError, match="cache folder cleaned"):
+        forward_backward(model, loss_cfg, second, clusters)
+
+
 def test_length_groups_keep_similar_lengths_together():
     from finelap.models.feature_cache import _length_groups
 

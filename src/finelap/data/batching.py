@@ -10,7 +10,7 @@ import hashlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -42,6 +42,22 @@ def wave_digest(wave: torch.Tensor | np.ndarray) -> str:
     return h.hexdigest()
 
 
+def file_digest(path: str | Path, start: int, n: int, sample_rate: int) -> str | None:
+    """Digest of the samples [start, start + n) of `path` decoded and resampled to `sample_rate`,
+    named by the file's identity (absolute path, size, modification time) instead of its decoded
+    content, so it costs a `stat`, not a decode. None when the file cannot be stat'ed. A feature
+    cache keyed on it lets the loading workers skip decoding inputs whose features exist
+    (`ClipDataset.skip_decode`); an edited file gets a new size or time and so a new key."""
+    import os
+
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    ident = f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|{start}|{n}|{sample_rate}"
+    return "file:" + hashlib.blake2b(ident.encode("utf-8", "surrogateescape"), digest_size=16).hexdigest()
+
+
 @dataclass
 class Batch:
     """A collated batch. Shapes: B clips, N samples, T encoder frames, K phrases per clip.
@@ -54,6 +70,9 @@ class Batch:
     caption_group (B,) int: clips sharing a caption text share an id (for masking false negatives).
     wave_digests: each clip's waveform content digest (`models.feature_cache.wave_digest`, made by
     `Collate(digests=True)` in the loading workers), or None; the feature cache keys on it.
+    wave_decoded: per clip, False when the loading worker skipped decoding it because the feature
+    cache already holds its features (`ClipDataset.skip_decode`): its row of `wave` is zeros and only
+    the cache can encode it. None: every clip was decoded.
     """
 
     wave: torch.Tensor
@@ -70,6 +89,7 @@ class Batch:
     labels: list[list[str]]
     skipped: list[str] = field(default_factory=list)
     wave_digests: list[str] | None = None
+    wave_decoded: list[bool] | None = None
 
     @property
     def size(self) -> int:
@@ -179,6 +199,10 @@ class ClipDataset(torch.utils.data.Dataset):
         self.k = phrases_per_clip
         self.seed = seed
         self.caption_template = caption_template
+        # Set by the trainer for a frozen tower with an on-disk feature cache: given an input's
+        # `file_digest`, True when its features are cached, so the worker need not decode it (the
+        # item then has wave None). None: items carry no file digest and are always decoded.
+        self.skip_decode: Callable[[str], bool] | None = None
 
     def __len__(self) -> int:
         return len(self.clips)
@@ -188,11 +212,11 @@ class ClipDataset(torch.utils.data.Dataset):
         clip = self.clips[index]
         rng = _item_rng(self.seed, step, slot, index)
         try:
-            wave, start = self._crop(clip.audio, rng)
+            wave, start, n, digest = self._load(clip.audio, rng)
         except AudioError as e:
             return {"error": str(e), "key": clip.key}
         start_s = start / self.sample_rate
-        dur = len(wave) / self.sample_rate
+        dur = n / self.sample_rate
         events = [
             Event(e.label, max(0.0, e.onset - start_s), min(dur, e.offset - start_s))
             for e in clip.events
@@ -215,6 +239,8 @@ class ClipDataset(torch.utils.data.Dataset):
                 positives = {lab: [j] for j, lab in enumerate(labels[: self.k])}
         return {
             "wave": wave,
+            "n_samples": n,
+            "digest": digest,
             "key": clip.key,
             "caption": caption_for(clip, rng, self.clusters, self.caption_template),
             "phrases": phrases,
@@ -225,16 +251,44 @@ class ClipDataset(torch.utils.data.Dataset):
             "start_s": start_s,
         }
 
-    def _crop(self, path: str | Path, rng: np.random.Generator) -> tuple[np.ndarray, int]:
+    def _load(self, path: str | Path, rng: np.random.Generator) -> tuple[np.ndarray | None, int, int, str | None]:
+        """(wave (n,) or None, start sample of the crop, n samples, file digest or None).
+
+        With `skip_decode` set, the crop is planned from the header (the same draws as `_crop`),
+        named by `file_digest`, and not decoded when `skip_decode` says its features are cached.
+        A file whose decoded length differs from its header's gets no file digest (the feature
+        cache then keys on its content)."""
+        if self.skip_decode is None:
+            wave, start = self._crop(path, rng)
+            return wave, start, len(wave), None
+        sr = self.sample_rate
+        header = _file_frames(path) if self.clip_seconds is not None else None
+        if header is None:
+            wave, start = self._crop(path, rng, header)
+            return wave, start, len(wave), None
+        n = int(round(self.clip_seconds * sr))  # type: ignore[operator]
+        total = _resampled_length(header[0], header[1], sr)
+        start = 0 if total <= n or not self.random_crop else int(rng.integers(total - n + 1))
+        want = min(total, n)
+        digest = file_digest(path, start, want, sr)
+        if digest is not None and self.skip_decode(digest):
+            return None, start, want, digest
+        wave, got = self._crop(path, rng, header, start)
+        return wave, got, len(wave), (digest if (got, len(wave)) == (start, want) else None)
+
+    def _crop(self, path: str | Path, rng: np.random.Generator, header: tuple[int, int] | None | bool = False,
+              start: int | None = None) -> tuple[np.ndarray, int]:  # fmt: skip
         """(wave (N,) at self.sample_rate, start sample of the crop in the resampled file).
 
         The crop offset is drawn from the length the header gives, so it is a pure function of
         (seed, step, slot, index), and only the crop is decoded: a 30-min file in the manifest
-        costs a 10-s read per item, not a 30-min decode (and resample) per item."""
+        costs a 10-s read per item, not a 30-min decode (and resample) per item. `header` and
+        `start`: already read and drawn by `_load` (False: read and draw here)."""
         sr = self.sample_rate
-        header = _file_frames(path) if self.clip_seconds is not None else None
+        if header is False:
+            header = _file_frames(path) if self.clip_seconds is not None else None
         n = int(round(self.clip_seconds * sr)) if self.clip_seconds is not None else 0
-        total = _resampled_length(header[0], header[1], sr) if header is not None else 0
+        total = _resampled_length(header[0], header[1], sr) if header is not None else 0  # type: ignore[index]
         if header is None or total <= n:  # no crop needed (or no usable header): read it all
             wave = load_audio(path, sr)
             start = 0
@@ -242,8 +296,9 @@ class ClipDataset(torch.utils.data.Dataset):
                 start = int(rng.integers(len(wave) - n + 1)) if self.random_crop else 0
                 wave = wave[start : start + n]
             return wave, start
-        start = int(rng.integers(total - n + 1)) if self.random_crop else 0
-        wave = _read_span(path, start, n, header[0], header[1], sr)
+        if start is None:
+            start = int(rng.integers(total - n + 1)) if self.random_crop else 0
+        wave = _read_span(path, start, n, header[0], header[1], sr)  # type: ignore[index]
         if len(wave) < n:  # shorter than its header says (a truncated file): crop what is really there
             full = load_audio(path, sr)
             start = min(start, max(0, len(full) - n))
@@ -265,10 +320,12 @@ class Collate:
         if not items:
             raise AudioError("<batch>", "every clip in this batch failed to load: " + "; ".join(skipped))
         b = len(items)
-        lengths = torch.tensor([len(it["wave"]) for it in items], dtype=torch.long)
+        lengths = torch.tensor([it["n_samples"] if "n_samples" in it else len(it["wave"]) for it in items], dtype=torch.long)
         wave = torch.zeros(b, int(lengths.max()))
         for i, it in enumerate(items):
-            wave[i, : len(it["wave"])] = torch.from_numpy(it["wave"])
+            if it["wave"] is not None:  # None: not decoded, the feature cache has it (ClipDataset.skip_decode)
+                wave[i, : len(it["wave"])] = torch.from_numpy(it["wave"])
+        decoded = [it["wave"] is not None for it in items]
         t = self.timeline.num_frames_for_samples(int(lengths.max()))
         has_frames = torch.tensor([it["has_events"] for it in items], dtype=torch.bool)
         phrases = [list(it["phrases"][: self.k]) + [""] * (self.k - len(it["phrases"][: self.k])) for it in items]
@@ -298,7 +355,8 @@ class Collate:
             events=[it["events"] for it in items],
             labels=[it["labels"] for it in items],
             skipped=skipped,
-            wave_digests=[wave_digest(it["wave"]) for it in items] if self.digests else None,
+            wave_digests=[it.get("digest") or wave_digest(it["wave"]) for it in items] if self.digests else None,
+            wave_decoded=None if all(decoded) else decoded,
         )
 
 

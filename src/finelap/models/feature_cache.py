@@ -26,7 +26,7 @@ import torch
 from ..data.batching import wave_digest
 from .audio_encoders import AudioEncoder, AudioFeatures, lengths_to_mask
 
-__all__ = ["FeatureCache", "supports_feature_cache", "wave_digest"]  # wave_digest: from data.batching
+__all__ = ["CachedOnDisk", "FeatureCache", "supports_feature_cache", "wave_digest"]  # wave_digest: from data.batching
 
 
 
@@ -46,6 +46,20 @@ def _length_groups(lengths: list[int], items: list[int], ratio: float = 1.25, ma
             groups.append([items[j]])
             first = lengths[j]
     return groups
+
+
+class CachedOnDisk:
+    """`ClipDataset.skip_decode` for a FeatureCache with a folder: True when the entry of an input's
+    digest is on disk, so the loading worker need not decode that input. Picklable (plain fields),
+    so it travels to data-loading worker processes."""
+
+    def __init__(self, folder: str | Path, enc_key: str) -> None:
+        self.folder = Path(folder)
+        self.enc_key = enc_key
+
+    def __call__(self, digest: str) -> bool:
+        key = FeatureCache._key(self.enc_key, digest)
+        return (self.folder / self.enc_key / key[:2] / f"{key}.safetensors").is_file()
 
 
 class FeatureCache:
@@ -115,9 +129,11 @@ class FeatureCache:
     # ------------------------------------------------------------------ encode
     @torch.no_grad()
     def encode(self, encoder: AudioEncoder, wave: torch.Tensor, lengths: torch.Tensor | None = None,
-               digests: Sequence[str] | None = None) -> AudioFeatures:  # fmt: skip
-        """digests: each item's `wave_digest` when the caller has it already (the training batches
-        compute them in the data-loading workers), else computed here."""
+               digests: Sequence[str] | None = None, decoded: Sequence[bool] | None = None) -> AudioFeatures:  # fmt: skip
+        """digests: each item's `wave_digest` (or `file_digest`) when the caller has it already (the
+        training batches compute them in the data-loading workers), else computed here. decoded:
+        False for items whose wave was not decoded because their entry was on disk
+        (`CachedOnDisk`); such an item must be found here."""
         if wave.dim() != 2 or not wave.is_floating_point():
             wave, lengths = encoder._check(wave, lengths)  # its error, naming the problem
         b, n = wave.shape
@@ -132,6 +148,12 @@ class FeatureCache:
         keys = [self._key(enc_key, d) for d in digests]
         entries: list[Any] = [self._get(enc_key, k) for k in keys]
         todo = [i for i, e in enumerate(entries) if e is None]
+        lost = [i for i in todo if decoded is not None and not decoded[i]]
+        if lost:
+            p = self._path(enc_key, keys[lost[0]])
+            raise RuntimeError(f"feature cache: the entry {p} was on disk when the batch was loaded and is gone or unreadable "
+                               f"now ({len(lost)} input(s) of this batch); was the cache folder cleaned during training? "
+                               "Resume the run: missing entries are then recomputed")  # fmt: skip
         self.hits += b - len(todo)
         self.misses += len(todo)
         for group in _length_groups([int(lengths[i]) for i in todo], todo):

@@ -199,6 +199,7 @@ class FineLAPModel(nn.Module):
         mask_frames: torch.Tensor | None = None,
         frame_rows: torch.Tensor | None = None,
         wave_digests: Sequence[str] | None = None,
+        wave_decoded: Sequence[bool] | None = None,
     ) -> AudioOutput:
         """wave (B, N) at `sample_rate`, lengths (B,) -> AudioOutput (T = timeline.num_frames_for_samples(N)).
 
@@ -206,10 +207,15 @@ class FineLAPModel(nn.Module):
         those rows only and the others' frame embeddings are zeros (the trainer passes the clips
         with strong labels when every frame loss reads only those). Ignored with a codebook, which
         pools every clip's frame embeddings into its clip embedding. wave_digests: each item's
-        `feature_cache.wave_digest`, when known, for the feature cache of a frozen tower."""
+        `feature_cache.wave_digest`, when known, for the feature cache of a frozen tower.
+        wave_decoded: False for items the loader did not decode (`Batch.wave_decoded`); only the
+        feature cache can encode them."""
         if self.feature_cache is not None and mask_frames is None and getattr(self.audio, "frozen", False):
-            feats = self.feature_cache.encode(self.audio, wave, lengths, wave_digests)
+            feats = self.feature_cache.encode(self.audio, wave, lengths, wave_digests, wave_decoded)
         else:
+            if wave_decoded is not None and not all(wave_decoded):
+                raise RuntimeError("encode_audio: some inputs were not decoded (the loader relied on the feature cache), "
+                                   "but this call does not use the cache")  # fmt: skip
             feats = self.audio(wave, lengths, mask_frames)
         x, m = feats.frames, feats.frame_mask
         if self.la_block is not None:

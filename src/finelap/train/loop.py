@@ -90,8 +90,8 @@ def _sync_gradients(model: torch.nn.Module, world_size: int) -> None:
 
 
 def _audio_reps(model: FineLAPModel, wave: torch.Tensor, lengths: torch.Tensor, frame_rows: torch.Tensor | None = None,
-                digests: Sequence[str] | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
-    a = model.encode_audio(wave, lengths, frame_rows=frame_rows, wave_digests=digests)
+                digests: Sequence[str] | None = None, decoded: Sequence[bool] | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
+    a = model.encode_audio(wave, lengths, frame_rows=frame_rows, wave_digests=digests, wave_decoded=decoded)
     return {"audio_embeds": a.audio_embeds, "frame_embeds": a.frame_embeds, "frame_mask": a.frame_mask, "frames": a.frames}
 
 
@@ -139,6 +139,10 @@ def _digests(batch: Batch, sl: slice) -> list[str] | None:
     return None if batch.wave_digests is None else batch.wave_digests[sl]
 
 
+def _decoded(batch: Batch, sl: slice) -> list[bool] | None:
+    return None if batch.wave_decoded is None else batch.wave_decoded[sl]
+
+
 def _cat_pad(parts: list[torch.Tensor]) -> torch.Tensor:
     """Concatenate along dim 0, zero-padding dim 1 (frames) to the longest part."""
     if parts[0].dim() < 2:
@@ -172,7 +176,7 @@ def forward_backward(
     rows = _frame_rows(loss_cfg, batch)
     if accum_steps <= 1:
         with autocast():
-            a = _audio_reps(model, batch.wave, batch.lengths, rows, batch.wave_digests)
+            a = _audio_reps(model, batch.wave, batch.lengths, rows, batch.wave_digests, batch.wave_decoded)
             t = _text_reps(model, st.texts)
             extra = slap.inputs(model, batch, step, rank, a["frames"], a["frame_mask"]) if slap is not None else None
         terms = losses_from_reps(model, loss_cfg, batch, st, a, t, clusters, rank, world_size, extra)
@@ -188,7 +192,7 @@ def forward_backward(
         for sl in slices:
             rng_states.append(torch.get_rng_state())
             with autocast():
-                cached.append(_audio_reps(model, batch.wave[sl], batch.lengths[sl], None if rows is None else rows[sl], _digests(batch, sl)))
+                cached.append(_audio_reps(model, batch.wave[sl], batch.lengths[sl], None if rows is None else rows[sl], _digests(batch, sl), _decoded(batch, sl)))
         text_rng = torch.get_rng_state()
         with autocast():
             t_cached = _text_reps(model, st.texts)
@@ -201,7 +205,7 @@ def forward_backward(
     for sl, state, c in zip(slices, rng_states, cached):
         torch.set_rng_state(state)
         with autocast():
-            reps = _audio_reps(model, batch.wave[sl], batch.lengths[sl], None if rows is None else rows[sl], _digests(batch, sl))
+            reps = _audio_reps(model, batch.wave[sl], batch.lengths[sl], None if rows is None else rows[sl], _digests(batch, sl), _decoded(batch, sl))
         outs, grads = [], []
         for k, v in reps.items():
             g = a_leaf[k].grad if isinstance(a_leaf[k], torch.Tensor) and a_leaf[k].requires_grad else None
@@ -338,6 +342,19 @@ class _Stop:
             signal.signal(s, h)
 
 
+def _skip_decode(model: FineLAPModel, slap: Any) -> Any:
+    """`ClipDataset.skip_decode` when every audio forward of a step reads the on-disk feature
+    cache (a frozen tower, a cache folder, no SLAP: its masked student and teacher read the
+    waveform): the loading workers then skip decoding inputs whose features are cached, so a
+    warm-cache step costs the heads only. None otherwise."""
+    from ..models.feature_cache import CachedOnDisk
+
+    fc = model.feature_cache
+    if fc is None or fc.folder is None or slap is not None:
+        return None
+    return CachedOnDisk(fc.folder, model.audio.cache_key())
+
+
 def _feature_cache(model: FineLAPModel, cfg: RunConfig) -> Any:
     """A FeatureCache for a frozen pretrained audio tower (see train.feature_cache), else None."""
     from ..models.feature_cache import FeatureCache, supports_feature_cache
@@ -427,6 +444,7 @@ def _train(cfg: RunConfig, info: dist.DistInfo, resume: str | bool | None, progr
         train_clips, model.sample_rate, cfg.audio.clip_seconds, random_crop=True, clusters=clusters,
         phrases_per_clip=cfg.data.phrases_per_clip, seed=cfg.train.seed, caption_template=cfg.data.caption_template,
     )  # fmt: skip
+    dataset.skip_decode = _skip_decode(model, slap)
 
     class _RankSlice(torch.utils.data.Sampler):
         def __iter__(self):
