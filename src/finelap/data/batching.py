@@ -254,41 +254,48 @@ class ClipDataset(torch.utils.data.Dataset):
     def _load(self, path: str | Path, rng: np.random.Generator) -> tuple[np.ndarray | None, int, int, str | None]:
         """(wave (n,) or None, start sample of the crop, n samples, file digest or None).
 
-        With `skip_decode` set, the crop is planned from the header (the same draws as `_crop`),
-        named by `file_digest`, and not decoded when `skip_decode` says its features are cached.
-        A file whose decoded length differs from its header's gets no file digest (the feature
-        cache then keys on its content)."""
+        With `skip_decode` set, the crop planned from the header (`_plan`) is named by
+        `file_digest` and not decoded when `skip_decode` says its features are cached. A file whose
+        decoded length differs from its header's gets no file digest (the feature cache then keys
+        on its content)."""
         if self.skip_decode is None:
             wave, start = self._crop(path, rng)
             return wave, start, len(wave), None
-        sr = self.sample_rate
-        header = _file_frames(path) if self.clip_seconds is not None else None
+        plan = self._plan(path, rng)
+        header, n, total, start = plan
         if header is None:
-            wave, start = self._crop(path, rng, header)
+            wave, start = self._crop(path, rng, plan)
             return wave, start, len(wave), None
-        n = int(round(self.clip_seconds * sr))  # type: ignore[operator]
-        total = _resampled_length(header[0], header[1], sr)
-        start = 0 if total <= n or not self.random_crop else int(rng.integers(total - n + 1))
         want = min(total, n)
-        digest = file_digest(path, start, want, sr)
+        digest = file_digest(path, start, want, self.sample_rate)
         if digest is not None and self.skip_decode(digest):
             return None, start, want, digest
-        wave, got = self._crop(path, rng, header, start)
+        wave, got = self._crop(path, rng, plan)
         return wave, got, len(wave), (digest if (got, len(wave)) == (start, want) else None)
 
-    def _crop(self, path: str | Path, rng: np.random.Generator, header: tuple[int, int] | None | bool = False,
-              start: int | None = None) -> tuple[np.ndarray, int]:  # fmt: skip
+    def _plan(self, path: str | Path, rng: np.random.Generator) -> tuple[tuple[int, int] | None, int, int, int]:
+        """(header (frames, rate) or None, crop length n at self.sample_rate (0: no crop), the
+        resampled length the header gives, crop start). The start is drawn here only when the
+        header says the file is longer than n; otherwise it is 0 and `_crop` decides after decoding."""
+        sr = self.sample_rate
+        header = _file_frames(path) if self.clip_seconds is not None else None
+        n = int(round(self.clip_seconds * sr)) if self.clip_seconds is not None else 0
+        if header is None:
+            return None, n, 0, 0
+        total = _resampled_length(header[0], header[1], sr)
+        start = int(rng.integers(total - n + 1)) if total > n and self.random_crop else 0
+        return header, n, total, start
+
+    def _crop(self, path: str | Path, rng: np.random.Generator,
+              plan: tuple[tuple[int, int] | None, int, int, int] | None = None) -> tuple[np.ndarray, int]:  # fmt: skip
         """(wave (N,) at self.sample_rate, start sample of the crop in the resampled file).
 
         The crop offset is drawn from the length the header gives, so it is a pure function of
         (seed, step, slot, index), and only the crop is decoded: a 30-min file in the manifest
-        costs a 10-s read per item, not a 30-min decode (and resample) per item. `header` and
-        `start`: already read and drawn by `_load` (False: read and draw here)."""
+        costs a 10-s read per item, not a 30-min decode (and resample) per item. `plan`: `_plan`'s
+        result when the caller made it already (else made here)."""
         sr = self.sample_rate
-        if header is False:
-            header = _file_frames(path) if self.clip_seconds is not None else None
-        n = int(round(self.clip_seconds * sr)) if self.clip_seconds is not None else 0
-        total = _resampled_length(header[0], header[1], sr) if header is not None else 0  # type: ignore[index]
+        header, n, total, start = plan if plan is not None else self._plan(path, rng)
         if header is None or total <= n:  # no crop needed (or no usable header): read it all
             wave = load_audio(path, sr)
             start = 0
@@ -296,9 +303,7 @@ class ClipDataset(torch.utils.data.Dataset):
                 start = int(rng.integers(len(wave) - n + 1)) if self.random_crop else 0
                 wave = wave[start : start + n]
             return wave, start
-        if start is None:
-            start = int(rng.integers(total - n + 1)) if self.random_crop else 0
-        wave = _read_span(path, start, n, header[0], header[1], sr)  # type: ignore[index]
+        wave = _read_span(path, start, n, header[0], header[1], sr)
         if len(wave) < n:  # shorter than its header says (a truncated file): crop what is really there
             full = load_audio(path, sr)
             start = min(start, max(0, len(full) - n))

@@ -48,6 +48,11 @@ def _length_groups(lengths: list[int], items: list[int], ratio: float = 1.25, ma
     return groups
 
 
+def _entry_path(folder: Path, enc_key: str, key: str) -> Path:
+    """Where the entry `key` of the encoder `enc_key` lies in a cache folder."""
+    return folder / enc_key / key[:2] / f"{key}.safetensors"
+
+
 class CachedOnDisk:
     """`ClipDataset.skip_decode` for a FeatureCache with a folder: True when the entry of an input's
     digest is on disk, so the loading worker need not decode that input. Picklable (plain fields),
@@ -59,7 +64,7 @@ class CachedOnDisk:
 
     def __call__(self, digest: str) -> bool:
         key = FeatureCache._key(self.enc_key, digest)
-        return (self.folder / self.enc_key / key[:2] / f"{key}.safetensors").is_file()
+        return _entry_path(self.folder, self.enc_key, key).is_file()
 
 
 class FeatureCache:
@@ -83,7 +88,7 @@ class FeatureCache:
         return hashlib.blake2b(f"{enc_key}|{digest}".encode(), digest_size=16).hexdigest()
 
     def _path(self, enc_key: str, key: str) -> Path | None:
-        return None if self.folder is None else self.folder / enc_key / key[:2] / f"{key}.safetensors"
+        return None if self.folder is None else _entry_path(self.folder, enc_key, key)
 
     def _get(self, enc_key: str, key: str) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         hit = self._mem.get(key)
