@@ -399,6 +399,14 @@ def test_splits_by_recording_do_not_leak(tmp_path):
             used = {src["recording"] for src in clip.meta["sources"]}
             assert used <= recs[s], (s, used)
     assert res.counts == cfg.splits
+    # <split>/sources.jsonl: exactly the pool clips of that split's recordings, labels kept, readable anywhere
+    pool = read_manifest(pool_path)
+    for s in cfg.splits:
+        src = read_manifest(tmp_path / "out" / s / "sources.jsonl")
+        assert [c.meta["src_file"] for c in src] == [c.meta["src_file"] for c in pool if c.meta["src_file"] in recs[s]]
+        assert all(Path(c.audio).is_absolute() and Path(c.audio).is_file() for c in src)
+        assert [(c.labels, c.events) for c in src] == [(c.labels, c.events) for c in pool if c.meta["src_file"] in recs[s]]
+    assert sum(len(read_manifest(tmp_path / "out" / s / "sources.jsonl")) for s in cfg.splits) == len(pool)
 
 
 def test_split_assignment_spreads_classes_and_follows_shares(pool_dir):
@@ -502,6 +510,30 @@ def test_outputs_round_trip_and_match_render(pool_dir, tmp_path, saved_figures):
     labels = set(json.loads((out / "phrase_bank.json").read_text())["entries"])
     assert {"tone", "noise", "chirp", "clicks"} <= labels
     assert "plot:" in res.summary() and str(out / "stats.png") in res.summary()
+
+
+def test_split_fractions_keep_val_and_test_when_train_grows(pool_dir, tmp_path, capsys):
+    from finelap.cli import main
+
+    def run(out: Path, splits: str, *extra: str) -> dict:
+        assert main(["synth", "--pool", str(pool_dir), "--out", str(out), "--splits", splits, "--duration", "2",
+                     "--workers", "1", "--no-plot", *extra]) == 0
+        return json.loads((out / "splits.json").read_text())
+
+    small = run(tmp_path / "a", "train=4,val=2,test=2")
+    grown = run(tmp_path / "b", "train=12,val=2,test=2", "--split-fractions", "train=4,val=2,test=2")
+    default = run(tmp_path / "c", "train=12,val=2,test=2")
+    for s in ("train", "val", "test"):
+        assert grown[s]["recordings"] == small[s]["recordings"], s
+    for s in ("val", "test"):  # same recordings, same seed -> byte-identical soundscapes
+        assert _tree_hash(tmp_path / "b" / s) == _tree_hash(tmp_path / "a" / s)
+    # without fixed shares, more train soundscapes take recordings from val/test (proportional shares)
+    assert len(default["train"]["recordings"]) > len(small["train"]["recordings"])
+    with pytest.raises(SystemExit):
+        main(["synth", "--pool", str(pool_dir), "--out", str(tmp_path / "d"), "--split-fractions", "train"])
+    rc = main(["synth", "--pool", str(pool_dir), "--out", str(tmp_path / "e"), "--splits", "train=2,test=1",
+               "--split-fractions", "train=1,val=1", "--no-plot"])
+    assert rc == 2 and "split_fractions must name exactly the splits" in capsys.readouterr().err
 
 
 def test_byte_identical_for_any_worker_count(pool_dir, tmp_path):

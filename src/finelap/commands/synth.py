@@ -6,7 +6,7 @@ Examples:
 
 The pool is an ESC-50 style CSV (with --audio-dir), a folder per class, or a JSONL manifest whose
 clips have `labels` or single events. Writes FLAC + manifest.jsonl + DCASE strong.tsv/durations.tsv
-per split (or WebDataset shards), splits.json, phrase_bank.json, stats.json and stats.png. Event
+per split (or WebDataset shards), each split's pool clips as sources.jsonl, splits.json, phrase_bank.json, stats.json and stats.png. Event
 boundaries are recalibrated to where each event is audible (A-weighted frame level above
 --recal-db, default -70 dB). Without --backgrounds a pink/brown noise floor at --background-db
 (dBFS RMS) is used so every event's SNR is defined. The same --seed gives byte-identical output
@@ -48,6 +48,23 @@ def _splits(s: str) -> dict[str, int]:
     return out
 
 
+def _fractions(s: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for part in s.split(","):
+        if not part.strip():
+            continue
+        name, eq, v = part.partition("=")
+        try:
+            if not eq or not name.strip():
+                raise ValueError
+            out[name.strip()] = float(v)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected NAME=SHARE[,NAME=SHARE...], got {s!r}") from None
+    if not out:
+        raise argparse.ArgumentTypeError("no split shares given")
+    return out
+
+
 def _folds(s: str) -> list[int]:
     try:
         return [int(f) for f in s.split(",") if f.strip()]
@@ -77,6 +94,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "default: a pink/brown noise floor")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--splits", type=_splits, default="train=800,val=100,test=100", help="soundscapes per split")
+    p.add_argument("--split-fractions", type=_fractions, default=None, metavar="SPLIT=SHARE,...",
+                   help="share of the pool's recordings per split (relative weights, e.g. train=70,val=15,test=15); "
+                   "default: proportional to --splits. Fixing it keeps val/test unchanged when train grows")
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed and inputs: byte-identical output)")
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                    help="processes (does not change the output)")
@@ -123,6 +143,8 @@ def run(args: argparse.Namespace) -> int:
         snr_db=snr, background_db=bg_db, recal_db=args.recal_db, split_gap_s=args.split_gap,
         num_captions=args.num_captions, captioner=args.captioner, event_labels=args.event_labels,
         split_folds=_split_folds(args.split_folds) if args.split_folds else None,
+        split_fractions=(args.split_fractions if isinstance(args.split_fractions, dict) or args.split_fractions is None
+                         else _fractions(args.split_fractions)),
         format=args.format, shard_size=args.shard_size,
     )
     pool_path = args.pool

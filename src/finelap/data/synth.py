@@ -39,6 +39,9 @@ Output (`out_dir`):
     <split>/shards/<split>-000000.tar    (format "webdataset": <key>.flac + <key>.json)
     <split>/manifest.jsonl               (format "flac" only: the audio lives in the shards otherwise)
     <split>/strong.tsv, <split>/durations.tsv   (filenames "<key>.flac")
+    <split>/sources.jsonl                (the pool clips whose sources this split mixes, as a manifest:
+                                          train on soundscapes + their own sources without leaking
+                                          another split's recordings; not written for a SourcePool input)
 """
 from __future__ import annotations
 
@@ -47,7 +50,7 @@ import math
 import os
 import time
 import zlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -222,7 +225,7 @@ class SynthConfig:
                 raise ConfigError("give split_folds or split_fractions, not both")
             self.split_fractions = {str(k): float(v) for k, v in self.split_fractions.items()}
             if set(self.split_fractions) != set(self.splits):
-                raise ConfigError("split_fractions must name exactly the splits")
+                raise ConfigError(f"split_fractions must name exactly the splits ({', '.join(self.splits)}), got {', '.join(self.split_fractions)}")
             if any(v < 0 for v in self.split_fractions.values()) or sum(self.split_fractions.values()) <= 0:
                 raise ConfigError("split_fractions must be >= 0 and not all 0")
 
@@ -1212,6 +1215,8 @@ def synthesize(
                 if cfg.format == "webdataset":
                     wds.append((clip, rec["flac"]))
             _write_split(out / split, split, clips, wds, cfg, manifests)
+            if not isinstance(pool_clips, SourcePool):
+                _write_split_sources(out / split, pool_clips, {pool.sources[i].path for i in split_sources.get(split, [])}, manifests)
             split_stats[split] = _split_stats(records, cfg)
             counts[split] = n
     finally:
@@ -1265,6 +1270,13 @@ def _external_captions(captioner: Callable, clip: Clip, cfg: SynthConfig) -> lis
     if not isinstance(caps, (list, tuple)) or not all(isinstance(c, str) for c in caps):
         raise ConfigError(f"captioner {cfg.captioner} must return a list of strings, got {type(caps).__name__}")
     return list(caps) if caps else list(clip.captions)
+
+
+def _write_split_sources(d: Path, pool_clips: Sequence[Clip], paths: set[str], manifests: Any) -> None:
+    """`<split>/sources.jsonl`: the pool clips (as given, labels and events kept) that gave this
+    split a usable source, in pool order, audio paths absolute."""
+    picked = [replace(c, audio=os.path.abspath(c.audio)) for c in pool_clips if c.audio in paths]
+    manifests.write_manifest(d / "sources.jsonl", picked, absolute=True)
 
 
 def _write_split(d: Path, split: str, clips: list[Clip], wds: list[tuple[Clip, bytes]], cfg: SynthConfig, manifests: Any) -> None:
