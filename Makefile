@@ -30,12 +30,14 @@ system-deps:
 
 demo: install system-deps
 	$(BIN)/finelap corpus --out $(DEMO_DIR)/pool --sample-rate 44100
-	$(BIN)/finelap synth --pool $(DEMO_DIR)/pool/manifest.jsonl --out $(DEMO_DIR)/soundscapes --splits train=500,val=120,test=100 --seed 0 --sample-rate 44100
+	@# recordings are split as for 500/120/100 soundscapes; train then mixes 2000 from its share
+	$(BIN)/finelap synth --pool $(DEMO_DIR)/pool/manifest.jsonl --out $(DEMO_DIR)/soundscapes --splits train=2000,val=120,test=100 \
+	  --split-fractions train=500,val=120,test=100 --seed 0 --sample-rate 44100
 	@if [ -f $(DEMO_DIR)/run/final/model.safetensors ]; then \
 	  echo "finelap demo: reusing the trained checkpoint $(DEMO_DIR)/run/final (make clean to retrain)"; \
 	else \
 	  $(BIN)/finelap train --config configs/demo.yaml train.out_dir=$(DEMO_DIR)/run \
-	    "data.train=[$(DEMO_DIR)/soundscapes/train/manifest.jsonl,$(DEMO_DIR)/pool/manifest.jsonl]" \
+	    "data.train=[$(DEMO_DIR)/soundscapes/train/manifest.jsonl,$(DEMO_DIR)/soundscapes/train/sources.jsonl]" \
 	    "data.val=[$(DEMO_DIR)/soundscapes/val/manifest.jsonl]"; \
 	fi
 	$(BIN)/finelap eval sed --checkpoint $(DEMO_DIR)/run/final --data $(DEMO_DIR)/soundscapes/test/manifest.jsonl --out $(DEMO_DIR)/report/sed.json
