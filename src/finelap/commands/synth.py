@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from typing import Any
 
 
 def _range(s: str) -> tuple[float, float]:
@@ -31,25 +32,9 @@ def _range(s: str) -> tuple[float, float]:
     return vals[0], vals[1]
 
 
-def _splits(s: str) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for part in s.split(","):
-        if not part.strip():
-            continue
-        name, eq, n = part.partition("=")
-        try:
-            if not eq:
-                raise ValueError
-            out[name.strip()] = int(n)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected NAME=COUNT[,NAME=COUNT...], got {s!r}") from None
-    if not out:
-        raise argparse.ArgumentTypeError("no splits given")
-    return out
-
-
-def _fractions(s: str) -> dict[str, float]:
-    out: dict[str, float] = {}
+def _named(s: str, conv: type, value: str, empty: str) -> dict[str, Any]:
+    """NAME=VALUE[,NAME=VALUE...] -> {name: conv(value)} (argparse type helper)."""
+    out: dict[str, Any] = {}
     for part in s.split(","):
         if not part.strip():
             continue
@@ -57,12 +42,20 @@ def _fractions(s: str) -> dict[str, float]:
         try:
             if not eq or not name.strip():
                 raise ValueError
-            out[name.strip()] = float(v)
+            out[name.strip()] = conv(v)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected NAME=SHARE[,NAME=SHARE...], got {s!r}") from None
+            raise argparse.ArgumentTypeError(f"expected NAME={value}[,NAME={value}...], got {s!r}") from None
     if not out:
-        raise argparse.ArgumentTypeError("no split shares given")
+        raise argparse.ArgumentTypeError(empty)
     return out
+
+
+def _splits(s: str) -> dict[str, int]:
+    return _named(s, int, "COUNT", "no splits given")
+
+
+def _fractions(s: str) -> dict[str, float]:
+    return _named(s, float, "SHARE", "no split shares given")
 
 
 def _folds(s: str) -> list[int]:
