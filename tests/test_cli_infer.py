@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -312,6 +313,24 @@ def test_labels_flag_counts_and_reads_files(files, pipe, capsys, tmp_path):
     assert rc == 0 and "2 labels: rain, heavy; dog" in err
     rc, _, err = run(capsys, "classify", files["a.wav"], "--labels", 'dog;"rain', "--checkpoint", files["ckpt"])
     assert rc == 2 and "unclosed double quote" in err
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes on this platform")
+def test_label_file_may_be_a_pipe(tmp_path):
+    """`--labels @<(grep dog labels.txt)`: the shell passes /dev/fd/N, a pipe, not a regular file."""
+    import threading
+
+    from finelap.commands._pipeline import read_labels
+    from finelap.errors import DataFormatError
+
+    fifo = tmp_path / "labels.fifo"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=lambda: fifo.write_text("a dog barking\nrain, heavy\n"), daemon=True)
+    writer.start()
+    assert read_labels(f"@{fifo}") == ["a dog barking", "rain, heavy"]
+    writer.join(5)
+    with pytest.raises(DataFormatError, match="is a directory"):
+        read_labels(f"@{tmp_path}")
 
 
 @pytest.mark.parametrize(

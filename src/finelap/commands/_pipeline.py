@@ -95,7 +95,7 @@ def read_labels(value: str) -> list[str]:
 
     if value.startswith("@"):
         path = Path(value[1:])
-        if not path.is_file():
+        if not path.exists():  # not is_file(): `--labels @<(grep ... labels.txt)` passes a pipe
             raise DataFormatError(path, "label file not found")
         from ..data.manifests import read_text_file  # names the line of bytes that are not UTF-8
 
