@@ -6,11 +6,12 @@ Examples:
 
 The pool is an ESC-50 style CSV (with --audio-dir), a folder per class, or a JSONL manifest whose
 clips have `labels` or single events. Writes FLAC + manifest.jsonl + DCASE strong.tsv/durations.tsv
-per split (or WebDataset shards), each split's pool clips as sources.jsonl, splits.json, phrase_bank.json, stats.json and stats.png. Event
-boundaries are recalibrated to where each event is audible (A-weighted frame level above
---recal-db, default -70 dB). Without --backgrounds a pink/brown noise floor at --background-db
-(dBFS RMS) is used so every event's SNR is defined. The same --seed gives byte-identical output
-for any --workers. Negative ranges need '=': --background-db=-40,-30.
+per split (or WebDataset shards), each split's own pool clips as sources.jsonl, splits.json,
+phrase_bank.json, stats.json and stats.png. Event boundaries are recalibrated to where each event
+is audible (A-weighted frame level above --recal-db, default -70 dB). Without --backgrounds a
+pink/brown noise floor at --background-db (dBFS RMS) is used so every event's SNR is defined. The
+same --seed gives byte-identical output for any --workers. Negative ranges need '=':
+--background-db=-40,-30.
 """
 from __future__ import annotations
 
@@ -136,8 +137,7 @@ def run(args: argparse.Namespace) -> int:
         snr_db=snr, background_db=bg_db, recal_db=args.recal_db, split_gap_s=args.split_gap,
         num_captions=args.num_captions, captioner=args.captioner, event_labels=args.event_labels,
         split_folds=_split_folds(args.split_folds) if args.split_folds else None,
-        split_fractions=(args.split_fractions if isinstance(args.split_fractions, dict) or args.split_fractions is None
-                         else _fractions(args.split_fractions)),
+        split_fractions=args.split_fractions,  # parsed by argparse (`_fractions`); None: shares follow --splits
         format=args.format, shard_size=args.shard_size,
     )
     pool_path = args.pool

@@ -50,7 +50,7 @@ import math
 import os
 import time
 import zlib
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -1275,8 +1275,7 @@ def _external_captions(captioner: Callable, clip: Clip, cfg: SynthConfig) -> lis
 def _write_split_sources(d: Path, pool_clips: Sequence[Clip], paths: set[str], manifests: Any) -> None:
     """`<split>/sources.jsonl`: the pool clips (as given, labels and events kept) that gave this
     split a usable source, in pool order, audio paths absolute."""
-    picked = [replace(c, audio=os.path.abspath(c.audio)) for c in pool_clips if c.audio in paths]
-    manifests.write_manifest(d / "sources.jsonl", picked, absolute=True)
+    manifests.write_manifest(d / "sources.jsonl", [c for c in pool_clips if c.audio in paths], absolute=True)
 
 
 def _write_split(d: Path, split: str, clips: list[Clip], wds: list[tuple[Clip, bytes]], cfg: SynthConfig, manifests: Any) -> None:
