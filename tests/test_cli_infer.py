@@ -175,6 +175,35 @@ def test_embed_folder_skips_broken_files(files, pipe, capsys, tmp_path):
     np.testing.assert_allclose(fr["frames"][: counts[0]], pipe.embed_frames(paths[0]).embeds, atol=1e-5)
 
 
+def test_classify_and_detect_take_a_folder(files, pipe, capsys, tmp_path):
+    """A folder stands for its audio files (recursive, sorted): the same results as naming them,
+    the broken file inside is skipped and reported (exit 1), and an empty folder is a user error."""
+    named = [files["a.wav"], files["b.flac"], files["dir"] / "sub" / "c.ogg"]
+    rc, out, err = run(capsys, "classify", files["dir"], "--labels", "dog;rain;siren", "--json", "--checkpoint", files["ckpt"])
+    assert rc == 1 and "finelap classify: skipped" in err and "broken.wav" in err
+    got = json.loads(out)["results"]
+    assert [Path(r["file"]).name for r in got] == ["a.wav", "b.flac", "c.ogg"]
+    api = pipe.classify([str(f) for f in named], ["dog", "rain", "siren"], top_k=3)
+    for r, a in zip(got, api):
+        np.testing.assert_allclose([p["score"] for p in r["predictions"]], [p["score"] for p in a], rtol=1e-6)
+    by_folder, by_name = tmp_path / "folder.tsv", tmp_path / "named.tsv"
+    rc, _, err = run(capsys, "detect", files["dir"], "--labels", "dog;rain", "--threshold", 0.0, "--out", by_folder,
+                     "--checkpoint", files["ckpt"])  # fmt: skip
+    assert rc == 1 and "broken.wav" in err
+    rc, _, err = run(capsys, "detect", *named, "--labels", "dog;rain", "--threshold", 0.0, "--out", by_name,
+                     "--checkpoint", files["ckpt"])  # fmt: skip
+    assert rc == 0, err
+    rows = by_folder.read_text().splitlines()
+    assert rows == by_name.read_text().splitlines() and len(rows) > 3
+    assert {r.split("\t")[0] for r in rows[1:]} == {"a.wav", "b.flac", "c.ogg"}
+    empty = tmp_path / "empty"
+    (empty / ".hidden").mkdir(parents=True)
+    sf.write(empty / ".hidden" / "x.wav", test_signal(1.0, 4), SR)  # hidden entries are not searched
+    rc, _, err = run(capsys, "classify", empty, "--labels", "dog", "--checkpoint", files["ckpt"])
+    assert rc == 2 and err.strip().splitlines() == [f"finelap classify: error: {empty}: folder holds no audio files "
+                                                    f"(looked recursively for .aif .aiff .flac .mp3 .oga .ogg .opus .wav)"]
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [

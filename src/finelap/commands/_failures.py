@@ -20,6 +20,26 @@ from ..errors import AudioError, FinelapError
 EXIT_SOME_FAILED = 1
 
 
+def expand_inputs(items: Sequence[str]) -> list[str]:
+    """The command-line inputs with each folder replaced by the audio files under it (recursive,
+    sorted, hidden entries skipped); files are kept as given, even missing ones, so that they are
+    reported like any other unusable file. A folder without audio files is a user error."""
+    from ..audio import AUDIO_EXTENSIONS
+    from ..infer.sources import find_audio_files
+
+    out: list[str] = []
+    for item in items:
+        if Path(item).is_dir():
+            found = find_audio_files([item])
+            if not found:
+                exts = " ".join(sorted(AUDIO_EXTENSIONS))
+                raise FinelapError(f"{item}: folder holds no audio files (looked recursively for {exts})")
+            out.extend(str(f) for f in found)
+        else:
+            out.append(item)
+    return out
+
+
 class FileFailures:
     """Collects the files a command had to skip; see the module docstring for the rule."""
 

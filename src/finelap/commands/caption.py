@@ -10,6 +10,7 @@ with bounded memory, the decoder reading all frames) and decoded greedily
 trained with a caption decoder (loss.caption, preset slap) can caption. Output: one
 "FILE<TAB>caption" line per file, or JSON with --json.
 
+A folder stands for the audio files under it (recursively, sorted, hidden entries skipped).
 Several inputs: a file that cannot be used is skipped and named on stderr ("skipped FILE:
 problem"), the others are processed; the exit status is then 1 (0: all processed, 2: none).
 """
@@ -19,7 +20,7 @@ import argparse
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("audio", nargs="+", metavar="AUDIO", help="audio files (wav, flac, ogg, ...)")
+    p.add_argument("audio", nargs="+", metavar="AUDIO", help="audio files (wav, flac, ogg, ...) and/or folders (searched recursively)")
     p.add_argument("--checkpoint", required=True, metavar="DIR",
                    help="checkpoint directory (or a run directory: its latest checkpoint)")  # fmt: skip
     p.add_argument("--beam", type=int, default=3, metavar="K", help="beam size; 1 = greedy decoding")
@@ -61,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import AudioError, CheckpointError, ConfigError
     from ..infer import Pipeline
     from ..utils import log
-    from ._failures import FileFailures
+    from ._failures import FileFailures, expand_inputs
 
     if args.beam < 1:
         raise ConfigError(f"--beam must be >= 1, got {args.beam}")
@@ -71,8 +72,9 @@ def run(args: argparse.Namespace) -> int:
         if args.threads < 1:
             raise ConfigError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    failures = FileFailures("caption", len(args.audio))
-    files = failures.readable(args.audio)  # every input is checked before the model loads
+    inputs = expand_inputs(args.audio)  # a folder stands for the audio files under it
+    failures = FileFailures("caption", len(inputs))
+    files = failures.readable(inputs)  # every input is checked before the model loads
     if has_caption_decoder(args.checkpoint) is False:  # a user error that needs no model: say it at once
         raise CheckpointError(f"{args.checkpoint}: this checkpoint was not trained with a caption decoder (preset slap)")
     pipe = Pipeline.from_pretrained(args.checkpoint, device=args.device, use_ema=not args.no_ema)

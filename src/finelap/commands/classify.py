@@ -12,6 +12,7 @@ Each label becomes a prompt through the checkpoint's prompt template (e.g. "the 
 unless --template is given. Probabilities are a softmax over the labels (they sum to 1), or
 independent per-label sigmoids with --multi-label.
 
+A folder stands for the audio files under it (recursively, sorted, hidden entries skipped).
 Several inputs: a file that cannot be used is skipped and named on stderr ("skipped FILE:
 problem"), the others are processed; the exit status is then 1 (0: all processed, 2: none).
 """
@@ -23,7 +24,7 @@ from ._pipeline import LABELS_HELP, add_model_arguments
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("audio", nargs="+", metavar="AUDIO", help="audio files (wav, flac, ogg, ...)")
+    p.add_argument("audio", nargs="+", metavar="AUDIO", help="audio files (wav, flac, ogg, ...) and/or folders (searched recursively)")
     p.add_argument("--labels", required=True, help=LABELS_HELP)
     p.add_argument("-k", "--top-k", type=int, default=5, help="labels shown per file")
     p.add_argument("--template", default=None, help="prompt template with {} for the label (default: the checkpoint's)")
@@ -37,14 +38,15 @@ def run(args: argparse.Namespace) -> int:
     import json
 
     from ..errors import AudioError, ConfigError
-    from ._failures import FileFailures
+    from ._failures import FileFailures, expand_inputs
     from ._pipeline import fmt_prob, fmt_table, load_pipeline, log_labels, read_labels
 
     labels = read_labels(args.labels)
     if args.top_k < 1:
         raise ConfigError(f"--top-k must be >= 1, got {args.top_k}")
-    failures = FileFailures("classify", len(args.audio))
-    files = failures.readable(args.audio)  # unreadable files are reported before the model loads
+    inputs = expand_inputs(args.audio)  # a folder stands for the audio files under it
+    failures = FileFailures("classify", len(inputs))
+    files = failures.readable(inputs)  # unreadable files are reported before the model loads
     pipe = load_pipeline(args)
     log_labels(labels)  # after the checks and the load, so a user error stays the only line
     template = pipe.prompt_template if args.template is None else args.template

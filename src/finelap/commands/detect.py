@@ -15,6 +15,7 @@ draws the spectrogram, one probability curve per label, the threshold and the de
 for threshold-free evaluation (PSDS). Audio of any length is streamed. Post-processing is in
 seconds; defaults come from the checkpoint (eval section).
 
+A folder stands for the audio files under it (recursively, sorted, hidden entries skipped).
 Several inputs: a file that cannot be used is skipped and named on stderr ("skipped FILE:
 problem"), the others are processed; the exit status is then 1 (0: all processed, 2: none).
 """
@@ -26,7 +27,7 @@ from ._pipeline import LABELS_HELP, add_model_arguments, add_plot_arguments, add
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("audio", nargs="+", metavar="AUDIO", help="audio files (any length)")
+    p.add_argument("audio", nargs="+", metavar="AUDIO", help="audio files (any length) and/or folders (searched recursively)")
     p.add_argument("--labels", required=True, help=LABELS_HELP)
     p.add_argument("--out", default=None, metavar="TSV", help="write detections as DCASE TSV (default: print them)")
     p.add_argument("--scores-out", default=None, metavar="PATH",
@@ -46,15 +47,16 @@ def run(args: argparse.Namespace) -> int:
 
     from ..errors import AudioError
     from ..utils import atomic_path, log, write_text_atomic
-    from ._failures import FileFailures
+    from ._failures import FileFailures, expand_inputs
     from ._pipeline import (calibrated, check_post_arguments, fmt_prob, fmt_table, load_pipeline, log_labels, per_file_path,
                             post_kwargs, read_labels, read_reference, reference_segments)  # fmt: skip
 
     labels = read_labels(args.labels)
     reference = read_reference(args.reference)
     check_post_arguments(args)
-    failures = FileFailures("detect", len(args.audio))
-    files = failures.readable(args.audio)  # unreadable files are reported before the model loads
+    inputs = expand_inputs(args.audio)  # a folder stands for the audio files under it
+    failures = FileFailures("detect", len(inputs))
+    files = failures.readable(inputs)  # unreadable files are reported before the model loads
     names = [f.name for f in files]
     if len(set(names)) != len(names):  # DCASE rows and score files are keyed by the base name
         from ..errors import FinelapError
@@ -68,7 +70,8 @@ def run(args: argparse.Namespace) -> int:
     pipe.resolve_postprocessing(**post)  # validate before any audio is decoded
     used = pipe.detection_settings(labels, **post, announce=False)  # each label's own threshold, or the global one
     thresholds = [used.threshold_for(lab) for lab in labels]
-    multiple = len(args.audio) > 1  # output names do not change when some inputs fail
+    # output names do not change when some inputs fail, nor when a folder happens to hold one file
+    multiple = len(inputs) > 1 or any(Path(a).is_dir() for a in args.audio)
     rows = []
     peak = (-1.0, "", labels[0])  # the highest probability seen, to say what to change when nothing is found
     n_done = 0
