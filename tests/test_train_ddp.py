@@ -8,9 +8,9 @@ here has its own deadline and kills the ranks when it passes, so a regression fa
 from __future__ import annotations
 
 import csv
+import datetime
 import os
 import signal
-import socket
 import time
 from pathlib import Path
 
@@ -27,10 +27,11 @@ DEADLINE_S = 240  # far above the ~30 s a run takes on 2 busy cores; far below t
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with gloo is not available")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _agent_store() -> dist.TCPStore:
+    """The rendezvous store, held by this process as torchrun's agent holds it (the ranks join it
+    with TORCHELASTIC_USE_AGENT_STORE): the OS picks the port as the store binds it, so no other
+    process can take it between choosing a free port and binding it (the old race)."""
+    return dist.TCPStore("127.0.0.1", 0, 3, True, timeout=datetime.timedelta(seconds=DEADLINE_S), wait_for_workers=False)
 
 
 def _start(tmp_path: Path, extra: list[str]):
@@ -39,10 +40,12 @@ def _start(tmp_path: Path, extra: list[str]):
     ov += ["train.max_steps=100000", "train.device=cpu", *extra]
     out = tmp_path / "out"
     out.mkdir()
+    store = _agent_store()
     ctx = mp.start_processes(
-        train_rank, args=(2, _free_port(), str(REPO / "configs" / "finelap.yaml"), ov, str(out)),
+        train_rank, args=(2, store.port, str(REPO / "configs" / "finelap.yaml"), ov, str(out)),
         nprocs=2, join=False, start_method="spawn",
     )  # fmt: skip
+    ctx.store = store  # kept alive as long as the ranks run
     return ctx, out, tmp_path / "run"
 
 
