@@ -2,6 +2,8 @@
 score/reference sets whose best settings are known, and how the stored settings are resolved."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import soundfile as sf
@@ -10,7 +12,7 @@ from finelap.audio import Timeline
 from finelap.config import EvalConfig
 from finelap.data.types import Clip, Event
 from finelap.errors import ConfigError, FinelapError
-from finelap.eval.tasks import Evaluatable, calibrate_detection
+from finelap.eval.tasks import Evaluatable, calibrate_detection, class_support
 from finelap.scoring import FrameScores, fmt_threshold, make_prompt, resolve_detection_settings, suggest_threshold
 from conftest import record_statistics_sizes
 
@@ -135,6 +137,46 @@ def test_per_class_thresholds_only_with_enough_events_and_shrunk(tmp_path):
     # shrunk toward the global threshold by n / (n + min_class_events)
     assert (dog - g) / w + g == pytest.approx(0.7, abs=0.11) and (cat - g) / w + g == pytest.approx(0.25, abs=0.06)
     assert 0 < cal["score_global_threshold"] <= cal["score"] <= 1
+
+
+def test_class_support_counts_distinct_recordings_where_the_data_name_them():
+    def clip(labels, **meta):
+        return Clip("x.wav", events=[Event(c, 0.0, 1.0) for c in labels], meta=meta), [(0.0, 1.0, c) for c in labels]
+
+    items = [
+        clip(["dog", "cat"], sources=[{"label": "dog", "recording": "dog-1"}, {"label": "cat", "recording": "cat-1"}]),
+        clip(["dog"], sources=[{"label": "dog", "recording": "dog-1"}]),  # the same dog recording again
+        clip(["dog", "cat"], sources=[{"label": "dog", "recording": "dog-2"}, {"label": "cat", "recording": "cat-2"}]),
+        clip(["bird"], src_file="b-7"),  # a single clip: its src_file
+        clip(["bird"], src_file="b-7"),
+        clip(["cat"]),  # no recording named: cat falls back to its events
+        clip(["owl"]),
+    ]
+    support, unit = class_support(items, ["bird", "cat", "dog", "owl", "yak"])
+    assert support == {"bird": 1, "cat": 3, "dog": 2, "owl": 1, "yak": 0}
+    assert unit == {"bird": "recordings", "cat": "events", "dog": "recordings", "owl": "events", "yak": "events"}
+
+
+def test_events_cut_from_one_recording_do_not_earn_a_class_threshold(tmp_path):
+    """The same scores as above; "dog"'s 6 events come from one recording (a synthesised
+    soundscape's sources[].recording), "cat"'s from 6: only cat gets its own threshold, and it is
+    shrunk by its recordings, not its events."""
+    spec = {}
+    for i in range(6):
+        spec[f"d{i}"] = {"dog": [(1.0, 2.0, 0.8, "E"), (3.0, 3.5, 0.6)]}
+        spec[f"c{i}"] = {"cat": [(1.0, 2.0, 0.3, "E"), (3.0, 3.5, 0.2)]}
+    clips, fns, _ = _fake(tmp_path, spec)
+    for c in clips:
+        label = c.events[0].label
+        rec = f"{label}-0" if label == "dog" else f"{label}-{Path(c.audio).stem}"
+        c.meta["sources"] = [{"label": label, "recording": rec, "start": 1.0, "end": 2.0}]
+    grid = {"median_filter_s": [0.0], "min_duration_s": [0.0], "merge_gap_s": [0.0]}
+    cal = calibrate_detection(fns, clips, min_class_events=3, grid=grid)
+    assert cal["support_per_class"] == {"cat": [6, "recordings"], "dog": [1, "recordings"]}
+    assert set(cal["class_thresholds"]) == {"cat"} and cal["events_per_class"] == {"cat": 6, "dog": 6}
+    for c in clips:  # without recording names, both classes count their 6 events (as before)
+        c.meta.clear()
+    assert set(calibrate_detection(fns, clips, min_class_events=3, grid=grid)["class_thresholds"]) == {"cat", "dog"}
 
 
 def test_calibration_needs_strong_labels(tmp_path):

@@ -4,8 +4,9 @@ Examples:
   finelap calibrate --checkpoint runs/finelap/final --data val.jsonl
   finelap calibrate --checkpoint CKPT --data strong.tsv --audio-dir audio/ --durations durations.tsv --out CKPT_calibrated
 
-Searches a global threshold, per-class thresholds (classes with at least --min-class-events
-validation events; shrunk toward the global one), the median filter and the minimum duration and
+Searches a global threshold, per-class thresholds (classes with events from at least
+--min-class-events distinct recordings, when the data name them, as synthesised soundscapes do;
+else with at least that many events; shrunk toward the global one), the median filter and the minimum duration and
 merge gap (seconds) that maximise collar-based event F1 (micro average; the criterion is stored
 with the settings). The frame scores are computed once; the search over thresholds is exact and
 vectorised. The result goes into the checkpoint's config.json (`config.eval.calibration`, written
@@ -25,7 +26,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--durations", default=None, help="DCASE durations TSV (filename, duration) for a strong-label TSV")
     p.add_argument("--labels", default=None, help="classes to calibrate, ';'-separated (default: every event label in the data)")
     p.add_argument("--min-class-events", type=int, default=5, metavar="N",
-                   help="a class gets its own threshold only with at least N validation events")  # fmt: skip
+                   help="a class gets its own threshold only with events from at least N distinct recordings "
+                        "(when the data name them; else N events)")  # fmt: skip
     p.add_argument("--out", default=None, metavar="DIR",
                    help="write the calibrated checkpoint here (a copy); default: update --checkpoint in place")  # fmt: skip
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")

@@ -674,8 +674,9 @@ CALIBRATION_GRID: dict[str, tuple[float, ...]] = {
 CALIBRATION_CRITERION = (
     "micro-averaged collar-based event F1 on the validation data (sed_scores_eval; DCASE collars: onset 200 ms, "
     "offset max(200 ms, 20% of the event length)); per-class thresholds maximise their class's F1 and are shrunk "
-    "toward the global threshold by n / (n + min_class_events) (n: the class's validation events); classes with "
-    "fewer than min_class_events events use the global threshold"
+    "toward the global threshold by n / (n + min_class_events), where n is the class's support: its distinct "
+    "validation recordings when the data name them (synthesised soundscapes' sources[].recording, a clip's "
+    "src_file), else its validation events; classes with n < min_class_events use the global threshold"
 )
 _COLLAR = dict(onset_collar=0.2, offset_collar=0.2, offset_collar_rate=0.2)
 _MAX_CANDIDATES = 4000
@@ -709,6 +710,43 @@ def _middle_of_best(f: np.ndarray) -> int:
     return int(best[len(best) // 2])
 
 
+def class_support(clips_and_events: Sequence[tuple[Clip, Sequence[tuple[float, float, str]]]], classes: Sequence[str]
+                  ) -> tuple[dict[str, int], dict[str, str]]:
+    """Per class, how much independent validation evidence there is: the number of distinct source
+    recordings of its events when every clip holding them names those recordings (a synthesised
+    soundscape's ``meta["sources"][i]["recording"]``, a single clip's ``meta["src_file"]``), else
+    its number of events. Ten events cut from one recording support a threshold for that recording,
+    not for the class. Returns ({class: n}, {class: "recordings" | "events"})."""
+    events: Counter = Counter()
+    recordings: dict[str, set] = {c: set() for c in classes}
+    named = dict.fromkeys(classes, True)
+    for clip, evs in clips_and_events:
+        here = Counter(lab for *_, lab in evs if lab in named)
+        if not here:
+            continue
+        events.update(here)
+        meta = clip.meta or {}
+        srcs = meta.get("sources")
+        for c in here:
+            if isinstance(srcs, list):
+                recs = {str(x["recording"]) for x in srcs if isinstance(x, Mapping) and x.get("label") == c and x.get("recording")}
+            elif meta.get("src_file"):
+                recs = {str(meta["src_file"])}
+            else:
+                recs = set()
+            if recs:
+                recordings[c] |= recs
+            else:
+                named[c] = False
+    support, unit = {}, {}
+    for c in classes:
+        if named[c] and recordings[c]:
+            support[c], unit[c] = len(recordings[c]), "recordings"
+        else:
+            support[c], unit[c] = int(events[c]), "events"
+    return support, unit
+
+
 def calibrate_detection(
     fns: Evaluatable,
     clips: Sequence[Clip],
@@ -723,7 +761,8 @@ def calibrate_detection(
     Frame scores are computed ONCE per file. For each median filter of the grid, sed_scores_eval's
     threshold-free collar statistics give every class's TP/FP counts at all thresholds at once,
     so the global threshold maximising micro event F1 is found vectorised over thresholds; then
-    per-class thresholds (classes with >= `min_class_events` events, shrunk toward the global one),
+    per-class thresholds (classes with a support (`class_support`: distinct recordings, or events)
+    of at least `min_class_events`, shrunk toward the global one),
     then the merge gap and the minimum duration (one after the other) at those thresholds. The criterion is
     `CALIBRATION_CRITERION`.
 
@@ -731,7 +770,8 @@ def calibrate_detection(
     ``class_thresholds`` {class: threshold}, ``median_filter_s``, ``min_duration_s``,
     ``merge_gap_s``, ``criterion``, ``score`` (micro event F1 with these settings),
     ``score_global_threshold`` (the same with the global threshold only), ``classes`` (the
-    calibrated classes), ``events_per_class``, ``n_files``, ``n_events``, ``prompt_template``,
+    calibrated classes), ``events_per_class``, ``support_per_class`` {class: [n, "recordings" |
+    "events"]}, ``n_files``, ``n_events``, ``prompt_template``,
     ``data``, ``min_class_events``, ``grid``, ``skipped``.
     """
     fns.require("frame_scores", task="calibration")
@@ -779,9 +819,10 @@ def calibrate_detection(
             best = (float(micro[k]), float(med), float(cand[k]), _f1(tp, fp, n_ref[:, None]), cand)
     assert best is not None
     _, med, thr, class_f1, cand = best
+    support, unit = class_support([(clip, gt[key]) for clip, key, *_ in items], cal_classes)
     class_thr: dict[str, float] = {}
     for i, c in enumerate(cal_classes):
-        n = counts[c]
+        n = support[c]
         if n >= min_class_events:
             own = float(cand[_middle_of_best(class_f1[i])])
             w = n / (n + min_class_events)
@@ -827,6 +868,7 @@ def calibrate_detection(
         "score_global_threshold": global_only,
         "classes": cal_classes,
         "events_per_class": {c: int(counts[c]) for c in cal_classes},
+        "support_per_class": {c: [int(support[c]), unit[c]] for c in cal_classes},
         "n_files": len(items),
         "n_events": int(sum(counts.values())),
         "prompt_template": template,
