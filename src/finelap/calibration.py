@@ -1,8 +1,9 @@
 """Choose detection settings on validation data and store them in the checkpoint (the library
 side of `finelap calibrate`; the trainer calls it at the end of a run with validation events).
 
-Searches a global threshold, per-class thresholds (classes with at least `min_class_events`
-validation events; shrunk toward the global one), the median filter and the minimum duration and
+Searches a global threshold, per-class thresholds (classes whose validation events come from at
+least `min_class_events` distinct recordings where the data name them, else that many events; see
+`eval.tasks.class_support`; shrunk toward the global one), the median filter and the minimum duration and
 merge gap (seconds) that maximise collar-based event F1 (micro average; the criterion is stored
 with the settings); see `eval.tasks.calibrate_detection`. The result goes into the checkpoint's
 config.json (`config.eval.calibration`, written atomically); detect, ground, eval and Pipeline
