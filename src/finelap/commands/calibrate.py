@@ -6,8 +6,8 @@ Examples:
 
 Searches a global threshold, per-class thresholds (classes with events from at least
 --min-class-events distinct recordings, when the data name them, as synthesised soundscapes do;
-else with at least that many events; shrunk toward the global one), the median filter and the minimum duration and
-merge gap (seconds) that maximise collar-based event F1 (micro average; the criterion is stored
+else with at least that many events; shrunk toward the global one), the median filter and the
+minimum duration and merge gap (seconds) that maximise collar-based event F1 (micro average; the criterion is stored
 with the settings). The frame scores are computed once; the search over thresholds is exact and
 vectorised. The result goes into the checkpoint's config.json (`config.eval.calibration`, written
 atomically); detect, ground, eval and Pipeline then use it by default.
