@@ -4,8 +4,8 @@ side of `finelap calibrate`; the trainer calls it at the end of a run with valid
 Searches a global threshold, per-class thresholds (classes whose validation events come from at
 least `min_class_events` distinct recordings where the data name them, else that many events; see
 `eval.tasks.class_support`; shrunk toward the global one), the median filter and the minimum
-duration and merge gap (seconds) that maximise collar-based event F1 (micro average; the criterion is stored
-with the settings); see `eval.tasks.calibrate_detection`. The result goes into the checkpoint's
+duration and merge gap (seconds) that maximise collar-based event F1 (micro average; the
+criterion is stored with the settings); see `eval.tasks.calibrate_detection`. The result goes into the checkpoint's
 config.json (`config.eval.calibration`, written atomically); detect, ground, eval and Pipeline
 then use it by default.
 """
